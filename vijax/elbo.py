@@ -1,0 +1,454 @@
+"""Variational objectives (in nats) and their gradient estimators.
+
+Every objective here is a *lower bound* on log p(x) and is returned as the bound itself, not its
+negative: minimise ``-elbo(...).mean()``. Outputs are per example, shape ``[batch]``.
+
+Conventions
+-----------
+* ``rng_key`` comes first; nothing is jitted inside, the caller decides ``jax.jit``.
+* ``q`` is a distrax distribution with batch shape ``[batch]`` and event shape ``[latent_dim]``
+  (e.g. ``distrax.MultivariateNormalDiag(loc, scale_diag)`` with ``loc: [batch, latent_dim]``),
+  or a pytree of such distributions read as independent factors.
+* ``log_joint_fn(z) -> [batch]`` returns log p(x, z) for ONE sample ``z`` shaped like a draw of
+  ``q`` (``[batch, latent_dim]``); ``log_likelihood_fn(z) -> [batch]`` returns log p(x | z).
+  The objectives write the single-sample computation and ``jax.vmap`` it over samples.
+* The gradient estimator is chosen by a small frozen dataclass (``Pathwise()``,
+  ``ScoreFunction(baseline)``, ``StickingTheLanding()``, ``DReG()``). The *value* returned is
+  the same whatever the estimator; only its gradient differs (it is built as a surrogate
+  ``stop_gradient(value) + (s - stop_gradient(s))``).
+
+Sources: lecture 3 ("Variational lower bound", "ELBO gradients", "Reparametrization trick");
+CENG796 notes §3.3, §4.2; Burda, Grosse & Salakhutdinov 2016 (IWAE), eq. (8); Li & Turner 2016
+(VR bound), eq. (5); Roeder, Wu & Duvenaud 2017 (sticking the landing), eq. (8); Tucker,
+Lawson, Gu & Maddison 2019 (DReG), eq. (5); Mnih & Rezende 2016 (VIMCO), eq. (9).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vijax import _q
+
+Array = jax.Array
+PyTree = Any
+
+__all__ = [
+    "Pathwise",
+    "ScoreFunction",
+    "LeaveOneOut",
+    "StickingTheLanding",
+    "DReG",
+    "elbo",
+    "elbo_analytic_kl",
+    "iwae_bound",
+    "renyi_bound",
+]
+
+
+# ------------------------------------------------------------------ gradient estimators
+
+
+@dataclasses.dataclass(frozen=True)
+class Pathwise:
+    """Reparameterization (pathwise) gradient: differentiate through z = g(eps, phi).
+
+    The default. Needs a reparameterizable ``q`` (Gaussian, or any distrax transformed
+    distribution). Lecture 3, "Reparametrization trick"; CENG796 notes §4.2.
+    """
+
+
+@dataclasses.dataclass(frozen=True)
+class LeaveOneOut:
+    """Baseline for ``ScoreFunction``: each sample's learning signal minus the mean of the
+    other samples' (needs ``num_samples >= 2``). For ``iwae_bound`` this is VIMCO's
+    per-sample baseline (Mnih & Rezende 2016, eq. 9, geometric-mean variant)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreFunction:
+    """Score-function (REINFORCE, likelihood-ratio) gradient with an optional baseline.
+
+    grad = E_q[(f(z) - b) grad log q(z)] + E_q[grad f(z) | z fixed]; unbiased for any ``b``
+    that does not depend on the sample it multiplies. Works for non-reparameterizable ``q``
+    (samples are wrapped in ``stop_gradient``). Lecture 3, "ELBO gradients" (the log-derivative
+    trick); CENG796 notes §4.1 "Gradient Computation".
+
+    Attributes:
+      baseline: ``None`` (no control variate), a number or array broadcastable to ``[batch]``
+        (e.g. a running mean kept by the caller), or ``LeaveOneOut()``.
+    """
+
+    baseline: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class StickingTheLanding:
+    """Pathwise gradient with the score term of log q dropped (Roeder et al. 2017, eq. 8):
+    log q(z) is evaluated with q's parameters under ``stop_gradient`` while z stays
+    reparameterized. Unbiased for the ELBO, zero variance when q is the exact posterior; biased
+    for the IWAE bound with K > 1 (Tucker et al. 2019, §3)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DReG:
+    """Doubly-reparameterized gradient for the IWAE bound (Tucker et al. 2019, eq. 5):
+    the inference-network gradient sum_k w~_k^2 d log w_k / d z_k dz_k/dphi, the model
+    gradient the usual sum_k w~_k grad_theta log p(x, z_k). Unbiased; with K = 1 it is
+    ``StickingTheLanding`` (so ``elbo`` takes that instead)."""
+
+
+# ------------------------------------------------------------------ shared pieces
+
+
+def _surrogate(value: Array, surrogate: Array) -> Array:
+    """``value`` in the forward pass, the gradient of ``surrogate`` (only) in the backward pass.
+
+    ``surrogate - stop_gradient(surrogate)`` is exactly zero, so the value is bit-identical.
+    """
+    return jax.lax.stop_gradient(value) + (surrogate - jax.lax.stop_gradient(surrogate))
+
+
+def _constant_baseline(baseline: Any, shape: tuple[int, ...]) -> Array:
+    """The baseline broadcast explicitly to the batch shape ``shape`` (0 if ``None``)."""
+    if baseline is None:
+        return jnp.zeros(shape)
+    b = jnp.asarray(baseline)
+    if b.ndim > len(shape) or (b.ndim and tuple(b.shape) != tuple(shape[len(shape) - b.ndim :])):
+        raise ValueError(
+            f"`estimator.baseline` must be a scalar or broadcastable to the batch shape {shape}; "
+            f"got shape {tuple(b.shape)}"
+        )
+    _q.check_finite(baseline, "estimator.baseline")
+    return jax.lax.stop_gradient(jnp.broadcast_to(b, shape))
+
+
+def _score_term(signal: Array, log_q: Array) -> Array:
+    """sum over samples of stop_gradient(signal_s) * (log q_s - stop_gradient(log q_s)):
+    zero in value, gradient sum_s signal_s grad log q(z_s). Shapes ``[S, batch]`` -> ``[batch]``."""
+    return jnp.sum(jax.lax.stop_gradient(signal) * (log_q - jax.lax.stop_gradient(log_q)), axis=0)
+
+
+def _check_loo(estimator: Any, num_samples: int) -> None:
+    if isinstance(estimator, ScoreFunction) and isinstance(estimator.baseline, LeaveOneOut):
+        if num_samples < 2:
+            raise ValueError("`estimator` ScoreFunction(LeaveOneOut()) needs `num_samples` >= 2")
+
+
+def _leave_one_out_mean(values: Array) -> Array:
+    """For ``values: [S, batch]``, the mean over the other S - 1 samples, ``[S, batch]``."""
+    s = values.shape[0]
+    return (jnp.sum(values, axis=0, keepdims=True) - values) / (s - 1)
+
+
+def _draw(rng_key: Array, q: PyTree, *, stop_sample: bool) -> PyTree:
+    z = _q.sample(rng_key, q)
+    return jax.lax.stop_gradient(z) if stop_sample else z
+
+
+def _log_q_fixed_parameters(q: PyTree, z: PyTree, log_q: Array, batch_ndim: int) -> Array:
+    """log q(z) with q's parameters held fixed and z left differentiable (value ``log_q``).
+
+    Built as the first-order surrogate sg(log q(z)) + <sg(grad_z log q(z)), z - sg(z)>, whose
+    gradient is the path derivative d log q / dz dz/dphi only. (``tree_map(stop_gradient, q)``
+    would not do: distrax keeps derived arrays outside its pytree leaves.) First-order only:
+    do not take Hessians through it.
+    """
+    return jax.lax.stop_gradient(log_q) + _path_term(_grad_z_log_q(q, z), z, batch_ndim)
+
+
+def _grad_z_log_q(q: PyTree, z: PyTree) -> PyTree:
+    """d log q(z) / dz at a fixed z (a pytree like ``z``)."""
+    return jax.grad(lambda z_: jnp.sum(_q.log_prob(q, z_)))(jax.lax.stop_gradient(z))
+
+
+def _path_term(grad_z: PyTree, z: PyTree, batch_ndim: int) -> Array:
+    """<stop_gradient(grad_z), z - stop_gradient(z)> per example: zero in value, gradient
+    grad_z . dz/dphi. Shape ``[*batch]``."""
+    return _q.tree_vdot(
+        jax.lax.stop_gradient(grad_z),
+        jax.tree_util.tree_map(lambda a: a - jax.lax.stop_gradient(a), z),
+        batch_ndim=batch_ndim,
+    )
+
+
+def _log_mean_exp(log_w: Array) -> Array:
+    """log (1/S) sum_s exp(log_w_s) over axis 0, stable; ``[S, batch] -> [batch]``."""
+    return jax.nn.logsumexp(log_w, axis=0) - math.log(log_w.shape[0])
+
+
+# ------------------------------------------------------------------ objectives
+
+
+def elbo(
+    rng_key: Array,
+    log_joint_fn: Callable[[PyTree], Array],
+    q: PyTree,
+    *,
+    num_samples: int = 1,
+    estimator: Pathwise | ScoreFunction | StickingTheLanding = Pathwise(),
+) -> Array:
+    """Monte Carlo ELBO, E_q[log p(x, z) - log q(z)], per example (in nats).
+
+    Returns the ELBO itself (a lower bound on log p(x)), not its negative. With
+    ``num_samples = S`` it is the average of S independent single-sample estimates.
+    log p(x) = ELBO + KL(q(z) || p(z | x)) >= ELBO (lecture 3, "Variational lower bound";
+    LVM blog post, "Derivation of Variational Lower Bound"; CENG796 notes §3.3).
+
+    Args:
+      rng_key: a JAX PRNG key.
+      log_joint_fn: ``z -> log p(x, z)``, ``[batch, latent_dim] -> [batch]`` for one sample.
+      q: distrax distribution (batch ``[batch]``, event ``[latent_dim]``) or pytree of them.
+      num_samples: S >= 1, a Python int.
+      estimator: ``Pathwise()`` (default), ``ScoreFunction(baseline)`` or
+        ``StickingTheLanding()``. Changes the gradient only.
+
+    Returns:
+      ``[batch]`` ELBO estimates (nats), dtype of ``log_joint_fn``'s output.
+
+    Raises:
+      TypeError: ``num_samples`` not an int, ``q`` not a distrax distribution (pytree),
+        unsupported ``estimator``.
+      ValueError: ``num_samples < 1``; ``log_joint_fn`` output not of shape ``[batch]``;
+        non-finite concrete parameters of ``q``; ``LeaveOneOut`` baseline with S < 2.
+    """
+    num_samples = _q.check_num_samples(num_samples)
+    _q.check_estimator(estimator, (Pathwise, ScoreFunction, StickingTheLanding), "elbo")
+    shape = _q.check_q(q)
+    _check_loo(estimator, num_samples)
+    is_score = isinstance(estimator, ScoreFunction)
+    is_stl = isinstance(estimator, StickingTheLanding)
+
+    def one_sample(key):
+        z = _draw(key, q, stop_sample=is_score)
+        log_p = _q.call_log_density(log_joint_fn, z, shape, "log_joint_fn")
+        log_q = _q.log_prob(q, z)
+        value = log_p - log_q
+        # STL: same value, but log q's parameters are held fixed (score term dropped).
+        surrogate = log_p - _log_q_fixed_parameters(q, z, log_q, len(shape)) if is_stl else value
+        return value, surrogate, log_q
+
+    keys = jax.random.split(rng_key, num_samples)
+    values, surrogates, log_qs = jax.vmap(one_sample)(keys)  # each [S, batch]
+    surrogate = jnp.mean(surrogates, axis=0)
+    if is_score:
+        if isinstance(estimator.baseline, LeaveOneOut):
+            signal = values - _leave_one_out_mean(values)
+        else:
+            signal = values - _constant_baseline(estimator.baseline, shape)[None]
+        surrogate = surrogate + _score_term(signal, log_qs) / num_samples
+    return _surrogate(jnp.mean(values, axis=0), surrogate)
+
+
+def elbo_analytic_kl(
+    rng_key: Array,
+    log_likelihood_fn: Callable[[PyTree], Array],
+    q: PyTree,
+    prior: PyTree,
+    *,
+    num_samples: int = 1,
+    estimator: Pathwise | ScoreFunction = Pathwise(),
+) -> Array:
+    """ELBO as E_q[log p(x | z)] - KL(q(z) || p(z)) with the KL in closed form (in nats).
+
+    Same expectation as ``elbo`` with log p(x, z) = log p(x | z) + log p(z), lower variance
+    because the KL term is exact (lecture 3, "Variational lower bound" second form; CENG796
+    notes §5.1; Kingma & Welling 2014, eq. 10). Returns the ELBO, not its negative.
+
+    Args:
+      rng_key: a JAX PRNG key.
+      log_likelihood_fn: ``z -> log p(x | z)``, ``[batch, latent_dim] -> [batch]``.
+      q: distrax distribution (batch ``[batch]``) or pytree of them.
+      prior: p(z), a distrax distribution of the same family whose KL to ``q`` distrax knows
+        (``q.kl_divergence(prior)``); batch shape ``[]`` or ``[batch]``. A pytree ``q``
+        needs a ``prior`` pytree of the same structure.
+      num_samples: S >= 1 samples for the likelihood term.
+      estimator: ``Pathwise()`` or ``ScoreFunction(baseline)`` for the likelihood term; the
+        KL term is always differentiated exactly.
+
+    Returns:
+      ``[batch]`` ELBO estimates (nats).
+
+    Raises:
+      TypeError / ValueError: as ``elbo``; ``ValueError`` if the KL's shape is not ``[batch]``.
+    """
+    num_samples = _q.check_num_samples(num_samples)
+    _q.check_estimator(estimator, (Pathwise, ScoreFunction), "elbo_analytic_kl")
+    shape = _q.check_q(q)
+    prior_factors = _q.factors(prior, "prior")
+    q_factors = _q.factors(q)
+    if len(prior_factors) != len(q_factors):
+        raise ValueError("`prior` must have one factor per factor of `q`")
+    _check_loo(estimator, num_samples)
+    is_score = isinstance(estimator, ScoreFunction)
+
+    kl = sum(qf.kl_divergence(pf) for qf, pf in zip(q_factors, prior_factors))
+    if tuple(kl.shape) != shape:
+        raise ValueError(
+            f"KL(q || prior) has shape {tuple(kl.shape)} but q's batch shape is {shape}: "
+            "`prior` must have batch shape [] or q's batch shape, and the same event shape"
+        )
+
+    def one_sample(key):
+        z = _draw(key, q, stop_sample=is_score)
+        log_lik = _q.call_log_density(log_likelihood_fn, z, shape, "log_likelihood_fn")
+        log_q = _q.log_prob(q, z) if is_score else jnp.zeros_like(log_lik)
+        return log_lik, log_q
+
+    keys = jax.random.split(rng_key, num_samples)
+    log_liks, log_qs = jax.vmap(one_sample)(keys)
+    expected_log_lik = jnp.mean(log_liks, axis=0)
+    value = expected_log_lik - kl
+    if not is_score:
+        return value
+    if isinstance(estimator.baseline, LeaveOneOut):
+        signal = log_liks - _leave_one_out_mean(log_liks)
+    else:
+        signal = log_liks - _constant_baseline(estimator.baseline, shape)[None]
+    return _surrogate(value, value + _score_term(signal, log_qs) / num_samples)
+
+
+def _iwae_particles(rng_key, log_joint_fn, q, shape, num_samples, estimator):
+    """Per-sample pieces for ``iwae_bound``: log weights (value) and what the estimator needs."""
+    is_score = isinstance(estimator, ScoreFunction)
+    is_dreg = isinstance(estimator, DReG)
+    fixed_q = isinstance(estimator, (StickingTheLanding, DReG))
+    batch_ndim = len(shape)
+
+    def one_sample(key):
+        z = _draw(key, q, stop_sample=is_score)
+        if is_dreg:
+            # one forward pass, plus a backward pass for d log p / dz (held constant below)
+            log_p, pullback = jax.vjp(
+                lambda z_: _q.call_log_density(log_joint_fn, z_, shape, "log_joint_fn"), z
+            )
+            (grad_log_p,) = pullback(jnp.ones_like(log_p))
+        else:
+            log_p = _q.call_log_density(log_joint_fn, z, shape, "log_joint_fn")
+        log_q = _q.log_prob(q, z)
+        out = {"log_w": log_p - log_q, "log_q": log_q}
+        if fixed_q:
+            grad_log_q = _grad_z_log_q(q, z)
+            log_q_fixed = jax.lax.stop_gradient(log_q) + _path_term(grad_log_q, z, batch_ndim)
+            out["log_w_fixed_q"] = log_p - log_q_fixed
+        if is_dreg:
+            # <d log w / dz, dz/dphi> with q's parameters fixed (zero in value)
+            grad_log_w = jax.tree_util.tree_map(jnp.subtract, grad_log_p, grad_log_q)
+            out["z_path"] = _path_term(grad_log_w, z, batch_ndim)
+        return out
+
+    return jax.vmap(one_sample)(jax.random.split(rng_key, num_samples))
+
+
+def iwae_bound(
+    rng_key: Array,
+    log_joint_fn: Callable[[PyTree], Array],
+    q: PyTree,
+    *,
+    num_samples: int,
+    estimator: Pathwise | ScoreFunction | StickingTheLanding | DReG = Pathwise(),
+) -> Array:
+    """Importance-weighted bound log (1/K) sum_k p(x, z_k) / q(z_k), z_k ~ q (in nats).
+
+    Computed with logsumexp, so it stays finite in float32 at K = 5000 and beyond. K = 1 gives
+    the single-sample ELBO; the bound increases with K and tends to log p(x) (Burda et al. 2016,
+    eq. 8 and Theorem 1). Returns the bound, not its negative.
+
+    Args:
+      rng_key: a JAX PRNG key.
+      log_joint_fn: ``z -> log p(x, z)``, ``[batch, latent_dim] -> [batch]`` for one sample.
+      q: proposal / variational distribution (batch ``[batch]``), or pytree of them.
+      num_samples: K >= 1 (required; a Python int).
+      estimator: ``Pathwise()`` (default), ``ScoreFunction(baseline)`` (``LeaveOneOut()`` gives
+        VIMCO), ``StickingTheLanding()`` (biased for K > 1) or ``DReG()``.
+
+    Returns:
+      ``[batch]`` bound estimates (nats).
+
+    Raises:
+      TypeError / ValueError: as ``elbo``.
+    """
+    num_samples = _q.check_num_samples(num_samples)
+    _q.check_estimator(estimator, (Pathwise, ScoreFunction, StickingTheLanding, DReG), "iwae_bound")
+    shape = _q.check_q(q)
+    _check_loo(estimator, num_samples)
+    p = _iwae_particles(rng_key, log_joint_fn, q, shape, num_samples, estimator)
+    log_w = p["log_w"]  # [K, batch]
+    value = _log_mean_exp(log_w)
+    if isinstance(estimator, Pathwise):
+        return value
+    w_norm = jax.lax.stop_gradient(jax.nn.softmax(log_w, axis=0))  # normalised weights w~_k
+    if isinstance(estimator, StickingTheLanding):
+        surrogate = jnp.sum(w_norm * p["log_w_fixed_q"], axis=0)
+    elif isinstance(estimator, DReG):
+        # sum_k w~_k grad log w_k gives the model gradient; the z-path term turns the
+        # inference-network weights from w~_k into w~_k^2 (Tucker et al. 2019, eq. 5).
+        surrogate = jnp.sum(w_norm * p["log_w_fixed_q"], axis=0) + jnp.sum(
+            (w_norm**2 - w_norm) * p["z_path"], axis=0
+        )
+    else:  # ScoreFunction: value's own gradient (z fixed) plus the score term.
+        if isinstance(estimator.baseline, LeaveOneOut):
+            # VIMCO: replace log w_k by the mean of the others' log weights.
+            k = num_samples
+            others = _leave_one_out_mean(log_w)
+            eye = jnp.eye(k, dtype=bool).reshape((k, k) + (1,) * len(shape))
+            swapped = jnp.where(eye, others[None], log_w[None])  # [k replaced, K, *batch]
+            signal = value[None] - jax.vmap(_log_mean_exp)(swapped)
+        else:
+            signal = jnp.broadcast_to(
+                value - _constant_baseline(estimator.baseline, shape), log_w.shape
+            )
+        surrogate = value + _score_term(signal, p["log_q"])
+    return _surrogate(value, surrogate)
+
+
+def renyi_bound(
+    rng_key: Array,
+    log_joint_fn: Callable[[PyTree], Array],
+    q: PyTree,
+    *,
+    alpha: float,
+    num_samples: int,
+) -> Array:
+    """Variational Renyi bound (VR-alpha), Monte Carlo estimate, per example (in nats).
+
+    L_alpha = 1/(1 - alpha) log (1/K) sum_k (p(x, z_k) / q(z_k))^(1 - alpha), z_k ~ q
+    (Li & Turner 2016, eqs. 5 and 12). ``alpha = 0`` is the IWAE bound, ``alpha -> 1`` the
+    ELBO (``alpha = 1`` returns the K-sample average ELBO exactly). For alpha >= 0 the
+    estimator's expectation is a lower bound on log p(x), non-increasing in alpha. Returns the
+    bound, not its negative; pathwise gradient.
+
+    Args:
+      rng_key: a JAX PRNG key.
+      log_joint_fn: ``z -> log p(x, z)``, ``[batch, latent_dim] -> [batch]`` for one sample.
+      q: distrax distribution (batch ``[batch]``), or pytree of them.
+      alpha: a concrete finite number >= 0.
+      num_samples: K >= 1.
+
+    Returns:
+      ``[batch]`` bound estimates (nats).
+
+    Raises:
+      TypeError: ``alpha`` not a concrete number; others as ``elbo``.
+      ValueError: ``alpha`` negative or not finite; others as ``elbo``.
+    """
+    num_samples = _q.check_num_samples(num_samples)
+    if isinstance(alpha, jax.core.Tracer):
+        raise TypeError("`alpha` must be a concrete number (it selects the bound), not a traced value")
+    try:
+        alpha = float(np.asarray(alpha))
+    except (TypeError, ValueError):
+        raise TypeError(f"`alpha` must be a number; got {alpha!r}") from None
+    if not math.isfinite(alpha) or alpha < 0:
+        raise ValueError(f"`alpha` must be finite and >= 0 (alpha in [0, inf)); got {alpha}")
+    shape = _q.check_q(q)
+    p = _iwae_particles(rng_key, log_joint_fn, q, shape, num_samples, Pathwise())
+    log_w = p["log_w"]
+    if alpha == 1.0:
+        return jnp.mean(log_w, axis=0)
+    return _log_mean_exp((1.0 - alpha) * log_w) / (1.0 - alpha)

@@ -1,0 +1,151 @@
+"""Estimators of the marginal log-likelihood log p(x) (in nats).
+
+Both estimators average K unnormalised weights w_k and return log (1/K) sum_k w_k, computed
+stably with logsumexp. Their *exponent* is unbiased for p(x); the log is biased downwards
+(Jensen), which is why the importance-sampling value is also the IWAE lower bound.
+
+* ``naive_monte_carlo``: w_k = p(x | z_k), z_k ~ p(z) (CENG796 notes §3.2 "Naive Monte
+  Carlo"). Unbiased for p(x) but hopeless in high dimension: almost no prior sample explains x.
+* ``importance_sampling``: w_k = p(x, z_k) / q(z_k), z_k ~ q (CENG796 notes §3.2
+  "Importance Sampling"; Burda et al. 2016, eq. 8). Equal in value to
+  ``vijax.elbo.iwae_bound`` at the same K and key.
+
+Samples are drawn ``chunk_size`` at a time inside ``lax.scan`` with a running logsumexp, so
+memory grows with ``chunk_size x batch``, not ``num_samples x batch``: K = 5000 over 10,000
+examples runs in bounded memory. To bound memory over examples as well, call on batches of
+examples (``jax.lax.map`` over example batches).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from vijax import _q
+
+Array = jax.Array
+PyTree = Any
+
+__all__ = ["importance_sampling", "naive_monte_carlo", "log_mean_exp_chunked"]
+
+
+def log_mean_exp_chunked(
+    rng_key: Array,
+    log_weight_fn: Callable[[Array], Array],
+    *,
+    num_samples: int,
+    chunk_size: int | None = None,
+) -> Array:
+    """log (1/K) sum_k exp(log_weight_fn(key_k)) over K = ``num_samples`` independent keys.
+
+    ``log_weight_fn(key) -> [batch]`` gives one sample's log weight. The K samples are drawn
+    ``chunk_size`` at a time (``vmap`` inside a chunk, ``lax.scan`` across chunks, a final
+    partial chunk if ``chunk_size`` does not divide K), keeping a running logsumexp.
+    The result does not depend on ``chunk_size`` beyond float rounding: sample k always uses
+    the k-th key of ``jax.random.split(rng_key, K)``.
+
+    Returns:
+      ``[batch]`` log-mean-exp of the weights (nats).
+
+    Raises:
+      TypeError / ValueError: ``num_samples`` or ``chunk_size`` not a positive int.
+    """
+    num_samples = _q.check_num_samples(num_samples)
+    chunk = num_samples if chunk_size is None else _q.check_num_samples(chunk_size, "chunk_size")
+    chunk = min(chunk, num_samples)
+    keys = jax.random.split(rng_key, num_samples)
+    num_full, remainder = divmod(num_samples, chunk)
+
+    def chunk_lse(chunk_keys):
+        return jax.nn.logsumexp(jax.vmap(log_weight_fn)(chunk_keys), axis=0)
+
+    full_keys = keys[: num_full * chunk].reshape((num_full, chunk) + keys.shape[1:])
+    if num_full == 1:
+        total = chunk_lse(full_keys[0])
+    else:
+        first = chunk_lse(full_keys[0])
+
+        def body(running, chunk_keys):
+            return jnp.logaddexp(running, chunk_lse(chunk_keys)), None
+
+        total, _ = jax.lax.scan(body, first, full_keys[1:])
+    if remainder:
+        total = jnp.logaddexp(total, chunk_lse(keys[num_full * chunk :]))
+    return total - math.log(num_samples)
+
+
+def importance_sampling(
+    rng_key: Array,
+    log_joint_fn: Callable[[PyTree], Array],
+    q: PyTree,
+    *,
+    num_samples: int,
+    chunk_size: int | None = None,
+) -> Array:
+    """Importance-sampling estimate of log p(x) with proposal q (in nats).
+
+    log p^(x) = log (1/K) sum_k p(x, z_k) / q(z_k), z_k ~ q. exp of it is unbiased for p(x);
+    the log is a stochastic lower bound equal in value to ``vijax.elbo.iwae_bound`` with the same
+    ``rng_key`` and K (CENG796 notes §3.2; Burda et al. 2016, eq. 8).
+
+    Args:
+      rng_key: a JAX PRNG key.
+      log_joint_fn: ``z -> log p(x, z)``, ``[batch, latent_dim] -> [batch]`` for one sample.
+      q: proposal, a distrax distribution (batch ``[batch]``) or pytree of them.
+      num_samples: K >= 1.
+      chunk_size: samples drawn at once (memory ~ ``chunk_size x batch x latent_dim``);
+        ``None`` draws all K at once.
+
+    Returns:
+      ``[batch]`` log p(x) estimates (nats).
+
+    Raises:
+      TypeError / ValueError: bad ``num_samples``/``chunk_size``/``q``; ``log_joint_fn`` output
+        not ``[batch]``.
+    """
+    shape = _q.check_q(q)
+
+    def log_weight(key):
+        z = _q.sample(key, q)
+        return _q.call_log_density(log_joint_fn, z, shape, "log_joint_fn") - _q.log_prob(q, z)
+
+    return log_mean_exp_chunked(rng_key, log_weight, num_samples=num_samples, chunk_size=chunk_size)
+
+
+def naive_monte_carlo(
+    rng_key: Array,
+    log_likelihood_fn: Callable[[PyTree], Array],
+    prior: PyTree,
+    *,
+    num_samples: int,
+    chunk_size: int | None = None,
+) -> Array:
+    """Naive Monte Carlo estimate of log p(x): log (1/K) sum_k p(x | z_k), z_k ~ p(z) (nats).
+
+    CENG796 notes §3.2 "Naive Monte Carlo". exp of it is unbiased for p(x), with a variance that
+    explodes with the latent dimension; prefer ``importance_sampling``.
+
+    Args:
+      rng_key: a JAX PRNG key.
+      log_likelihood_fn: ``z -> log p(x | z)`` for one prior sample, returning ``[batch]``.
+      prior: p(z), a distrax distribution (or pytree). Batch shape ``[batch]`` draws an
+        independent z per example; batch shape ``[]`` shares each z_k across the examples
+        (still unbiased per example).
+      num_samples: K >= 1.
+      chunk_size: samples drawn at once; ``None`` draws all K at once.
+
+    Returns:
+      ``[batch]`` log p(x) estimates (nats), batch as returned by ``log_likelihood_fn``.
+
+    Raises:
+      TypeError / ValueError: bad ``num_samples``/``chunk_size``/``prior``.
+    """
+    _q.check_q(prior, "prior")
+
+    def log_weight(key):
+        return log_likelihood_fn(_q.sample(key, prior))
+
+    return log_mean_exp_chunked(rng_key, log_weight, num_samples=num_samples, chunk_size=chunk_size)

@@ -1,0 +1,165 @@
+"""The reparameterization trick, with log q(z) by change of variables.
+
+z = g(eps; phi) with eps ~ r(eps) a fixed base density, so E_q[f(z)] = E_r[f(g(eps; phi))]
+and gradients flow through g (lecture 3, "Reparametrization trick"; CENG796 notes §4.2).
+The density of z follows from the change of variables (lecture 3, "Second term"):
+
+    log q(z) = log r(eps) - log |det dg/deps|.
+
+* ``sample_diag_gaussian``: z = loc + scale * eps, log q = log N(eps; 0, I) - sum_i log scale_i.
+* ``sample_full_gaussian``: z = loc + L eps (L lower-triangular Cholesky factor),
+  log q = log N(eps; 0, I) - sum_i log |L_ii|.
+* ``sample_transformed``: any distrax base distribution and bijector.
+
+Each returns ``(z, log_q)``; ``log_q`` is in nats and equals distrax's ``log_prob(z)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import distrax
+import jax
+import jax.numpy as jnp
+
+from vijax import _q
+
+Array = jax.Array
+
+__all__ = ["sample_diag_gaussian", "sample_full_gaussian", "sample_transformed"]
+
+
+def _check_floating(x: Array, name: str) -> Array:
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"`{name}` must be a floating-point array; got dtype {x.dtype}")
+    if x.ndim < 1:
+        raise ValueError(f"`{name}` must have at least one (event) axis; got a scalar")
+    _q.check_finite(x, name)
+    return x
+
+
+def _check_sample_shape(sample_shape: Sequence[int]) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in sample_shape)
+    except TypeError:
+        raise TypeError(f"`sample_shape` must be a tuple of ints; got {sample_shape!r}") from None
+    if any(s < 0 for s in shape):
+        raise ValueError(f"`sample_shape` must be non-negative; got {shape}")
+    return shape
+
+
+def _std_normal_log_prob(eps: Array) -> Array:
+    """log N(eps; 0, I) summed over the last axis."""
+    d = eps.shape[-1]
+    return -0.5 * jnp.sum(eps * eps, axis=-1) - 0.5 * d * math.log(2.0 * math.pi)
+
+
+def _lead(x: Array, n: int) -> Array:
+    """``x`` with ``n`` leading singleton axes (explicit broadcasting, no rank promotion)."""
+    return x.reshape((1,) * n + x.shape)
+
+
+def sample_diag_gaussian(
+    rng_key: Array, loc: Array, scale: Array, *, sample_shape: Sequence[int] = ()
+) -> tuple[Array, Array]:
+    """z = loc + scale * eps, eps ~ N(0, I), and log q(z) by change of variables.
+
+    Args:
+      rng_key: a JAX PRNG key.
+      loc: ``[*batch, latent_dim]`` means.
+      scale: ``[*batch, latent_dim]`` positive standard deviations (same shape as ``loc``).
+      sample_shape: leading sample axes ``S``.
+
+    Returns:
+      ``z``: ``[*S, *batch, latent_dim]``, dtype of ``loc``; ``log_q``: ``[*S, *batch]`` (nats).
+
+    Raises:
+      TypeError: non-floating ``loc``/``scale``.
+      ValueError: shape mismatch; concrete non-finite ``loc``/``scale`` or non-positive ``scale``.
+    """
+    loc = _check_floating(loc, "loc")
+    scale = _check_floating(scale, "scale")
+    if loc.shape != scale.shape:
+        raise ValueError(f"`loc` and `scale` must have the same shape; got {loc.shape} and {scale.shape}")
+    if _q.is_concrete(scale) and bool(jnp.any(scale <= 0)):
+        raise ValueError("`scale` must be positive")
+    sample_shape = _check_sample_shape(sample_shape)
+    n = len(sample_shape)
+    eps = jax.random.normal(rng_key, sample_shape + loc.shape, dtype=loc.dtype)
+    z = _lead(loc, n) + _lead(scale, n) * eps
+    log_q = _std_normal_log_prob(eps) - _lead(jnp.sum(jnp.log(scale), axis=-1), n)
+    return z, log_q
+
+
+def sample_full_gaussian(
+    rng_key: Array, loc: Array, scale_tril: Array, *, sample_shape: Sequence[int] = ()
+) -> tuple[Array, Array]:
+    """z = loc + L eps, eps ~ N(0, I), L lower-triangular (covariance L L^T); log q by change
+    of variables, log q(z) = log N(eps; 0, I) - sum_i log |L_ii|.
+
+    Args:
+      rng_key: a JAX PRNG key.
+      loc: ``[*batch, latent_dim]``.
+      scale_tril: ``[*batch, latent_dim, latent_dim]`` Cholesky factor (upper triangle ignored),
+        non-zero diagonal.
+      sample_shape: leading sample axes ``S``.
+
+    Returns:
+      ``z``: ``[*S, *batch, latent_dim]``; ``log_q``: ``[*S, *batch]`` (nats).
+
+    Raises:
+      TypeError: non-floating inputs.
+      ValueError: shape mismatch; concrete non-finite inputs or a zero on L's diagonal.
+    """
+    loc = _check_floating(loc, "loc")
+    scale_tril = _check_floating(scale_tril, "scale_tril")
+    if scale_tril.shape != loc.shape + loc.shape[-1:]:
+        raise ValueError(
+            f"`scale_tril` must have shape {loc.shape + loc.shape[-1:]} to match `loc`; "
+            f"got {scale_tril.shape}"
+        )
+    diag = jnp.diagonal(scale_tril, axis1=-2, axis2=-1)
+    if _q.is_concrete(diag) and bool(jnp.any(diag == 0)):
+        raise ValueError("`scale_tril` must have a non-zero diagonal (it is singular)")
+    sample_shape = _check_sample_shape(sample_shape)
+    n = len(sample_shape)
+    eps = jax.random.normal(rng_key, sample_shape + loc.shape, dtype=loc.dtype)
+    tril = jnp.tril(scale_tril)
+    z = _lead(loc, n) + jnp.einsum("...ij,...j->...i", _lead(tril, n), eps)
+    log_q = _std_normal_log_prob(eps) - _lead(jnp.sum(jnp.log(jnp.abs(diag)), axis=-1), n)
+    return z, log_q
+
+
+def sample_transformed(
+    rng_key: Array,
+    base: distrax.Distribution,
+    bijector: distrax.Bijector,
+    *,
+    sample_shape: Sequence[int] = (),
+) -> tuple[Array, Array]:
+    """z = g(eps), eps ~ base, for any distrax bijector g; log q(z) = log r(eps) - log|det J_g|.
+
+    Args:
+      rng_key: a JAX PRNG key.
+      base: the base distribution r (reparameterizable for pathwise gradients).
+      bijector: g, a ``distrax.Bijector`` (e.g. ``distrax.Block(distrax.Tanh(), 1)``).
+      sample_shape: leading sample axes ``S``.
+
+    Returns:
+      ``z``: ``[*S, *batch, *event]``; ``log_q``: ``[*S, *batch]`` (nats), equal to
+      ``distrax.Transformed(base, bijector).log_prob(z)``.
+
+    Raises:
+      TypeError: ``base`` not a distrax distribution or ``bijector`` not a distrax bijector.
+    """
+    if not isinstance(base, distrax.Distribution):
+        raise TypeError(f"`base` must be a distrax.Distribution; got {type(base).__name__}")
+    if not isinstance(bijector, distrax.Bijector):
+        raise TypeError(f"`bijector` must be a distrax.Bijector; got {type(bijector).__name__}")
+    _q.check_finite_parameters(base, "base")
+    sample_shape = _check_sample_shape(sample_shape)
+    eps, log_r = base.sample_and_log_prob(seed=rng_key, sample_shape=sample_shape)
+    z, log_det = bijector.forward_and_log_det(eps)
+    return z, log_r - log_det
