@@ -1,0 +1,119 @@
+"""vijax.reparam: z = g(eps) and log q(z) by change of variables, checked against distrax."""
+
+from __future__ import annotations
+
+import distrax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vijax import reparam
+
+
+@pytest.fixture
+def gaussian_params(x64):
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    loc = jax.random.normal(k1, (4, 3))
+    scale = jnp.exp(0.5 * jax.random.normal(k2, (4, 3)))
+    a = jax.random.normal(k3, (4, 3, 3))
+    tril = jnp.tril(a) + 2.0 * jnp.eye(3)[None]  # diagonal kept away from zero (may be negative)
+    return loc, scale, tril
+
+
+def test_diag_gaussian_matches_distrax(gaussian_params):
+    loc, scale, _ = gaussian_params
+    with jax.numpy_rank_promotion("raise"):
+        z, log_q = reparam.sample_diag_gaussian(jax.random.key(1), loc, scale, sample_shape=(5,))
+    assert z.shape == (5, 4, 3) and log_q.shape == (5, 4) and z.dtype == jnp.float64
+    ref = distrax.MultivariateNormalDiag(loc, scale)
+    np.testing.assert_allclose(log_q, jax.vmap(ref.log_prob)(z), rtol=1e-12)
+
+
+def test_full_gaussian_matches_distrax(gaussian_params):
+    loc, _, tril = gaussian_params
+    with jax.numpy_rank_promotion("raise"):
+        z, log_q = reparam.sample_full_gaussian(jax.random.key(2), loc, tril, sample_shape=(2, 3))
+    assert z.shape == (2, 3, 4, 3) and log_q.shape == (2, 3, 4)
+    cov = tril @ jnp.swapaxes(tril, -1, -2)
+    ref = distrax.MultivariateNormalFullCovariance(loc, cov)
+    np.testing.assert_allclose(log_q, jax.vmap(jax.vmap(ref.log_prob))(z), rtol=1e-10)
+
+
+def test_full_gaussian_moments(x64):
+    """Samples have mean loc and covariance L L^T (tolerances from the sampling error)."""
+    loc = jnp.array([1.0, -2.0])
+    tril = jnp.array([[1.5, 0.0], [0.8, 0.5]])
+    n = 200_000
+    z, _ = reparam.sample_full_gaussian(jax.random.key(3), loc, tril, sample_shape=(n,))
+    cov = tril @ tril.T
+    se_mean = np.sqrt(np.diag(cov) / n)
+    assert np.all(np.abs(np.asarray(z.mean(0) - loc)) < 4 * se_mean)
+    emp = np.cov(np.asarray(z).T)
+    # var of a sample covariance entry is (S_ij^2 + S_ii S_jj) / n for Gaussians
+    se_cov = np.sqrt((np.asarray(cov) ** 2 + np.outer(np.diag(cov), np.diag(cov))) / n)
+    assert np.all(np.abs(emp - np.asarray(cov)) < 4 * se_cov)
+
+
+def test_transformed_matches_distrax(x64):
+    base = distrax.MultivariateNormalDiag(jnp.zeros((4, 2)), jnp.full((4, 2), 0.7))
+    bij = distrax.Block(distrax.Tanh(), 1)
+    z, log_q = reparam.sample_transformed(jax.random.key(4), base, bij, sample_shape=(6,))
+    assert z.shape == (6, 4, 2) and log_q.shape == (6, 4)
+    assert np.all(np.abs(np.asarray(z)) < 1)
+    ref = distrax.Transformed(base, bij)
+    np.testing.assert_allclose(log_q, ref.log_prob(z), rtol=1e-9)
+
+
+def test_pathwise_gradient_of_expectation(x64):
+    """d/dloc E[z^2] = 2 loc and d/dscale E[z^2] = 2 scale, estimated through z = loc + scale eps."""
+    def mean_square(loc, scale):
+        z, _ = reparam.sample_diag_gaussian(jax.random.key(5), loc, scale, sample_shape=(100_000,))
+        return jnp.mean(jnp.sum(z**2, -1))
+
+    loc, scale = jnp.array([0.5, -1.0]), jnp.array([0.3, 2.0])
+    g_loc, g_scale = jax.jit(jax.grad(mean_square, argnums=(0, 1)))(loc, scale)
+    # per-sample gradient 2 z_i (resp. 2 z_i eps_i) has sd about 2 sqrt(loc^2 + scale^2)
+    se = 2 * np.sqrt(np.asarray(loc) ** 2 + np.asarray(scale) ** 2) * np.sqrt(2) / np.sqrt(100_000)
+    assert np.all(np.abs(np.asarray(g_loc) - 2 * np.asarray(loc)) < 4 * se)
+    assert np.all(np.abs(np.asarray(g_scale) - 2 * np.asarray(scale)) < 4 * se)
+
+
+def test_jit_vmap_float32(gaussian_params):
+    loc, scale, tril = (a.astype(jnp.float32) for a in gaussian_params)
+    traces = []
+
+    def f(key, loc, scale, tril):
+        traces.append(1)
+        return (reparam.sample_diag_gaussian(key, loc, scale)[1]
+                + reparam.sample_full_gaussian(key, loc, tril)[1])
+
+    jf = jax.jit(f)
+    out = jf(jax.random.key(0), loc, scale, tril)
+    jf(jax.random.key(1), loc + 1, scale, tril)
+    assert len(traces) == 1 and out.shape == (4,) and out.dtype == jnp.float32
+    keys = jax.random.split(jax.random.key(2), 7)
+    batched = jax.vmap(f, in_axes=(0, None, None, None))(keys, loc, scale, tril)
+    assert batched.shape == (7, 4)
+    np.testing.assert_allclose(batched[0], f(keys[0], loc, scale, tril), rtol=1e-5)
+
+
+def test_bad_input():
+    loc, scale = jnp.zeros((2, 3)), jnp.ones((2, 3))
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match="loc"):
+        reparam.sample_diag_gaussian(key, loc.at[0, 0].set(jnp.nan), scale)
+    with pytest.raises(ValueError, match="scale"):
+        reparam.sample_diag_gaussian(key, loc, scale.at[1, 1].set(jnp.inf))
+    with pytest.raises(ValueError, match="scale"):
+        reparam.sample_diag_gaussian(key, loc, -scale)
+    with pytest.raises(ValueError, match="same shape"):
+        reparam.sample_diag_gaussian(key, loc, jnp.ones((2, 4)))
+    with pytest.raises(TypeError, match="loc"):
+        reparam.sample_diag_gaussian(key, jnp.zeros((2, 3), jnp.int32), scale)
+    with pytest.raises(ValueError, match="scale_tril"):
+        reparam.sample_full_gaussian(key, loc, jnp.ones((2, 3, 2)))
+    with pytest.raises(ValueError, match="scale_tril"):
+        reparam.sample_full_gaussian(key, loc, jnp.zeros((2, 3, 3)))
+    with pytest.raises(TypeError, match="bijector"):
+        reparam.sample_transformed(key, distrax.Normal(0.0, 1.0), "tanh")
