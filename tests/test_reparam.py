@@ -63,6 +63,11 @@ def test_transformed_matches_distrax(x64):
     assert np.all(np.abs(np.asarray(z)) < 1)
     ref = distrax.Transformed(base, bij)
     np.testing.assert_allclose(log_q, ref.log_prob(z), rtol=1e-9)
+    # under jit and vmap over keys
+    jitted = jax.jit(jax.vmap(lambda k: reparam.sample_transformed(k, base, bij)))
+    zs, lqs = jitted(jax.random.split(jax.random.key(5), 3))
+    assert zs.shape == (3, 4, 2) and lqs.shape == (3, 4)
+    np.testing.assert_allclose(lqs, jax.vmap(ref.log_prob)(zs), rtol=1e-9)
 
 
 def test_pathwise_gradient_of_expectation(x64):
