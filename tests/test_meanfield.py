@@ -1,0 +1,858 @@
+"""Tests for vijax.meanfield: the CAVI driver, Normal-Gamma q(mu)q(tau), the Bayesian GMM,
+Blei et al.'s known-variance mixture and EM as the Dirac-delta special case.
+
+References are closed forms (exact Normal-Gamma posterior and evidence, Student-t
+predictives, exact enumeration of a small mixture), scikit-learn's BayesianGaussianMixture,
+scipy densities for Monte Carlo ELBO estimates (tolerances from the estimator's standard
+error), and vijax.em for the EM trajectories -- never the code's own output.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import special, stats
+
+from vijax import em, meanfield
+from vijax.meanfield import bayesian_gmm as bg
+from vijax.meanfield import dirac_em
+from vijax.meanfield import known_variance_gmm as kv
+from vijax.meanfield import normal_gamma as ng
+
+
+def _rank_strict():
+    return jax.numpy_rank_promotion("raise")
+
+
+# ============================================================================================
+# The generic driver on a problem with a known answer: mean-field q(z1)q(z2) for a correlated
+# bivariate Gaussian target (PRML §10.1.2, eqs 10.11-10.15). The block optimum is
+# m_1 = mu_1 - Lambda_11^{-1} Lambda_12 (m_2 - mu_2) with fixed variances 1/Lambda_ii; the
+# fixed point is m = mu and the converged ELBO is -KL(q || p) = (log|Lambda| - sum log Lambda_ii)/2.
+# ============================================================================================
+
+_PRECISION = np.array([[2.0, 1.2], [1.2, 1.5]])
+
+
+def _gauss_update(i):
+    j = 1 - i
+
+    def update(m, mu):
+        lam = jnp.asarray(_PRECISION, m.dtype)
+        return m.at[i].set(mu[i] - lam[i, j] / lam[i, i] * (m[j] - mu[j]))
+
+    return update
+
+
+def _gauss_elbo(m, mu):
+    lam = jnp.asarray(_PRECISION, m.dtype)
+    d = m - mu
+    diag = jnp.diagonal(lam)
+    e_log_p = 0.5 * jnp.linalg.slogdet(lam)[1] - math.log(2 * math.pi) - 0.5 * d @ lam @ d - 1.0
+    entropy = jnp.sum(0.5 * (1.0 + math.log(2 * math.pi) - jnp.log(diag)))
+    return e_log_p + entropy
+
+
+_GAUSS_UPDATES = (_gauss_update(0), _gauss_update(1))
+_GAUSS_KL_MIN = -0.5 * (np.linalg.slogdet(_PRECISION)[1] - np.log(np.diag(_PRECISION)).sum())
+
+
+def test_cavi_driver_converges_to_known_fixed_point(x64):
+    mu = jnp.array([1.0, -2.0])
+    run = jax.jit(lambda m0, mu: meanfield.cavi(_GAUSS_UPDATES, m0, mu, elbo_fn=_gauss_elbo,
+                                                tol=1e-14, max_iter=200))
+    with _rank_strict():
+        m, info = run(jnp.array([5.0, 5.0]), mu)
+    n = int(info.num_iter)
+    assert info.elbo.shape == (200,) and info.elbo.dtype == jnp.float64
+    assert bool(info.converged) and 2 < n < 200
+    np.testing.assert_allclose(m, mu, atol=1e-6)
+    np.testing.assert_allclose(info.elbo[n - 1], -_GAUSS_KL_MIN, rtol=1e-10)
+    trace = np.concatenate([[float(info.initial_elbo)], np.asarray(info.elbo[:n])])
+    assert np.all(np.diff(trace) >= -1e-12)
+    assert np.all(np.isnan(np.asarray(info.elbo[n:])))
+    # the convergence rate of this coordinate ascent is (Lambda_12^2 / Lambda_11 Lambda_22)
+    # per sweep: the error contracts geometrically with exactly that factor
+    rate = _PRECISION[0, 1] ** 2 / (_PRECISION[0, 0] * _PRECISION[1, 1])
+    gaps = -_GAUSS_KL_MIN - np.asarray(info.elbo[:6])
+    np.testing.assert_allclose(gaps[2:] / gaps[1:-1], rate ** 2, rtol=1e-6)
+    # a second call with new values does not retrace
+    with _rank_strict():
+        run(jnp.array([0.0, 1.0]), jnp.array([3.0, 3.0]))
+    assert run._cache_size() == 1
+
+
+def test_cavi_driver_max_iter_and_vmap():
+    m0 = jnp.zeros(2, jnp.float32)
+    _, info = meanfield.cavi(_GAUSS_UPDATES, m0, jnp.array([4.0, 4.0]), elbo_fn=_gauss_elbo,
+                             tol=0.0, max_iter=3)
+    assert int(info.num_iter) == 3 and not bool(info.converged)
+    assert info.elbo.dtype == jnp.float32 and not np.isnan(np.asarray(info.elbo)).any()
+    # vmap over targets: each batch member converges to its own fixed point and stops on its own
+    mus = jnp.array([[0.0, 0.0], [1.0, -1.0], [30.0, 20.0]], jnp.float32)
+    single = jax.jit(lambda mu: meanfield.cavi(_GAUSS_UPDATES, m0, mu, elbo_fn=_gauss_elbo,
+                                               tol=1e-6, max_iter=100))
+    ms, infos = jax.jit(jax.vmap(single))(mus)
+    np.testing.assert_allclose(ms, mus, atol=1e-2)
+    assert infos.elbo.shape == (3, 100)
+    assert int(infos.num_iter[0]) == 1  # already at the optimum
+    assert int(infos.num_iter[2]) > int(infos.num_iter[1])
+    for b in range(3):
+        assert int(single(mus[b])[1].num_iter) == int(infos.num_iter[b])
+
+
+def test_cavi_driver_rejects_bad_arguments():
+    m0 = jnp.zeros(2)
+    with pytest.raises(ValueError, match="update_fns"):
+        meanfield.cavi((), m0, m0, elbo_fn=_gauss_elbo)
+    with pytest.raises(TypeError, match="update_fns"):
+        meanfield.cavi(_GAUSS_UPDATES[0], m0, m0, elbo_fn=_gauss_elbo)
+    with pytest.raises(TypeError, match=r"update_fns\[1\]"):
+        meanfield.cavi((_GAUSS_UPDATES[0], 3), m0, m0, elbo_fn=_gauss_elbo)
+    with pytest.raises(TypeError, match="elbo_fn"):
+        meanfield.cavi(_GAUSS_UPDATES, m0, m0, elbo_fn=None)
+    with pytest.raises(ValueError, match="max_iter"):
+        meanfield.cavi(_GAUSS_UPDATES, m0, m0, elbo_fn=_gauss_elbo, max_iter=0)
+    with pytest.raises(ValueError, match="tol"):
+        meanfield.cavi(_GAUSS_UPDATES, m0, m0, elbo_fn=_gauss_elbo, tol=-1.0)
+    with pytest.raises(ValueError, match="scalar"):
+        meanfield.cavi(_GAUSS_UPDATES, m0, m0, elbo_fn=lambda s, d: s)
+
+
+# ============================================================================================
+# Perturbation helper: "each block update is the maximiser of the ELBO over its block".
+# ============================================================================================
+
+def _assert_block_is_maximiser(elbo_fn, state, perturb_fn, *, seed, num_directions=6,
+                               sizes=(1e-2, 1e-3)):
+    """After a block update, random small perturbations of that block must lower the ELBO."""
+    best = float(elbo_fn(state))
+    rng = np.random.default_rng(seed)
+    for _ in range(num_directions):
+        for eps in sizes:
+            perturbed = perturb_fn(state, rng, eps)
+            value = float(elbo_fn(perturbed))
+            assert value < best, (value, best, eps)
+
+
+def _tree_perturb(fields, transform=None):
+    """Perturb the named NamedTuple fields by eps * standard normal noise (optionally through
+    a transform (value, noise, eps) -> value that keeps the parameter valid)."""
+
+    def perturb(state, rng, eps):
+        changes = {}
+        for name in fields:
+            value = np.asarray(getattr(state, name))
+            noise = rng.standard_normal(value.shape)
+            fn = (transform or {}).get(name, lambda v, z, e: v + e * z)
+            changes[name] = jnp.asarray(fn(value, noise, eps), value.dtype)
+        return state._replace(**changes)
+
+    return perturb
+
+
+_POSITIVE = lambda v, z, e: v * np.exp(e * z)  # noqa: E731
+
+
+def _perturb_responsibilities(v, z, e):
+    logits = np.log(v) + e * z
+    return special.softmax(logits, axis=-1)
+
+
+# ============================================================================================
+# Normal-Gamma q(mu) q(tau) (PRML §10.1.3).
+# ============================================================================================
+
+_NG_PRIOR = ng.NormalGammaPrior(loc=0.5, precision_scale=0.5, concentration=2.0, rate=3.0)
+
+
+def _ng_data(n=20, seed=1):
+    return np.random.default_rng(seed).normal(1.0, 2.0, size=n)
+
+
+def _student_t_log_evidence(x, prior):
+    """log p(x) by the chain rule with Student-t predictives (PRML eq. 2.160 style)."""
+    mu, lam, a, b = prior.loc, prior.precision_scale, prior.concentration, prior.rate
+    total = 0.0
+    for xn in x:
+        scale = math.sqrt(b * (lam + 1.0) / (a * lam))
+        total += stats.t.logpdf(xn, df=2 * a, loc=mu, scale=scale)
+        mu, lam, a, b = ((lam * mu + xn) / (lam + 1.0), lam + 1.0, a + 0.5,
+                         b + 0.5 * lam * (xn - mu) ** 2 / (lam + 1.0))
+    return total
+
+
+def test_normal_gamma_matches_exact_posterior_mean_and_is_narrower(x64):
+    x = _ng_data()
+    state, info = jax.jit(ng.fit)(ng.init(x, _NG_PRIOR), x, _NG_PRIOR, tol=1e-15)
+    post = ng.exact_posterior(x, _NG_PRIOR)
+    assert bool(info.converged)
+    # E_q[mu] is the exact posterior mean of mu (PRML 10.26 vs the conjugate update)
+    xbar, n, lam0 = x.mean(), x.size, _NG_PRIOR.precision_scale
+    np.testing.assert_allclose(state.loc, (lam0 * _NG_PRIOR.loc + n * xbar) / (lam0 + n),
+                               rtol=1e-13)
+    np.testing.assert_allclose(state.loc, post.loc, rtol=1e-13)
+    # q(mu) is narrower than the exact marginal of mu, a Student-t (PRML §10.1.3, Fig. 10.4)
+    t = ng.exact_mu_marginal(post)
+    exact_var_mu = stats.t.var(df=float(t.df), scale=float(t.scale))
+    assert 1.0 / float(state.precision) < exact_var_mu
+    # ... by exactly the factor derived in docs/meanfield.md: at the fixed point
+    # E_q[tau] = a_n / b_n (the exact posterior mean of tau), so
+    # var_q(mu) = b_n / (lambda_n a_n) = exact var(mu) * (a_n - 1) / a_n, and
+    # q(tau) = Gam(a_n + 1/2, b_n (1 + 1/(2 a_n))) is narrower than Gam(a_n, b_n) by the
+    # factor a_n / (a_n + 1/2)
+    a_n, b_n = float(post.concentration), float(post.rate)
+    exact_var_tau = stats.gamma.var(a_n, scale=1.0 / b_n)
+    np.testing.assert_allclose(state.concentration / state.rate, a_n / b_n, rtol=1e-7)
+    np.testing.assert_allclose(1.0 / state.precision, exact_var_mu * (a_n - 1.0) / a_n, rtol=1e-7)
+    np.testing.assert_allclose(state.concentration, a_n + 0.5, rtol=1e-14)
+    np.testing.assert_allclose(state.concentration / state.rate ** 2,
+                               exact_var_tau * a_n / (a_n + 0.5), rtol=1e-7)
+    # ELBO <= log p(x); log p(x) itself checked against the Student-t predictive chain
+    log_evidence = float(ng.log_marginal_likelihood(x, _NG_PRIOR))
+    np.testing.assert_allclose(log_evidence, _student_t_log_evidence(x, _NG_PRIOR), rtol=1e-12)
+    final = float(info.elbo[int(info.num_iter) - 1])
+    assert float(info.initial_elbo) < final < log_evidence
+    np.testing.assert_allclose(final, float(ng.elbo(state, x, _NG_PRIOR)), rtol=1e-14)
+    # and the gap log p(x) - ELBO = KL(q || posterior), computed by quadrature on a grid
+    mu_grid = np.linspace(float(post.loc) - 8 * math.sqrt(exact_var_mu),
+                          float(post.loc) + 8 * math.sqrt(exact_var_mu), 801)
+    tau_grid = np.linspace(1e-6, a_n / b_n + 12 * math.sqrt(exact_var_tau), 1601)
+    mm, tt = np.meshgrid(mu_grid, tau_grid, indexing="ij")
+    log_q = (stats.norm.logpdf(mm, float(state.loc), 1 / math.sqrt(float(state.precision)))
+             + stats.gamma.logpdf(tt, float(state.concentration), scale=1 / float(state.rate)))
+    log_p = (stats.norm.logpdf(mm, float(post.loc),
+                               1 / np.sqrt(float(post.precision_scale) * tt))
+             + stats.gamma.logpdf(tt, a_n, scale=1 / b_n))
+    cell = (mu_grid[1] - mu_grid[0]) * (tau_grid[1] - tau_grid[0])
+    kl = float(np.sum(np.exp(log_q) * (log_q - log_p)) * cell)
+    np.testing.assert_allclose(log_evidence - final, kl, rtol=1e-4)
+
+
+def test_normal_gamma_elbo_matches_monte_carlo(x64):
+    x = _ng_data(n=12, seed=2)
+    rng = np.random.default_rng(7)
+    for state in (ng.NormalGammaState(loc=jnp.array(-0.3), precision=jnp.array(2.0),
+                                      concentration=jnp.array(3.0), rate=jnp.array(5.0)),
+                  ng.fit(ng.init(x, _NG_PRIOR), x, _NG_PRIOR)[0]):
+        s = 200_000
+        mu = rng.normal(float(state.loc), 1.0 / math.sqrt(float(state.precision)), size=s)
+        tau = rng.gamma(float(state.concentration), 1.0 / float(state.rate), size=s)
+        # log p(x, mu, tau) - log q(mu) - log q(tau) with scipy densities
+        log_lik = stats.norm.logpdf(x[None, :], mu[:, None], 1.0 / np.sqrt(tau[:, None])).sum(1)
+        log_prior = (stats.norm.logpdf(mu, _NG_PRIOR.loc,
+                                       1.0 / np.sqrt(_NG_PRIOR.precision_scale * tau))
+                     + stats.gamma.logpdf(tau, _NG_PRIOR.concentration,
+                                          scale=1.0 / _NG_PRIOR.rate))
+        log_q = (stats.norm.logpdf(mu, float(state.loc), 1.0 / math.sqrt(float(state.precision)))
+                 + stats.gamma.logpdf(tau, float(state.concentration),
+                                      scale=1.0 / float(state.rate)))
+        w = log_lik + log_prior - log_q
+        se = w.std(ddof=1) / math.sqrt(s)
+        value = float(ng.elbo(state, x, _NG_PRIOR))
+        assert abs(value - w.mean()) < 4.0 * se, (value, w.mean(), se)
+        # ... and our log_joint agrees with scipy's joint density at the samples
+        np.testing.assert_allclose(ng.log_joint(x, _NG_PRIOR, mu[:50], tau[:50]),
+                                   (log_lik + log_prior)[:50], rtol=1e-12)
+
+
+def test_normal_gamma_monotone_and_each_block_maximises_elbo(x64):
+    x = _ng_data()
+    state = ng.NormalGammaState(loc=jnp.array(-4.0), precision=jnp.array(0.1),
+                                concentration=jnp.array(1.5), rate=jnp.array(30.0))
+    elbo = lambda s: ng.elbo(s, x, _NG_PRIOR)  # noqa: E731
+    blocks = [(ng.update_q_mu, _tree_perturb(("loc", "precision"), {"precision": _POSITIVE})),
+              (ng.update_q_tau, _tree_perturb(("concentration", "rate"),
+                                              {"concentration": _POSITIVE, "rate": _POSITIVE}))]
+    previous = float(elbo(state))
+    prior = ng._prior_as(_NG_PRIOR, jnp.float64)
+    for sweep in range(3):
+        for b, (update, perturb) in enumerate(blocks):
+            state = update(state, jnp.asarray(x), prior)
+            current = float(elbo(state))
+            assert current >= previous - 1e-12 * abs(previous)
+            previous = current
+            _assert_block_is_maximiser(elbo, state, perturb, seed=10 * sweep + b)
+
+
+def test_normal_gamma_float32_jit_vmap():
+    xs = np.stack([_ng_data(n=25, seed=s) for s in range(4)]).astype(np.float32)
+    fit = jax.jit(jax.vmap(lambda x: ng.fit(ng.init(x, _NG_PRIOR), x, _NG_PRIOR, tol=1e-6)))
+    with _rank_strict():
+        states, infos = fit(xs)
+    assert states.loc.shape == (4,) and states.loc.dtype == jnp.float32
+    assert infos.elbo.dtype == jnp.float32 and bool(jnp.all(infos.converged))
+    for b in range(4):
+        with jax.enable_x64(True):
+            post = ng.exact_posterior(xs[b].astype(np.float64), _NG_PRIOR)
+        np.testing.assert_allclose(states.loc[b], post.loc, rtol=1e-5)
+    with _rank_strict():
+        fit(xs + 1.0)
+    assert fit._cache_size() == 1
+    # step under jit: one sweep, the ELBO reported is the ELBO of the returned state
+    s1, info = jax.jit(ng.step)(ng.init(xs[0], _NG_PRIOR), xs[0], _NG_PRIOR)
+    np.testing.assert_allclose(info.elbo, ng.elbo(s1, xs[0], _NG_PRIOR), rtol=1e-6)
+
+    # the closed-form utilities batch under jit(vmap) like their unbatched calls
+    @jax.jit
+    @jax.vmap
+    def utilities(x, state):
+        post = ng.exact_posterior(x, _NG_PRIOR)
+        t = ng.exact_mu_marginal(post)
+        return (ng.elbo(state, x, _NG_PRIOR), ng.log_marginal_likelihood(x, _NG_PRIOR), t.scale,
+                ng.log_density_q(state, 0.3, 1.2), ng.log_density_exact(post, 0.3, 1.2),
+                ng.log_joint(x, _NG_PRIOR, 0.3, 1.2))
+
+    batched = utilities(xs, states)
+    for b in range(4):
+        state_b = jax.tree.map(lambda v: v[b], states)
+        post = ng.exact_posterior(xs[b], _NG_PRIOR)
+        single = (ng.elbo(state_b, xs[b], _NG_PRIOR), ng.log_marginal_likelihood(xs[b], _NG_PRIOR),
+                  ng.exact_mu_marginal(post).scale, ng.log_density_q(state_b, 0.3, 1.2),
+                  ng.log_density_exact(post, 0.3, 1.2), ng.log_joint(xs[b], _NG_PRIOR, 0.3, 1.2))
+        for got, want in zip(batched, single):
+            assert got.dtype == jnp.float32
+            np.testing.assert_allclose(got[b], want, rtol=1e-5)
+
+
+# ============================================================================================
+# Bayesian GMM (PRML §10.2) against scikit-learn.
+# ============================================================================================
+
+def _mixture_data(n_per=(60, 50, 40), seed=0):
+    rng = np.random.default_rng(seed)
+    centres = np.array([[0.0, 0.0], [4.0, 1.0], [1.0, 5.0]])
+    parts = [rng.normal(size=(n, 2)) * rng.uniform(0.5, 1.2, 2) + c
+             for n, c in zip(n_per, centres)]
+    return np.concatenate(parts)
+
+
+# jitted once per (shape, dtype) and shared by the tests below (compilation dominates runtime)
+_bg_step = jax.jit(bg.step)
+_bg_elbo = jax.jit(bg.elbo)
+_bg_init = jax.jit(bg.init, static_argnums=2)
+_bg_init_resp = jax.jit(bg.init_from_responsibilities)
+_K = 4
+
+_SK_PRIOR = dict(concentration=0.1, mean_precision=0.5, loc=np.array([0.3, -0.2]), dof=3.0,
+                 scale_inv=np.array([[1.0, 0.2], [0.2, 0.8]]))
+
+
+def _sklearn_bgmm(prior: bg.BGMMPrior, num_components):
+    from sklearn.mixture import BayesianGaussianMixture
+
+    return BayesianGaussianMixture(
+        n_components=num_components, covariance_type="full",
+        weight_concentration_prior_type="dirichlet_distribution",
+        weight_concentration_prior=float(prior.concentration),
+        mean_precision_prior=float(prior.mean_precision), mean_prior=np.asarray(prior.loc),
+        degrees_of_freedom_prior=float(prior.dof), covariance_prior=np.asarray(prior.scale_inv),
+        reg_covar=0.0)
+
+
+def _sklearn_offset(prior, n, dim, k):
+    """Our full ELBO minus sklearn's lower bound (valid after its M-step; docs/meanfield.md):
+    ln C(alpha_0) + K [D/2 ln beta_0 + ln B(W_0, nu_0) + D(D-1)/4 ln pi] - N D/2 ln 2 pi."""
+    a0, nu0 = float(prior.concentration), float(prior.dof)
+    log_c = special.gammaln(k * a0) - k * special.gammaln(a0)
+    log_det_w0 = -np.linalg.slogdet(np.asarray(prior.scale_inv))[1]
+    log_b_plus = (-0.5 * nu0 * log_det_w0 - 0.5 * nu0 * dim * math.log(2.0)
+                  - sum(special.gammaln(0.5 * (nu0 - i)) for i in range(dim)))
+    return (log_c + k * (0.5 * dim * math.log(float(prior.mean_precision)) + log_b_plus)
+            - 0.5 * n * dim * math.log(2 * math.pi))
+
+
+@pytest.mark.parametrize("prior_kind", ["custom", "sklearn_default"])
+def test_bgmm_matches_sklearn(x64, prior_kind):
+    """Same priors and the same initial responsibilities: sklearn's private ``_initialize(X,
+    resp)`` followed by its own ``_e_step``/``_m_step``/``_compute_lower_bound`` loop (what
+    ``fit`` runs per iteration) versus our ``init_from_responsibilities`` + ``step``. sklearn
+    is built with ``reg_covar=0`` so that both run PRML's updates."""
+    x = _mixture_data()
+    n, dim = x.shape
+    prior = (bg.BGMMPrior(**_SK_PRIOR) if prior_kind == "custom" else bg.default_prior(x, _K))
+    r0 = np.random.default_rng(3).dirichlet(np.ones(_K), size=n)
+    sk = _sklearn_bgmm(prior, _K)
+    sk._check_parameters(x)
+    if prior_kind == "sklearn_default":  # our default_prior is sklearn's
+        np.testing.assert_allclose(prior.scale_inv, sk.covariance_prior_, rtol=1e-12)
+        np.testing.assert_allclose(prior.loc, sk.mean_prior_, rtol=1e-12)
+        np.testing.assert_allclose(
+            [prior.concentration, prior.mean_precision, prior.dof],
+            [sk.weight_concentration_prior_, sk.mean_precision_prior_,
+             sk.degrees_of_freedom_prior_], rtol=1e-12)
+    sk._initialize(x, r0)
+    state = _bg_init_resp(x, r0, prior)
+    offset = _sklearn_offset(prior, n, dim, _K)
+    for _ in range(12):
+        log_prob_norm, log_resp = sk._e_step(x)
+        sk._m_step(x, log_resp)
+        lower_bound = sk._compute_lower_bound(log_resp, log_prob_norm)
+        state, info = _bg_step(state, x, prior)
+        np.testing.assert_allclose(state.responsibilities, np.exp(log_resp), atol=1e-12)
+        np.testing.assert_allclose(state.concentration, sk.weight_concentration_, rtol=1e-12)
+        np.testing.assert_allclose(state.mean_precision, sk.mean_precision_, rtol=1e-12)
+        np.testing.assert_allclose(state.loc, sk.means_, rtol=1e-11, atol=1e-12)
+        np.testing.assert_allclose(state.dof, sk.degrees_of_freedom_, rtol=1e-12)
+        np.testing.assert_allclose(bg.expected_covariances(state), sk.covariances_,
+                                   rtol=1e-10, atol=1e-12)
+        # our full PRML 10.70 ELBO = sklearn's constant-free bound + the derived offset
+        np.testing.assert_allclose(float(info.elbo), lower_bound + offset, rtol=1e-12)
+
+
+def _bgmm_state_off_optimum(x, prior, seed=0):
+    """A valid state that is not a fixed point: a few sweeps, then random perturbations."""
+    state = _bg_init(jax.random.key(seed), x, _K, prior)
+    for _ in range(3):
+        state, _ = _bg_step(state, x, prior)
+    rng = np.random.default_rng(seed)
+    tril = np.asarray(state.scale_inv_tril)
+    return state._replace(
+        responsibilities=jnp.asarray(special.softmax(
+            np.log(np.asarray(state.responsibilities) + 1e-3) + rng.normal(size=(x.shape[0], _K)),
+            axis=1)),
+        concentration=state.concentration * 1.7, mean_precision=state.mean_precision * 0.6,
+        loc=state.loc + rng.normal(scale=0.3, size=state.loc.shape),
+        dof=state.dof + 2.5, scale_inv_tril=jnp.asarray(tril * 1.3 + np.tril(
+            rng.normal(scale=0.1, size=tril.shape), -1)))
+
+
+def _gauss_logpdf_precision(points, mean, precision):
+    """log N(points | mean, precision^{-1}) for batches: points [..., M, D], mean [..., D],
+    precision [..., D, D] (plain numpy; an independent reference)."""
+    dim = points.shape[-1]
+    _, logdet = np.linalg.slogdet(precision)
+    diff = points - mean[..., None, :]
+    quad = np.einsum("...md,...de,...me->...m", diff, precision, diff)
+    return 0.5 * (logdet[..., None] - dim * math.log(2 * math.pi) - quad)
+
+
+def test_bgmm_elbo_matches_monte_carlo_off_optimum(x64):
+    """PRML 10.70-10.77 evaluated at a non-optimal state vs a Monte Carlo estimate over
+    theta ~ q(pi) q(mu, Lambda) (scipy samplers and densities), with the expectation over
+    q(Z) done exactly (Rao-Blackwellised)."""
+    x = _mixture_data()
+    prior = bg.BGMMPrior(**_SK_PRIOR)
+    state = _bgmm_state_off_optimum(x, prior)
+    r = np.asarray(state.responsibilities)
+    k, dim = state.loc.shape
+    alpha, beta = np.asarray(state.concentration), np.asarray(state.mean_precision)
+    m, nu = np.asarray(state.loc), np.asarray(state.dof)
+    tril = np.asarray(state.scale_inv_tril)
+    w = np.linalg.inv(tril @ np.swapaxes(tril, -1, -2))  # W_k
+    w0 = np.linalg.inv(_SK_PRIOR["scale_inv"])
+    s = 2000
+    rng = np.random.default_rng(11)
+    pi = stats.dirichlet.rvs(alpha, size=s, random_state=rng)  # [S, K]
+    lam = np.stack([stats.wishart.rvs(nu[j], w[j], size=s, random_state=rng)
+                    for j in range(k)], axis=1)  # [S, K, D, D]
+    cov_mu = np.linalg.inv(beta[None, :, None, None] * lam)
+    mu = m[None] + np.einsum("skde,ske->skd", np.linalg.cholesky(cov_mu),
+                             rng.standard_normal((s, k, dim)))
+    log_p = stats.dirichlet.logpdf(pi.T, np.full(k, _SK_PRIOR["concentration"]))
+    log_q = stats.dirichlet.logpdf(pi.T, alpha)
+    for j in range(k):
+        lam_j = np.moveaxis(lam[:, j], 0, -1)
+        log_p = log_p + stats.wishart.logpdf(lam_j, _SK_PRIOR["dof"], w0)
+        log_q = log_q + stats.wishart.logpdf(lam_j, nu[j], w[j])
+        log_p = log_p + _gauss_logpdf_precision(mu[:, j, None], _SK_PRIOR["loc"][None],
+                                                _SK_PRIOR["mean_precision"] * lam[:, j])[:, 0]
+        log_q = log_q + _gauss_logpdf_precision(mu[:, j, None], m[j][None],
+                                                beta[j] * lam[:, j])[:, 0]
+    log_lik = _gauss_logpdf_precision(np.broadcast_to(x, (s, k) + x.shape), mu, lam)  # [S,K,N]
+    e_z = np.einsum("nk,skn->s", r, log_lik + np.log(pi)[:, :, None])
+    integrand = e_z - np.sum(special.xlogy(r, r)) + log_p - log_q
+    se = integrand.std(ddof=1) / math.sqrt(s)
+    value = float(_bg_elbo(state, x, prior))
+    assert abs(value - integrand.mean()) < 4.0 * se, (value, integrand.mean(), se)
+    assert se < 1.0  # the check has teeth: the ELBO terms are O(100) nats
+
+
+def test_bgmm_monotone_and_each_block_maximises_elbo(x64):
+    x = _mixture_data()
+    prior = bg.BGMMPrior(**_SK_PRIOR)
+    data = (jnp.asarray(x), bg.check_prior(prior, 2, jnp.float64))
+    state = _bgmm_state_off_optimum(x, prior, seed=1)
+    elbo = lambda s: _bg_elbo(s, x, prior)  # noqa: E731
+    perturbs = [
+        _tree_perturb(("responsibilities",), {"responsibilities": _perturb_responsibilities}),
+        _tree_perturb(("concentration",), {"concentration": _POSITIVE}),
+        _tree_perturb(("mean_precision", "loc", "dof", "scale_inv_tril"),
+                      {"mean_precision": _POSITIVE, "dof": _POSITIVE,
+                       "scale_inv_tril": lambda v, z, e: v + e * np.tril(z)}),
+    ]
+    previous = float(elbo(state))
+    updates = [jax.jit(fn) for fn in bg.UPDATE_FNS]
+    for sweep in range(3):
+        for b, update in enumerate(updates):
+            with _rank_strict():
+                state = update(state, data)
+            current = float(elbo(state))
+            assert current >= previous - 1e-10 * abs(previous), (sweep, b, current, previous)
+            previous = current
+            if sweep in (0, 2):
+                _assert_block_is_maximiser(elbo, state, perturbs[b], seed=10 * sweep + b,
+                                           num_directions=4)
+
+
+def test_bgmm_old_faithful_switches_off_components(x64, old_faithful_csv):
+    """PRML Fig. 10.6: K = 6, alpha_0 = 1e-3 on standardised Old Faithful; three random starts
+    (vmapped) all keep two components, the other expected weights collapse to
+    ~alpha_0 / (N + K alpha_0), and the ELBO trace never decreases."""
+    raw = np.loadtxt(old_faithful_csv, delimiter=",", skiprows=1)
+    x = (raw - raw.mean(0)) / raw.std(0)
+    n, dim = x.shape
+    prior = bg.BGMMPrior(concentration=1e-3, mean_precision=1.0, loc=np.zeros(dim), dof=dim,
+                         scale_inv=np.eye(dim))
+    keys = jax.random.split(jax.random.key(0), 3)
+
+    @jax.jit
+    def run(keys):
+        states = jax.vmap(lambda key: bg.init(key, x, 6, prior))(keys)
+        return jax.vmap(lambda s: bg.fit(s, x, prior, tol=1e-10, max_iter=400))(states)
+
+    states, infos = run(keys)
+    weights = np.asarray(jax.vmap(bg.expected_weights)(states))
+    for b in range(len(keys)):
+        trace = np.asarray(infos.elbo[b, : int(infos.num_iter[b])])
+        assert bool(infos.converged[b])
+        assert np.all(np.diff(trace) >= -1e-9 * np.abs(trace[1:]))
+        active = weights[b] > 0.01
+        assert active.sum() == 2, weights[b]
+        assert np.all(weights[b][~active] < 10 * 1e-3 / n)
+        # the two clusters hold ~ 35% / 65% of the eruptions (short / long)
+        np.testing.assert_allclose(np.sort(weights[b][active]), [0.356, 0.644], atol=0.02)
+
+
+def test_bgmm_float32_jit_vmap_matches_single_run():
+    x = _mixture_data().astype(np.float32)
+    prior = bg.default_prior(x, 3)
+    assert prior.scale_inv.dtype == jnp.float32
+
+    def fit_from_key(key):
+        return bg.fit(bg.init(key, x, 3, prior), x, prior, tol=1e-6, max_iter=200)
+
+    @jax.jit  # one program (one compilation): batched fits, an unbatched fit, a batched step
+    def run(keys):
+        states, infos = jax.vmap(fit_from_key)(keys)
+        single = fit_from_key(keys[1])
+        stepped = jax.vmap(lambda s: (bg.step(s, x, prior), bg.predict_responsibilities(s, x)))(
+            states)
+        return states, infos, single, stepped
+
+    keys = jax.random.split(jax.random.key(4), 3)
+    with _rank_strict():
+        states, infos, (single, info), ((stepped, step_info), predicted) = run(keys)
+    assert states.scale_inv_tril.shape == (3, 3, 2, 2) and infos.elbo.shape == (3, 200)
+    assert states.loc.dtype == jnp.float32 and infos.elbo.dtype == jnp.float32
+    assert bool(jnp.all(infos.converged))
+    # batch member 1 equals the unbatched run from the same key (fit is pure; vmap keeps each
+    # member's own stopping point)
+    assert int(info.num_iter) == int(infos.num_iter[1])
+    np.testing.assert_allclose(states.loc[1], single.loc, rtol=1e-4, atol=1e-4)
+    # the vmapped step (the benchmark unit) at converged states changes the ELBO by ~nothing,
+    # and predict_responsibilities reproduces that step's q(Z) block (its first block)
+    assert step_info.elbo.shape == (3,) and predicted.shape == (3, x.shape[0], 3)
+    final_elbo = infos.elbo[jnp.arange(3), infos.num_iter - 1]
+    np.testing.assert_allclose(step_info.elbo, final_elbo, rtol=1e-5)
+    np.testing.assert_allclose(predicted, stepped.responsibilities, atol=1e-6)
+    with _rank_strict():
+        run(jax.random.split(jax.random.key(5), 3))
+    assert run._cache_size() == 1
+
+
+# ============================================================================================
+# Known-variance mixture (Blei, Kucukelbir & McAuliffe 2017, Algorithm 2).
+# ============================================================================================
+
+_kv_init = jax.jit(kv.init, static_argnums=2)
+_kv_elbo = jax.jit(kv.elbo)
+
+
+def _kv_exact_log_evidence(x, prior, k):
+    """log p(x) by enumerating all K^N assignments; given c the points of component j are
+    jointly N(0, s_x^2 I + sigma^2 1 1^T) in each coordinate."""
+    n = x.shape[0]
+    s2, sigma2 = float(prior.noise_variance), float(prior.prior_variance)
+    terms = []
+    for c in itertools.product(range(k), repeat=n):
+        c = np.asarray(c)
+        total = -n * math.log(k)
+        for j in range(k):
+            pts = x[c == j]
+            if len(pts):
+                cov = s2 * np.eye(len(pts)) + sigma2
+                total += sum(stats.multivariate_normal.logpdf(pts[:, d], cov=cov)
+                             for d in range(x.shape[1]))
+        terms.append(total)
+    return special.logsumexp(terms)
+
+
+def test_known_variance_gmm_elbo_vs_exact_evidence_and_monte_carlo(x64):
+    rng = np.random.default_rng(5)
+    x = np.concatenate([rng.normal(-2.0, 1.0, (4, 1)), rng.normal(2.5, 1.0, (5, 1))])
+    prior = kv.KnownVarianceGMMPrior(prior_variance=4.0, noise_variance=0.8)
+    state, info = jax.jit(lambda s: kv.fit(s, x, prior, tol=1e-13))(
+        _kv_init(jax.random.key(0), x, 2, prior))
+    elbo = float(info.elbo[int(info.num_iter) - 1])
+    log_evidence = _kv_exact_log_evidence(x, prior, 2)
+    # ELBO <= log p(x); the posterior has K! = 2 symmetric modes and q covers one of them,
+    # so the gap is ~ log 2 (for separated clusters, slightly more)
+    assert elbo < log_evidence
+    assert elbo < log_evidence - math.log(2.0) + 0.05
+    assert elbo > log_evidence - math.log(2.0) - 0.25
+    # Monte Carlo over mu ~ q(mu), exact over q(c): Blei et al. eq. 21 at a non-optimal state
+    state = state._replace(loc=state.loc + 0.4, variance=state.variance * 2.0,
+                           responsibilities=jnp.asarray(special.softmax(
+                               rng.normal(size=(x.shape[0], 2)), axis=1)))
+    s = 100_000
+    m, v = np.asarray(state.loc), np.asarray(state.variance)
+    mu = m[None] + np.sqrt(v)[None, :, None] * rng.standard_normal((s, 2, 1))  # [S, K, 1]
+    r = np.asarray(state.responsibilities)
+    log_lik = stats.norm.logpdf(x[None, None, :, 0], mu, math.sqrt(0.8))  # [S, K, N]
+    integrand = (np.einsum("nk,skn->s", r, log_lik - math.log(2.0)) - np.sum(special.xlogy(r, r))
+                 + stats.norm.logpdf(mu, 0.0, 2.0).sum((1, 2))
+                 - stats.norm.logpdf(mu, m[None], np.sqrt(v)[None, :, None]).sum((1, 2)))
+    se = integrand.std(ddof=1) / math.sqrt(s)
+    value = float(_kv_elbo(state, x, prior))
+    assert abs(value - integrand.mean()) < 4.0 * se, (value, integrand.mean(), se)
+
+
+def test_known_variance_gmm_monotone_and_blockwise_optimal(x64):
+    rng = np.random.default_rng(8)
+    x = np.concatenate([rng.normal([-3.0, 0.0], 1.0, (20, 2)),
+                        rng.normal([3.0, 1.0], 1.0, (20, 2)),
+                        rng.normal([0.0, 4.0], 1.0, (20, 2))])
+    prior = kv.KnownVarianceGMMPrior(prior_variance=10.0)  # unit noise: the paper's model
+    data = (jnp.asarray(x), kv._prior_as(prior, jnp.float64))
+    state = _kv_init(jax.random.key(1), x, 3, prior)
+    elbo = lambda s: _kv_elbo(s, x, prior)  # noqa: E731
+    perturbs = [_tree_perturb(("responsibilities",),
+                              {"responsibilities": _perturb_responsibilities}),
+                _tree_perturb(("loc", "variance"), {"variance": _POSITIVE})]
+    updates = [jax.jit(fn) for fn in kv.UPDATE_FNS]
+    previous = float(elbo(state))
+    for sweep in range(3):
+        for b, update in enumerate(updates):
+            with _rank_strict():
+                state = update(state, data)
+            current = float(elbo(state))
+            assert current >= previous - 1e-10 * abs(previous)
+            previous = current
+            _assert_block_is_maximiser(elbo, state, perturbs[b], seed=sweep * 10 + b,
+                                       num_directions=3)
+    # Blei et al. eqs 19-20 with unit noise: m_k = sum_i phi_ik x_i / (1/sigma^2 + sum_i phi_ik)
+    phi = np.asarray(state.responsibilities)
+    from_phi = jax.jit(kv.init_from_responsibilities)(x, phi, prior)
+    np.testing.assert_allclose(from_phi.loc, (phi.T @ x) / (0.1 + phi.sum(0))[:, None],
+                               rtol=1e-12)
+    np.testing.assert_allclose(state.loc, (phi.T @ x) / (0.1 + phi.sum(0))[:, None], rtol=1e-12)
+    np.testing.assert_allclose(state.variance, 1.0 / (0.1 + phi.sum(0)), rtol=1e-12)
+
+
+def test_known_variance_gmm_float32_step_jit_vmap():
+    x = np.random.default_rng(0).normal(size=(30, 2)).astype(np.float32)
+    prior = kv.KnownVarianceGMMPrior(prior_variance=5.0)
+    step = jax.jit(kv.step)
+    state = _kv_init(jax.random.key(0), x, 3, prior)
+    with _rank_strict():
+        new, info = step(state, x, prior)
+        step(new, x + 1.0, prior)
+    assert new.loc.dtype == jnp.float32 and info.elbo.dtype == jnp.float32
+    assert new.responsibilities.shape == (30, 3)
+    assert step._cache_size() == 1
+    np.testing.assert_allclose(info.elbo, _kv_elbo(new, x, prior), rtol=1e-6)
+
+    @jax.jit
+    def run(keys):
+        states = jax.vmap(lambda key: kv.init(key, x, 3, prior))(keys)
+        return jax.vmap(lambda s: kv.fit(s, x, prior, tol=1e-6, max_iter=100))(states)
+
+    batched, infos = run(jax.random.split(jax.random.key(1), 4))
+    assert batched.loc.shape == (4, 3, 2) and infos.elbo.shape == (4, 100)
+    assert batched.loc.dtype == jnp.float32 and bool(jnp.all(infos.converged))
+
+
+# ============================================================================================
+# EM as the special case q(theta) = delta(theta - theta_0) (lecture 3).
+# ============================================================================================
+
+_de_step = jax.jit(dirac_em.step)
+_de_elbo = jax.jit(dirac_em.elbo)
+_de_update_q_z = jax.jit(dirac_em.update_q_z)
+
+
+def test_dirac_delta_cavi_reproduces_em_trajectory(x64):
+    """Our Dirac-delta mean-field updates (the mode of the Bayesian GMM's conjugate q(theta)
+    under the flat prior) against vijax.em's independent EM implementation, started from the
+    same parameters: weights, means and covariances after every iteration, and the restricted
+    ELBO after the E-step against EM's log-likelihood. vijax.em requires reg_covar > 0; 1e-12
+    perturbs each covariance by 1e-12, far below the tolerances used."""
+    x = _mixture_data()
+    n = x.shape[0]
+    prior = dirac_em.flat_prior(2, jnp.float64)
+    r0 = np.random.default_rng(2).dirichlet(np.ones(3), size=(2, n))  # two starts
+    starts = jax.jit(jax.vmap(dirac_em.init_from_responsibilities, (None, 0, None)))(x, r0, prior)
+    state = jax.tree.map(lambda v: v[0], starts)
+    em_state = em.state_from_parameters(state.weights, state.loc, dirac_em.covariances(state),
+                                        covariance_type=em.Full(), reg_covar=1e-12)
+    em_step = jax.jit(em.step)
+    lls = []
+    for _ in range(15):
+        # the restricted ELBO after the E-step is log p(X | theta_0) (flat prior: no prior term)
+        after_e_step = float(_de_elbo(_de_update_q_z(state, x, prior), x, prior))
+        em_state, em_info = em_step(em_state, x)
+        state, info = _de_step(state, x, prior)
+        np.testing.assert_allclose(after_e_step, n * float(em_info.log_likelihood), rtol=1e-10)
+        np.testing.assert_allclose(state.weights, em_state.weights, rtol=1e-9)
+        np.testing.assert_allclose(state.loc, em_state.means, rtol=1e-9, atol=1e-10)
+        np.testing.assert_allclose(dirac_em.covariances(state), em_state.covariances,
+                                   rtol=1e-8, atol=1e-10)
+        lls.append(after_e_step)
+    assert np.all(np.diff(lls) > 0)  # EM is monotone (and still moving over these iterations)
+    # the same 15 iterations through the generic driver, jitted and vmapped over two starts
+    fitted, info = jax.jit(jax.vmap(lambda s: dirac_em.fit(s, x, prior, tol=0.0, max_iter=15)))(
+        starts)
+    assert infos_ok(info, 15)
+    np.testing.assert_allclose(fitted.loc[0], em_state.means, rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(dirac_em.covariances(jax.tree.map(lambda v: v[0], fitted)),
+                               em_state.covariances, rtol=1e-8, atol=1e-10)
+
+
+def infos_ok(info, num_iter):
+    """Both batch members ran exactly num_iter sweeps with a non-decreasing ELBO trace."""
+    trace = np.asarray(info.elbo)
+    return (np.all(np.asarray(info.num_iter) == num_iter)
+            and np.all(np.diff(trace, axis=1) >= -1e-10 * np.abs(trace[:, 1:])))
+
+
+def test_dirac_map_em_blocks_maximise_the_restricted_elbo(x64):
+    """With a proper Dirichlet x Gaussian-Wishart prior (MAP-EM): the restricted ELBO equals
+    sum r (log p(x, z | theta) - log r) + log p(theta) - ln Z_prior, with log p(x, z | theta)
+    from vijax.em.log_joint and log p(theta) from scipy, and each block is its maximiser."""
+    x = _mixture_data()
+    prior = bg.BGMMPrior(concentration=2.0, mean_precision=0.5, loc=np.array([0.3, -0.2]),
+                         dof=4.0, scale_inv=np.array([[1.0, 0.2], [0.2, 0.8]]))
+    k, dim = 3, 2
+    a0, b0, nu0 = 2.0, 0.5, 4.0
+    w0 = np.linalg.inv(np.asarray(prior.scale_inv))
+    log_norm = (special.gammaln(k * a0) - k * special.gammaln(a0)
+                + k * (-0.5 * nu0 * np.linalg.slogdet(w0)[1] - 0.5 * nu0 * dim * math.log(2)
+                       - special.multigammaln(0.5 * nu0, dim)
+                       + 0.5 * dim * math.log(b0 / (2 * math.pi))))
+    state = jax.jit(dirac_em.init, static_argnums=2)(jax.random.key(3), x, k, prior)
+    data = (jnp.asarray(x), dirac_em.check_prior(prior, dim, jnp.float64))
+    elbo = lambda s: _de_elbo(s, x, prior)  # noqa: E731
+    perturbs = [
+        _tree_perturb(("responsibilities",), {"responsibilities": _perturb_responsibilities}),
+        _tree_perturb(("weights", "loc", "covariance_tril"),
+                      {"weights": _perturb_responsibilities,
+                       "covariance_tril": lambda v, z, e: v + e * np.tril(z)}),
+    ]
+    updates = [jax.jit(fn) for fn in dirac_em.UPDATE_FNS]
+    previous = float(elbo(state))
+    for sweep in range(3):
+        for b, update in enumerate(updates):
+            with _rank_strict():
+                state = update(state, data)
+            current = float(elbo(state))
+            assert current >= previous - 1e-10 * abs(previous)
+            previous = current
+            _assert_block_is_maximiser(elbo, state, perturbs[b], seed=sweep * 10 + b,
+                                       num_directions=3)
+            # independent evaluation of the same objective
+            covs = np.asarray(dirac_em.covariances(state))
+            em_state = em.state_from_parameters(state.weights, state.loc, covs)
+            r = np.asarray(state.responsibilities)
+            log_joint = np.asarray(em.log_joint(em_state, x))
+            log_prior = stats.dirichlet.logpdf(np.asarray(state.weights), np.full(k, a0))
+            for j in range(k):
+                lam = np.linalg.inv(covs[j])
+                log_prior += stats.wishart.logpdf(lam, nu0, w0)
+                log_prior += stats.multivariate_normal.logpdf(
+                    np.asarray(state.loc[j]), np.asarray(prior.loc), covs[j] / b0)
+            reference = np.sum(r * log_joint - special.xlogy(r, r)) + log_prior - log_norm
+            np.testing.assert_allclose(current, reference, rtol=1e-11)
+
+
+# ============================================================================================
+# Bad input.
+# ============================================================================================
+
+_X_OK = np.random.default_rng(0).normal(size=(10, 2))
+
+
+def _with_row(value):
+    x = _X_OK.copy()
+    x[3, 1] = value
+    return x
+
+
+_BG_PRIOR = bg.BGMMPrior(concentration=1.0, mean_precision=1.0, loc=np.zeros(2), dof=2.0,
+                         scale_inv=np.eye(2))
+_KV_PRIOR = kv.KnownVarianceGMMPrior(prior_variance=1.0)
+_INITS = {
+    "bgmm": lambda x, k: bg.init(jax.random.key(0), x, k, _BG_PRIOR),
+    "kv": lambda x, k: kv.init(jax.random.key(0), x, k, _KV_PRIOR),
+    "bgmm_resp": lambda x, k: bg.init_from_responsibilities(
+        x, np.full((np.shape(x)[0], k), 1.0 / k), _BG_PRIOR),
+    "dirac": lambda x, k: dirac_em.init(jax.random.key(0), x, k, dirac_em.flat_prior(2)),
+}
+
+
+@pytest.mark.parametrize("model", sorted(_INITS))
+@pytest.mark.parametrize("bad, k, pattern", [
+    (_with_row(np.nan), 2, r"x has non-finite.*rows \[3\]"),
+    (_with_row(np.inf), 2, r"x has non-finite.*rows \[3\]"),
+    (_X_OK[:3], 4, r"num_components \(K=4\).*x \(N=3\)"),
+    (_X_OK[:, 0], 2, r"x must have shape \[num_points, dim\]"),
+    (_X_OK[None], 2, r"x must have shape"),
+])
+def test_mixtures_reject_bad_data(model, bad, k, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        _INITS[model](bad, k)
+
+
+def test_bad_priors_states_and_dimensions():
+    with pytest.raises(ValueError, match=r"prior.loc has shape \[2\] but x has D=3 columns"):
+        bg.init(jax.random.key(0), np.zeros((5, 3)), 2, _BG_PRIOR)  # D = 3 vs prior D = 2
+    with pytest.raises(ValueError, match=r"x has D=3 columns"):
+        dirac_em.init(jax.random.key(0), np.zeros((5, 3)), 2, dirac_em.flat_prior(2))
+    with pytest.raises(ValueError, match="prior.dof"):
+        bg.init(jax.random.key(0), _X_OK, 2, _BG_PRIOR._replace(dof=0.5))
+    with pytest.raises(ValueError, match="prior.scale_inv.*positive definite"):
+        bg.init(jax.random.key(0), _X_OK, 2, _BG_PRIOR._replace(scale_inv=-np.eye(2)))
+    with pytest.raises(ValueError, match="prior.concentration"):
+        bg.init(jax.random.key(0), _X_OK, 2, _BG_PRIOR._replace(concentration=0.0))
+    with pytest.raises(ValueError, match="responsibilities rows must sum to 1"):
+        bg.init_from_responsibilities(_X_OK, np.full((10, 2), 0.3), _BG_PRIOR)
+    with pytest.raises(ValueError, match="prior.noise_variance"):
+        kv.init(jax.random.key(0), _X_OK, 2, _KV_PRIOR._replace(noise_variance=-1.0))
+    with pytest.raises(TypeError, match="prior must be a BGMMPrior"):
+        bg.init(jax.random.key(0), _X_OK, 2, _KV_PRIOR)
+    with pytest.raises(ValueError, match="prior.concentration"):  # Dirichlet mode needs >= 1
+        dirac_em.init(jax.random.key(0), _X_OK, 2, _BG_PRIOR._replace(concentration=0.5))
+    with pytest.raises(ValueError, match="prior.mean_precision"):  # the flat limit is allowed
+        bg.init(jax.random.key(0), _X_OK, 2, dirac_em.flat_prior(2))
+    with pytest.raises(TypeError, match="num_components"):
+        bg.init(jax.random.key(0), _X_OK, 2.0, _BG_PRIOR)
+    state = bg.BGMMState(jnp.full((10, 2), 0.5), jnp.ones(2), jnp.ones(2), jnp.zeros((2, 2)),
+                         jnp.full((2,), 3.0), jnp.broadcast_to(jnp.eye(2), (2, 2, 2)))
+    with pytest.raises(ValueError, match="state.responsibilities"):
+        bg.step(state, _X_OK[:8], _BG_PRIOR)  # state belongs to other data
+    # Normal-Gamma: 1-D data, positive prior parameters
+    with pytest.raises(ValueError, match=r"x must have shape \[num_points\]"):
+        ng.init(_X_OK, _NG_PRIOR)
+    with pytest.raises(ValueError, match=r"x has non-finite.*rows \[2\]"):
+        ng.init(np.array([0.0, 1.0, np.nan]), _NG_PRIOR)
+    with pytest.raises(ValueError, match="prior.rate"):
+        ng.init(np.zeros(3), _NG_PRIOR._replace(rate=0.0))
+    with pytest.raises(ValueError, match="state.precision"):
+        ng.elbo(ng.NormalGammaState(0.0, -1.0, 1.0, 1.0), np.zeros(3), _NG_PRIOR)
+    with pytest.raises(ValueError, match="state.loc"):
+        bg.elbo(state._replace(loc=jnp.zeros((3, 2))), _X_OK, _BG_PRIOR)

@@ -1,0 +1,459 @@
+"""Bayesian Gaussian mixture by mean-field CAVI: q(Z) q(pi) prod_k q(mu_k, Lambda_k).
+
+Source: Bishop, PRML §10.2 (eqs 10.37-10.40 model, 10.46-10.66 updates, 10.70-10.77 ELBO);
+the block optimum ``log q_j = E_{i != j} log p(X, T) + const`` is lecture 3, "Mean field
+approximation". Conventions match scikit-learn's ``BayesianGaussianMixture`` with
+``weight_concentration_prior_type="dirichlet_distribution"``, ``covariance_type="full"`` and
+``reg_covar=0`` (sklearn's ``covariance_prior`` is our ``prior.scale_inv`` = W_0^{-1}); the
+tests reproduce its parameters and its (constant-free) lower bound.
+
+Model::
+
+    pi ~ Dir(alpha_0 1_K)
+    Lambda_k ~ Wishart(W_0, nu_0),   mu_k | Lambda_k ~ N(m_0, (beta_0 Lambda_k)^{-1})
+    z_n | pi ~ Cat(pi),               x_n | z_n = k ~ N(mu_k, Lambda_k^{-1})
+
+Variational family (PRML 10.42, 10.55, 10.59): q(z_n) = Cat(r_n), q(pi) = Dir(alpha),
+q(mu_k, Lambda_k) = N(mu_k | m_k, (beta_k Lambda_k)^{-1}) W(Lambda_k | W_k, nu_k).
+W_k is stored through the lower Cholesky factor of its inverse, ``W_k^{-1} = L_k L_k^T``.
+
+The per-iteration function for benchmarks is :func:`step` (also exported as
+``vijax.meanfield.bgmm_step``): pure and jit-able, ``(state, x, prior) -> (state, info)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.special import digamma, gammaln
+
+from vijax.meanfield._cavi import CAVIInfo, cavi, sweep
+from vijax.meanfield._common import (
+    categorical_elbo_term,
+    categorical_update,
+    check_data,
+    check_num_components,
+    check_psd_matrix,
+    check_responsibilities,
+    check_scalar,
+    check_vector,
+    nearest_centre_responsibilities,
+    sq_mahalanobis,
+    tril_inverse,
+    unpack_data,
+)
+
+Array = jax.Array
+
+_LOG_2PI = math.log(2.0 * math.pi)
+_LOG_2 = math.log(2.0)
+
+
+class BGMMPrior(NamedTuple):
+    """Dirichlet / Gaussian-Wishart prior (PRML eqs 10.39-10.40).
+
+    sklearn names in brackets (``BayesianGaussianMixture``).
+    """
+
+    concentration: Array | float  # [] alpha_0 > 0, symmetric Dirichlet (weight_concentration_prior)
+    mean_precision: Array | float  # [] beta_0 > 0 (mean_precision_prior)
+    loc: Array  # [D] m_0 (mean_prior)
+    dof: Array | float  # [] nu_0 > D - 1 (degrees_of_freedom_prior)
+    scale_inv: Array  # [D, D] W_0^{-1}, symmetric positive definite (covariance_prior)
+
+
+class BGMMState(NamedTuple):
+    """Variational parameters of q(Z) q(pi) prod_k q(mu_k, Lambda_k)."""
+
+    responsibilities: Array  # [N, K] r_nk = q(z_n = k), rows sum to 1
+    concentration: Array  # [K] alpha_k of q(pi) = Dir(alpha)
+    mean_precision: Array  # [K] beta_k
+    loc: Array  # [K, D] m_k
+    dof: Array  # [K] nu_k > D - 1
+    scale_inv_tril: Array  # [K, D, D] lower Cholesky factor L_k of W_k^{-1} = L_k L_k^T
+
+
+class BGMMInfo(NamedTuple):
+    """Per-iteration information from :func:`step`."""
+
+    elbo: Array  # [] ELBO in nats (PRML 10.70) after the sweep
+
+
+# --- validation ---------------------------------------------------------------------------
+
+def check_prior(prior: BGMMPrior, dim: int, dtype) -> BGMMPrior:
+    """Validate a :class:`BGMMPrior` for ``dim``-dimensional data and cast it to ``dtype``.
+
+    Raises:
+      TypeError: ``prior`` is not a BGMMPrior.
+      ValueError: a field has the wrong shape or is out of range (names the field).
+    """
+    check_prior_dimension(prior, dim)
+    return BGMMPrior(
+        concentration=check_scalar(prior.concentration, "prior.concentration", dtype, lower=0.0),
+        mean_precision=check_scalar(prior.mean_precision, "prior.mean_precision", dtype, lower=0.0),
+        loc=check_vector(prior.loc, "prior.loc", dtype, size=dim),
+        dof=check_scalar(prior.dof, "prior.dof", dtype, lower=dim - 1.0),
+        scale_inv=check_psd_matrix(prior.scale_inv, "prior.scale_inv", dtype, size=dim),
+    )
+
+
+def check_prior_dimension(prior: BGMMPrior, dim: int) -> None:
+    """Raise unless ``prior`` is a BGMMPrior whose m_0 and W_0^{-1} match the data dimension."""
+    if not isinstance(prior, BGMMPrior):
+        raise TypeError(f"prior must be a BGMMPrior, got {type(prior).__name__}")
+    for field, shape in (("loc", (dim,)), ("scale_inv", (dim, dim))):
+        got = jnp.shape(getattr(prior, field))
+        if got != shape:
+            raise ValueError(f"prior.{field} has shape {list(got)} but x has D={dim} columns; "
+                             f"the prior must have shape {list(shape)}")
+
+
+def _checked(x, prior):
+    x = check_data(x, "x", ndim=2)
+    return x, check_prior(prior, x.shape[1], x.dtype)
+
+
+def _check_state(state: BGMMState, x: Array) -> BGMMState:
+    if not isinstance(state, BGMMState):
+        raise TypeError(f"state must be a BGMMState, got {type(state).__name__}")
+    n, d = x.shape
+    r = jnp.asarray(state.responsibilities)
+    if r.ndim != 2 or r.shape[0] != n:
+        raise ValueError(f"state.responsibilities must have shape [N={n}, K], got {r.shape} "
+                         "(does state belong to this x?)")
+    k = r.shape[1]
+    check_num_components(k, n)
+    expected = {"concentration": (k,), "mean_precision": (k,), "loc": (k, d), "dof": (k,),
+                "scale_inv_tril": (k, d, d)}
+    for field, shape in expected.items():
+        got = jnp.shape(getattr(state, field))
+        if got != shape:
+            raise ValueError(f"state.{field} must have shape {list(shape)}, got {list(got)}")
+    return BGMMState(*(jnp.asarray(v, x.dtype) for v in state))
+
+
+def default_prior(x, num_components: int | None = None) -> BGMMPrior:
+    """scikit-learn's default prior: alpha_0 = 1/K, beta_0 = 1, m_0 = mean(x), nu_0 = D,
+    W_0^{-1} = sample covariance of x (ddof=1). ``num_components`` is needed for alpha_0.
+
+    Raises:
+      ValueError: invalid ``x`` (see :func:`fit`) or fewer than 2 rows; TypeError: missing K.
+    """
+    x = check_data(x, "x", ndim=2, min_rows=2)
+    if num_components is None:
+        raise TypeError("default_prior needs num_components (alpha_0 = 1 / num_components)")
+    k = check_num_components(num_components, x.shape[0])
+    centred = x - jnp.mean(x, axis=0, keepdims=True)
+    cov = centred.T @ centred / (x.shape[0] - 1)
+    return BGMMPrior(concentration=jnp.asarray(1.0 / k, x.dtype),
+                     mean_precision=jnp.asarray(1.0, x.dtype), loc=jnp.mean(x, axis=0),
+                     dof=jnp.asarray(float(x.shape[1]), x.dtype), scale_inv=cov)
+
+
+# --- expectations under q -------------------------------------------------------------------
+
+def _log_det_from_tril(tril: Array) -> Array:
+    """log |L L^T| from a batch of lower Cholesky factors [..., D, D] -> [...]."""
+    return 2.0 * jnp.sum(jnp.log(jnp.diagonal(tril, axis1=-2, axis2=-1)), axis=-1)
+
+
+def _sum_lgamma_half(dof: Array, dim: int) -> Array:
+    """sum_{i=1}^D lnG((nu + 1 - i) / 2) (the Wishart normaliser's gamma product)."""
+    i = jnp.arange(dim, dtype=dof.dtype).reshape((1,) * dof.ndim + (dim,))
+    return jnp.sum(gammaln(0.5 * (dof[..., None] - i)), axis=-1)
+
+
+def _log_wishart_norm(log_det_scale: Array, dof: Array, dim: int) -> Array:
+    """ln B(W, nu), PRML eq. B.79: -nu/2 ln|W| - nu D/2 ln 2 - D(D-1)/4 ln pi - sum lnG(.)."""
+    return (-0.5 * dof * log_det_scale - 0.5 * dof * dim * _LOG_2
+            - 0.25 * dim * (dim - 1) * math.log(math.pi) - _sum_lgamma_half(dof, dim))
+
+
+def _log_dirichlet_norm(concentration: Array) -> Array:
+    """ln C(alpha), PRML eq. B.23."""
+    return gammaln(jnp.sum(concentration, axis=-1)) - jnp.sum(gammaln(concentration), axis=-1)
+
+
+class _Expectations(NamedTuple):
+    log_pi: Array  # [K] E ln pi_k (10.66)
+    log_lambda: Array  # [K] E ln |Lambda_k| (10.65)
+    log_det_scale: Array  # [K] ln |W_k|
+    whitening: Array  # [K, D, D] L_k^{-1}, so W_k = L_k^{-T} L_k^{-1}
+
+
+def _expectations(state: BGMMState) -> _Expectations:
+    dim = state.loc.shape[-1]
+    log_pi = digamma(state.concentration) - digamma(jnp.sum(state.concentration))
+    log_det_scale = -_log_det_from_tril(state.scale_inv_tril)
+    i = jnp.arange(dim, dtype=state.dof.dtype)
+    log_lambda = (jnp.sum(digamma(0.5 * (state.dof[:, None] - i[None, :])), axis=-1) + dim * _LOG_2
+                  + log_det_scale)
+    return _Expectations(log_pi, log_lambda, log_det_scale, tril_inverse(state.scale_inv_tril))
+
+
+def _log_rho(state: BGMMState, x: Array, ex: _Expectations) -> Array:
+    """ln rho_nk = E ln pi_k + E ln|Lambda_k|/2 - D/2 ln 2pi - E[(x-mu)^T Lambda (x-mu)]/2.
+
+    PRML eqs 10.46 and 10.64: E[...] = D / beta_k + nu_k (x_n - m_k)^T W_k (x_n - m_k).
+    Returns [N, K].
+    """
+    dim = x.shape[-1]
+    maha = sq_mahalanobis(x, state.loc, ex.whitening)  # [N, K]
+    expected_quad = (dim / state.mean_precision)[None, :] + state.dof[None, :] * maha
+    log_weight = ex.log_pi + 0.5 * ex.log_lambda - 0.5 * dim * _LOG_2PI  # [K]
+    return log_weight[None, :] - 0.5 * expected_quad
+
+
+class Statistics(NamedTuple):
+    """Responsibility-weighted statistics (PRML eqs 10.51-10.53)."""
+
+    counts: Array  # [K] N_k = sum_n r_nk
+    weighted_sum: Array  # [K, D] sum_n r_nk x_n  (= N_k xbar_k)
+    means: Array  # [K, D] xbar_k (0 where N_k = 0)
+    scatter: Array  # [K, D, D] N_k S_k = sum_n r_nk (x_n - xbar_k)(x_n - xbar_k)^T
+
+
+def statistics(responsibilities: Array, x: Array) -> Statistics:
+    """Weighted counts, means and scatter matrices of ``x`` [N, D] under ``responsibilities``
+    [N, K] (PRML 10.51-10.53). Like scikit-learn, divides by ``N_k + 10 eps`` so empty
+    components give finite values."""
+    counts = jnp.sum(responsibilities, axis=0)
+    weighted_sum = responsibilities.T @ x
+    eps = jnp.finfo(x.dtype).eps
+    means = weighted_sum / (counts + 10.0 * eps)[:, None]
+
+    def component_scatter(args):  # one [D, N] x [N, D] matmul per component, centred
+        r_k, mean_k = args
+        diff = x - mean_k[None, :]
+        return (diff * r_k[:, None]).T @ diff
+
+    # lax.map keeps the working set at [N, D] (a [K, N, D] einsum is ~5x slower on CPU)
+    scatter = jax.lax.map(component_scatter, (responsibilities.T, means))
+    return Statistics(counts, weighted_sum, means, scatter)
+
+
+class ConjugateUpdate(NamedTuple):
+    """Parameters of the optimal q(pi) q(mu, Lambda) for given responsibilities."""
+
+    concentration: Array  # [K] alpha_k = alpha_0 + N_k (10.58)
+    mean_precision: Array  # [K] beta_k = beta_0 + N_k (10.60)
+    loc: Array  # [K, D] m_k (10.61)
+    dof: Array  # [K] nu_k = nu_0 + N_k (10.63)
+    scale_inv: Array  # [K, D, D] W_k^{-1} (10.62)
+
+
+def conjugate_update(stats: Statistics, prior: BGMMPrior) -> ConjugateUpdate:
+    """PRML eqs 10.58, 10.60-10.63 from the statistics of q(Z).
+
+    ``W_k^{-1} = W_0^{-1} + N_k S_k + beta_0 N_k / (beta_0 + N_k) (xbar_k - m_0)(xbar_k - m_0)^T``.
+    Unchecked. Also valid for the improper limit beta_0 = 0, W_0^{-1} = 0 used by
+    :mod:`vijax.meanfield.dirac_em` (when every N_k > 0).
+    """
+    counts = stats.counts
+    concentration = prior.concentration + counts
+    mean_precision = prior.mean_precision + counts
+    loc = (prior.mean_precision * prior.loc[None, :] + stats.weighted_sum) / mean_precision[:, None]
+    offset = stats.means - prior.loc[None, :]
+    shrink = prior.mean_precision * counts / mean_precision
+    scale_inv = (prior.scale_inv[None, :, :] + stats.scatter
+                 + shrink[:, None, None] * offset[:, :, None] * offset[:, None, :])
+    scale_inv = 0.5 * (scale_inv + jnp.swapaxes(scale_inv, -1, -2))
+    return ConjugateUpdate(concentration, mean_precision, loc, prior.dof + counts, scale_inv)
+
+
+# --- block updates --------------------------------------------------------------------------
+
+def update_responsibilities(state: BGMMState, x: Array, prior: BGMMPrior) -> BGMMState:
+    """q(Z) block, PRML eqs 10.46-10.49 with 10.64-10.66. Unchecked."""
+    del prior  # q(Z) depends on the prior only through q(pi), q(mu, Lambda)
+    log_rho = _log_rho(state, x, _expectations(state))
+    return state._replace(responsibilities=categorical_update(log_rho))
+
+
+def update_q_pi(state: BGMMState, x: Array, prior: BGMMPrior) -> BGMMState:
+    """q(pi) block: alpha_k = alpha_0 + N_k, PRML eq. 10.58. Unchecked."""
+    del x
+    return state._replace(concentration=prior.concentration
+                          + jnp.sum(state.responsibilities, axis=0))
+
+
+def update_q_mu_lambda(state: BGMMState, x: Array, prior: BGMMPrior) -> BGMMState:
+    """q(mu, Lambda) block, PRML eqs 10.60-10.63 (nu_k = nu_0 + N_k). Unchecked."""
+    upd = conjugate_update(statistics(state.responsibilities, x), prior)
+    return state._replace(mean_precision=upd.mean_precision, loc=upd.loc, dof=upd.dof,
+                          scale_inv_tril=jnp.linalg.cholesky(upd.scale_inv))
+
+
+UPDATE_FNS = (unpack_data(update_responsibilities), unpack_data(update_q_pi),
+              unpack_data(update_q_mu_lambda))
+"""The three blocks in driver form ``(state, (x, prior)) -> state``, in PRML's order."""
+
+
+# --- ELBO -----------------------------------------------------------------------------------
+
+def _elbo(state: BGMMState, x: Array, prior: BGMMPrior) -> Array:
+    dim = x.shape[-1]
+    num_components = state.concentration.shape[0]
+    ex = _expectations(state)
+    # E ln p(X | Z, mu, Lambda) + E ln p(Z | pi) - E ln q(Z)        (10.71, 10.72, 10.75)
+    term_z = categorical_elbo_term(_log_rho(state, x, ex), state.responsibilities)
+    # E ln p(pi) - E ln q(pi)                                          (10.73, 10.76)
+    alpha0 = jnp.full((num_components,), prior.concentration)
+    term_pi = (_log_dirichlet_norm(alpha0) - _log_dirichlet_norm(state.concentration)
+               + jnp.sum((alpha0 - state.concentration) * ex.log_pi))
+    # E ln p(mu, Lambda)                                               (10.74)
+    prior_tril = jnp.linalg.cholesky(prior.scale_inv)
+    # Tr(W_0^{-1} W_k) = |L_k^{-1} C_0|_F^2 with W_0^{-1} = C_0 C_0^T
+    trace_w0inv_wk = jnp.sum(jnp.square(ex.whitening @ prior_tril[None, :, :]), axis=(-2, -1))
+    centre = sq_mahalanobis(prior.loc[None, :], state.loc, ex.whitening)[0]  # [K]
+    log_det_prior_scale = -_log_det_from_tril(prior_tril)
+    e_log_p = (0.5 * jnp.sum(dim * jnp.log(prior.mean_precision / (2.0 * math.pi)) + ex.log_lambda
+                             - dim * prior.mean_precision / state.mean_precision
+                             - prior.mean_precision * state.dof * centre)
+               + num_components * _log_wishart_norm(log_det_prior_scale, prior.dof, dim)
+               + 0.5 * (prior.dof - dim - 1.0) * jnp.sum(ex.log_lambda)
+               - 0.5 * jnp.sum(state.dof * trace_w0inv_wk))
+    # E ln q(mu, Lambda) with H[q(Lambda_k)] from PRML eq. B.82        (10.77)
+    entropy_wishart = (-_log_wishart_norm(ex.log_det_scale, state.dof, dim)
+                       - 0.5 * (state.dof - dim - 1.0) * ex.log_lambda + 0.5 * state.dof * dim)
+    e_log_q = jnp.sum(0.5 * ex.log_lambda
+                      + 0.5 * dim * jnp.log(state.mean_precision / (2.0 * math.pi))
+                      - 0.5 * dim - entropy_wishart)
+    return term_z + term_pi + e_log_p - e_log_q
+
+
+def elbo(state: BGMMState, x, prior: BGMMPrior) -> Array:
+    """The full ELBO of PRML eq. 10.70 (terms 10.71-10.77), in nats, for any valid state.
+
+    Unlike scikit-learn's ``lower_bound_`` no constant is dropped and it does not assume
+    q(pi) q(mu, Lambda) is at its optimum, so it can be compared with perturbed states and
+    across priors. After a q(pi), q(mu, Lambda) update it equals sklearn's bound plus
+    ``ln C(alpha_0) + K [D/2 ln beta_0 + ln B(W_0, nu_0) + D(D-1)/4 ln pi] - N D/2 ln 2pi``
+    (derivation in docs/meanfield.md; checked in tests).
+
+    Args:
+      state: :class:`BGMMState`; x: [N, D]; prior: :class:`BGMMPrior`.
+    Returns:
+      [] ELBO in nats, dtype of ``x``.
+    Raises:
+      ValueError/TypeError: invalid ``x``, ``prior`` or ``state`` (the message names it).
+    """
+    x, prior = _checked(x, prior)
+    return _elbo(_check_state(state, x), x, prior)
+
+
+# --- init / step / fit ----------------------------------------------------------------------
+
+def _params_from_responsibilities(responsibilities: Array, x: Array, prior: BGMMPrior) -> BGMMState:
+    k = responsibilities.shape[1]
+    d = x.shape[1]
+    empty = BGMMState(responsibilities=responsibilities, concentration=jnp.zeros((k,), x.dtype),
+                      mean_precision=jnp.ones((k,), x.dtype), loc=jnp.zeros((k, d), x.dtype),
+                      dof=jnp.ones((k,), x.dtype), scale_inv_tril=jnp.zeros((k, d, d), x.dtype))
+    return update_q_mu_lambda(update_q_pi(empty, x, prior), x, prior)
+
+
+def init_from_responsibilities(x, responsibilities, prior: BGMMPrior) -> BGMMState:
+    """State whose q(pi), q(mu, Lambda) are the optimal blocks for the given q(Z).
+
+    This is scikit-learn's ``_initialize(X, resp)``; a following :func:`step` then matches one
+    sklearn ``_e_step`` + ``_m_step``.
+
+    Args:
+      x: [N, D] data; responsibilities: [N, K] rows summing to 1; prior: :class:`BGMMPrior`.
+    Raises:
+      ValueError: NaN/inf rows in ``x``, wrong dimensionality, N < K, bad responsibilities
+        or prior (the message names the argument).
+    """
+    x, prior = _checked(x, prior)
+    r = check_responsibilities(responsibilities, x.shape[0], x.dtype)
+    return _params_from_responsibilities(r, x, prior)
+
+
+def init(rng_key: Array, x, num_components: int, prior: BGMMPrior) -> BGMMState:
+    """Random start: K distinct data points are drawn as centres, each point is assigned
+    (one-hot) to its nearest centre, and q(pi), q(mu, Lambda) are updated from that q(Z).
+
+    Args:
+      rng_key: PRNG key. x: [N, D] data. num_components: K (Python int, 1 <= K <= N).
+      prior: :class:`BGMMPrior` (e.g. :func:`default_prior`).
+    Returns:
+      :class:`BGMMState` with responsibilities [N, K].
+    Raises:
+      ValueError: NaN/inf rows in ``x``, wrong dimensionality, N < K or a bad prior.
+    """
+    x, prior = _checked(x, prior)
+    k = check_num_components(num_components, x.shape[0])
+    r = nearest_centre_responsibilities(rng_key, x, k)
+    return _params_from_responsibilities(r, x, prior)
+
+
+def step(state: BGMMState, x, prior: BGMMPrior) -> tuple[BGMMState, BGMMInfo]:
+    """One CAVI iteration: q(Z), then q(pi), then q(mu, Lambda); returns the ELBO after it.
+
+    Pure and jit-able (``jax.jit(step)``); the per-iteration unit used by benchmarks and
+    the equivalent of one scikit-learn ``_e_step`` + ``_m_step``.
+
+    Args:
+      state: :class:`BGMMState`; x: [N, D]; prior: :class:`BGMMPrior`.
+    Returns:
+      ``(state, BGMMInfo(elbo=[]))``.
+    Raises:
+      ValueError/TypeError: invalid ``x``, ``prior`` or ``state`` (checked before tracing).
+    """
+    x, prior = _checked(x, prior)
+    state = sweep(UPDATE_FNS, _check_state(state, x), (x, prior))
+    return state, BGMMInfo(elbo=_elbo(state, x, prior))
+
+
+def fit(state: BGMMState, x, prior: BGMMPrior, *, tol: float = 1e-8, max_iter: int = 500
+        ) -> tuple[BGMMState, CAVIInfo]:
+    """CAVI to convergence with :func:`vijax.meanfield.cavi` (relative ELBO tolerance ``tol``).
+
+    Returns:
+      ``(state, info)``; ``info.elbo`` is [max_iter] (NaN after convergence).
+    Raises:
+      ValueError/TypeError: invalid ``x``, ``prior`` or ``state``.
+    """
+    x, prior = _checked(x, prior)
+    state = _check_state(state, x)
+    return cavi(UPDATE_FNS, state, (x, prior), elbo_fn=unpack_data(_elbo), tol=tol,
+                max_iter=max_iter)
+
+
+# --- summaries ------------------------------------------------------------------------------
+
+def expected_weights(state: BGMMState) -> Array:
+    """E_q[pi_k] = alpha_k / sum_j alpha_j, [K]. Components the data do not need fall to
+    ~alpha_0 / (K alpha_0 + N) (PRML Fig. 10.6)."""
+    return state.concentration / jnp.sum(state.concentration)
+
+
+def expected_covariances(state: BGMMState) -> Array:
+    """E_q[Lambda_k]^{-1} = W_k^{-1} / nu_k, [K, D, D] (scikit-learn's ``covariances_``)."""
+    tril = state.scale_inv_tril
+    return tril @ jnp.swapaxes(tril, -1, -2) / state.dof[:, None, None]
+
+
+def predict_responsibilities(state: BGMMState, x) -> Array:
+    """q(z) for (new) points ``x`` [M, D] under the current q(pi) q(mu, Lambda): [M, K]."""
+    x = check_data(x, "x", ndim=2)
+    if x.shape[1] != state.loc.shape[-1]:
+        raise ValueError(f"x has {x.shape[1]} columns, state has dimension {state.loc.shape[-1]}")
+    state = state._replace(**{f: jnp.asarray(getattr(state, f), x.dtype)
+                              for f in ("concentration", "mean_precision", "loc", "dof",
+                                        "scale_inv_tril")})
+    return categorical_update(_log_rho(state, x, _expectations(state)))
+
+
+__all__ = [
+    "BGMMPrior", "BGMMState", "BGMMInfo", "Statistics", "ConjugateUpdate", "check_prior",
+    "check_prior_dimension",
+    "default_prior", "statistics", "conjugate_update", "update_responsibilities", "update_q_pi",
+    "update_q_mu_lambda", "UPDATE_FNS", "elbo", "init", "init_from_responsibilities", "step",
+    "fit", "expected_weights", "expected_covariances", "predict_responsibilities",
+]

@@ -1,0 +1,260 @@
+"""EM as the special case of mean-field CAVI with q(theta) = delta(theta - theta_0).
+
+Source: lecture 3, "Mean field approximation" -> "EM algorithm (special case)". Split the
+latents of a Gaussian mixture into T = [Z, theta], theta = (pi, mu_k, Lambda_k), and
+restrict q(theta) to Dirac deltas. The mean-field block rule then gives
+
+* q(Z):  log q(Z) = E_{delta} log p(X, Z, theta) + const = log p(Z | X, theta_0) + const,
+  the E-step (:func:`update_q_z`);
+* theta_0: the ELBO restricted to deltas is log p_hat(X, theta_0) + const with
+  log p_hat(X, theta) = E_{q(Z)} log p(X, Z | theta) + log p(theta) + const, so theta_0 is the
+  mode of p_hat -- the M-step of MAP-EM (:func:`update_theta`).
+
+The non-degenerate mean-field optimum q*(theta) ∝ p_hat(X, theta) is exactly the Bayesian
+GMM's Dirichlet x Gaussian-Wishart update (:func:`vijax.meanfield.bayesian_gmm.conjugate_update`,
+PRML 10.58-10.63). So :func:`update_theta` *is* that update followed by taking the mode of
+p_hat in (pi, mu, Lambda): pi_k = (alpha_k - 1) / (sum alpha - K), mu_k = m_k,
+Lambda_k = (nu_k - D) W_k. With the flat prior of :func:`flat_prior`
+(alpha_0 = 1, beta_0 = 0, W_0^{-1} = 0, nu_0 = D, i.e. p(pi, mu, Lambda) ∝ 1) this is
+maximum-likelihood EM: pi_k = N_k / N, mu_k = xbar_k, Sigma_k = S_k (PRML 9.24-9.27); the
+tests reproduce :mod:`vijax.em`'s trajectories this way.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from vijax.meanfield import bayesian_gmm
+from vijax.meanfield._cavi import CAVIInfo, cavi, sweep
+from vijax.meanfield._common import (
+    categorical_elbo_term,
+    categorical_update,
+    check_data,
+    check_num_components,
+    check_psd_matrix,
+    check_responsibilities,
+    check_scalar,
+    check_vector,
+    nearest_centre_responsibilities,
+    sq_mahalanobis,
+    tril_inverse,
+    unpack_data,
+)
+from vijax.meanfield.bayesian_gmm import BGMMPrior
+
+Array = jax.Array
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+class DiracEMState(NamedTuple):
+    """q(Z) and the point mass theta_0 = (pi, mu, Sigma) of q(theta) = delta(theta - theta_0)."""
+
+    responsibilities: Array  # [N, K] q(z_n = k)
+    weights: Array  # [K] pi_k
+    loc: Array  # [K, D] mu_k
+    covariance_tril: Array  # [K, D, D] lower Cholesky factor of Sigma_k = Lambda_k^{-1}
+
+
+class DiracEMInfo(NamedTuple):
+    elbo: Array  # [] restricted ELBO (see :func:`elbo`) in nats after the sweep
+
+
+def flat_prior(dim: int, dtype=float) -> BGMMPrior:
+    """The improper flat prior p(pi, mu, Lambda) ∝ 1 as a limit of the Dirichlet x
+    Gaussian-Wishart family: alpha_0 = 1, beta_0 = 0, m_0 = 0, nu_0 = D, W_0^{-1} = 0
+    (the Gaussian's |beta_0 Lambda|^{1/2} and the Wishart's |Lambda|^{(nu_0 - D - 1)/2} cancel).
+    Under it the Dirac-delta updates are maximum-likelihood EM."""
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"dim must be a Python int >= 1, got {dim!r}")
+    dtype = jnp.dtype(jnp.result_type(dtype))
+    return BGMMPrior(concentration=jnp.asarray(1.0, dtype), mean_precision=jnp.asarray(0.0, dtype),
+                     loc=jnp.zeros((dim,), dtype), dof=jnp.asarray(float(dim), dtype),
+                     scale_inv=jnp.zeros((dim, dim), dtype))
+
+
+def check_prior(prior: BGMMPrior, dim: int, dtype) -> BGMMPrior:
+    """Validate a MAP prior: like :func:`bayesian_gmm.check_prior` but allowing the flat limit
+    (alpha_0 >= 1 so the Dirichlet mode is interior, beta_0 >= 0, nu_0 >= D, W_0^{-1} PSD).
+
+    Raises:
+      TypeError: not a BGMMPrior. ValueError: a field out of range (named).
+    """
+    bayesian_gmm.check_prior_dimension(prior, dim)
+    return BGMMPrior(
+        concentration=check_scalar(prior.concentration, "prior.concentration", dtype, lower=1.0,
+                                   strict=False),
+        mean_precision=check_scalar(prior.mean_precision, "prior.mean_precision", dtype,
+                                    lower=0.0, strict=False),
+        loc=check_vector(prior.loc, "prior.loc", dtype, size=dim),
+        dof=check_scalar(prior.dof, "prior.dof", dtype, lower=float(dim), strict=False),
+        scale_inv=check_psd_matrix(prior.scale_inv, "prior.scale_inv", dtype, size=dim,
+                                   definite=False),
+    )
+
+
+def _checked(x, prior):
+    x = check_data(x, "x", ndim=2)
+    return x, check_prior(prior, x.shape[1], x.dtype)
+
+
+def _check_state(state: DiracEMState, x: Array) -> DiracEMState:
+    if not isinstance(state, DiracEMState):
+        raise TypeError(f"state must be a DiracEMState, got {type(state).__name__}")
+    n, d = x.shape
+    r_shape = jnp.shape(state.responsibilities)
+    if len(r_shape) != 2 or r_shape[0] != n:
+        raise ValueError(f"state.responsibilities must have shape [N={n}, K], got {list(r_shape)}")
+    k = check_num_components(r_shape[1], n)
+    for field, shape in {"weights": (k,), "loc": (k, d), "covariance_tril": (k, d, d)}.items():
+        if jnp.shape(getattr(state, field)) != shape:
+            raise ValueError(f"state.{field} must have shape {list(shape)}, "
+                             f"got {list(jnp.shape(getattr(state, field)))}")
+    return DiracEMState(*(jnp.asarray(v, x.dtype) for v in state))
+
+
+def _log_det_tril(tril: Array) -> Array:
+    return 2.0 * jnp.sum(jnp.log(jnp.diagonal(tril, axis1=-2, axis2=-1)), axis=-1)
+
+
+def _log_rho(state: DiracEMState, x: Array) -> Array:
+    """E_delta log p(x_n, z_n = k | theta) = log pi_k + log N(x_n | mu_k, Sigma_k), [N, K]."""
+    dim = x.shape[-1]
+    maha = sq_mahalanobis(x, state.loc, tril_inverse(state.covariance_tril))  # [N, K]
+    log_norm = jnp.log(state.weights) - 0.5 * _log_det_tril(state.covariance_tril) \
+        - 0.5 * dim * _LOG_2PI
+    return log_norm[None, :] - 0.5 * maha
+
+
+def update_q_z(state: DiracEMState, x: Array, prior: BGMMPrior) -> DiracEMState:
+    """q(Z) block = E-step: r_nk = p(z_n = k | x_n, theta_0) (lecture 3, "EM-algorithm
+    (E-step)"; PRML 9.23). Unchecked."""
+    del prior
+    return state._replace(responsibilities=categorical_update(_log_rho(state, x)))
+
+
+def update_theta(state: DiracEMState, x: Array, prior: BGMMPrior) -> DiracEMState:
+    """theta_0 block = M-step of MAP-EM: the mode of q*(theta) ∝ exp E_q(Z) log p(X, Z, theta).
+
+    q* is the Bayesian GMM's conjugate update (PRML 10.58-10.63); its joint mode in
+    (pi, mu, Lambda) is pi_k = (alpha_k - 1)/(sum_j alpha_j - K), mu_k = m_k,
+    Sigma_k = W_k^{-1} / (nu_k - D). Unchecked.
+    """
+    upd = bayesian_gmm.conjugate_update(bayesian_gmm.statistics(state.responsibilities, x),
+                                        prior)
+    num_components, dim = upd.loc.shape
+    weights = (upd.concentration - 1.0) / (jnp.sum(upd.concentration) - num_components)
+    tril = jnp.linalg.cholesky(upd.scale_inv) / jnp.sqrt(upd.dof - dim)[:, None, None]
+    return state._replace(weights=weights, loc=upd.loc, covariance_tril=tril)
+
+
+UPDATE_FNS = (unpack_data(update_q_z), unpack_data(update_theta))
+"""E-step then M-step, in driver form ``(state, (x, prior)) -> state``."""
+
+
+def _log_prior_kernel(state: DiracEMState, prior: BGMMPrior) -> Array:
+    """log p(theta_0) up to its normalising constant (finite also for the flat limit)::
+
+        (alpha_0 - 1) sum log pi_k + sum_k [ (nu_0 - D) / 2 log|Lambda_k|
+            - beta_0 / 2 (mu_k - m_0)^T Lambda_k (mu_k - m_0) - Tr(W_0^{-1} Lambda_k) / 2 ]
+    """
+    dim = state.loc.shape[-1]
+    log_det_lambda = -_log_det_tril(state.covariance_tril)
+    whitening = tril_inverse(state.covariance_tril)  # C_k^{-1}, Lambda_k = C^{-T} C^{-1}
+    quad = sq_mahalanobis(prior.loc[None, :], state.loc, whitening)[0]  # [K]
+    # Tr(W_0^{-1} Lambda_k) = Tr(C^{-1} W_0^{-1} C^{-T}) (W_0^{-1} may be singular: no Cholesky)
+    trace = jnp.einsum("ked,df,kef->k", whitening, prior.scale_inv, whitening)
+    return ((prior.concentration - 1.0) * jnp.sum(jnp.log(state.weights))
+            + jnp.sum(0.5 * (prior.dof - dim) * log_det_lambda - 0.5 * prior.mean_precision * quad
+                      - 0.5 * trace))
+
+
+def _elbo(state: DiracEMState, x: Array, prior: BGMMPrior) -> Array:
+    return categorical_elbo_term(_log_rho(state, x), state.responsibilities) \
+        + _log_prior_kernel(state, prior)
+
+
+def elbo(state: DiracEMState, x, prior: BGMMPrior) -> Array:
+    """The ELBO restricted to q(theta) = delta(theta - theta_0), in nats, up to constants:
+
+        L = sum_nk r_nk [log p(x_n, z_n = k | theta_0) - log r_nk] + log p~(theta_0)
+
+    where log p~ is the log prior without its normaliser and the infinite -E log delta is
+    dropped (lecture 3: both are const(theta_0)). After :func:`update_q_z` it equals
+    log p(X | theta_0) + log p~(theta_0), the MAP-EM objective (for :func:`flat_prior`,
+    the log-likelihood). Never decreases along :func:`fit`.
+
+    Raises:
+      ValueError/TypeError: invalid ``x``, ``prior`` or ``state``.
+    """
+    x, prior = _checked(x, prior)
+    return _elbo(_check_state(state, x), x, prior)
+
+
+def _from_responsibilities(r: Array, x: Array, prior: BGMMPrior) -> DiracEMState:
+    k, d = r.shape[1], x.shape[1]
+    empty = DiracEMState(r, jnp.full((k,), 1.0 / k, x.dtype), jnp.zeros((k, d), x.dtype),
+                         jnp.broadcast_to(jnp.eye(d, dtype=x.dtype), (k, d, d)))
+    return update_theta(empty, x, prior)
+
+
+def init_from_responsibilities(x, responsibilities, prior: BGMMPrior) -> DiracEMState:
+    """theta_0 = MAP M-step of the given q(Z) [N, K] (as EM initialised from responsibilities).
+
+    Raises:
+      ValueError: NaN/inf rows, wrong dimensionality, N < K, bad responsibilities or prior.
+    """
+    x, prior = _checked(x, prior)
+    r = check_responsibilities(responsibilities, x.shape[0], x.dtype)
+    return _from_responsibilities(r, x, prior)
+
+
+def init(rng_key: Array, x, num_components: int, prior: BGMMPrior) -> DiracEMState:
+    """Random start: nearest of K random data points (one-hot q(Z)), then the M-step.
+
+    Raises:
+      ValueError: NaN/inf rows, wrong dimensionality, N < K or a bad prior.
+    """
+    x, prior = _checked(x, prior)
+    k = check_num_components(num_components, x.shape[0])
+    return _from_responsibilities(nearest_centre_responsibilities(rng_key, x, k), x, prior)
+
+
+def step(state: DiracEMState, x, prior: BGMMPrior) -> tuple[DiracEMState, DiracEMInfo]:
+    """One Dirac-delta CAVI sweep = one (MAP-)EM iteration: :func:`update_q_z` then
+    :func:`update_theta`; returns the restricted ELBO after it.
+
+    Raises:
+      ValueError/TypeError: invalid ``x``, ``prior`` or ``state``.
+    """
+    x, prior = _checked(x, prior)
+    state = sweep(UPDATE_FNS, _check_state(state, x), (x, prior))
+    return state, DiracEMInfo(elbo=_elbo(state, x, prior))
+
+
+def fit(state: DiracEMState, x, prior: BGMMPrior, *, tol: float = 1e-8, max_iter: int = 500
+        ) -> tuple[DiracEMState, CAVIInfo]:
+    """(MAP-)EM through the generic :func:`vijax.meanfield.cavi` driver.
+
+    Raises:
+      ValueError/TypeError: invalid ``x``, ``prior`` or ``state``.
+    """
+    x, prior = _checked(x, prior)
+    state = _check_state(state, x)
+    return cavi(UPDATE_FNS, state, (x, prior), elbo_fn=unpack_data(_elbo), tol=tol,
+                max_iter=max_iter)
+
+
+def covariances(state: DiracEMState) -> Array:
+    """Sigma_k = C_k C_k^T, [K, D, D]."""
+    tril = state.covariance_tril
+    return tril @ jnp.swapaxes(tril, -1, -2)
+
+
+__all__ = ["DiracEMState", "DiracEMInfo", "flat_prior", "check_prior", "update_q_z",
+           "update_theta", "UPDATE_FNS", "elbo", "init", "init_from_responsibilities", "step",
+           "fit", "covariances"]

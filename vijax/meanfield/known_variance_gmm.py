@@ -1,0 +1,212 @@
+"""The known-variance Bayesian mixture of Blei, Kucukelbir & McAuliffe (2017), Algorithm 2.
+
+Source: D. M. Blei, A. Kucukelbir, J. D. McAuliffe, "Variational Inference: A Review for
+Statisticians", JASA 2017, §3 (model eqs 7-9, CAVI updates eqs 17-20 / Algorithm 2, ELBO
+eq. 21). Mean-field block optimum: lecture 3, "Mean field approximation".
+
+Model (the paper's unit-variance mixture, generalised to D dimensions and a known noise
+variance ``s_x^2``; ``noise_variance = 1`` is the paper exactly)::
+
+    mu_k ~ N(0, sigma^2 I_D),  k = 1..K
+    c_i  ~ Cat(1/K, ..., 1/K)
+    x_i | c_i, mu ~ N(mu_{c_i}, s_x^2 I_D)
+
+Variational family: q(mu_k) = N(m_k, s_k^2 I_D), q(c_i) = Cat(phi_i).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from vijax.meanfield._cavi import CAVIInfo, cavi, sweep
+from vijax.meanfield._common import (
+    categorical_elbo_term,
+    categorical_update,
+    check_data,
+    check_num_components,
+    check_responsibilities,
+    check_scalar,
+    unpack_data,
+)
+
+Array = jax.Array
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+class KnownVarianceGMMPrior(NamedTuple):
+    """Hyper-parameters of the model (both variances known, in squared data units)."""
+
+    prior_variance: Array | float  # [] sigma^2 > 0: prior variance of each mean coordinate
+    noise_variance: Array | float = 1.0  # [] s_x^2 > 0: likelihood variance (1 in the paper)
+
+
+class KnownVarianceGMMState(NamedTuple):
+    """Variational parameters (Blei et al. 2017 notation)."""
+
+    responsibilities: Array  # [N, K] phi_ik = q(c_i = k)
+    loc: Array  # [K, D] m_k, mean of q(mu_k)
+    variance: Array  # [K] s_k^2, per-coordinate variance of q(mu_k)
+
+
+class KnownVarianceGMMInfo(NamedTuple):
+    elbo: Array  # [] ELBO (Blei et al. 2017 eq. 21) in nats after the sweep
+
+
+def _prior_as(prior: KnownVarianceGMMPrior, dtype) -> KnownVarianceGMMPrior:
+    if not isinstance(prior, KnownVarianceGMMPrior):
+        raise TypeError(f"prior must be a KnownVarianceGMMPrior, got {type(prior).__name__}")
+    return KnownVarianceGMMPrior(
+        prior_variance=check_scalar(prior.prior_variance, "prior.prior_variance", dtype, lower=0.0),
+        noise_variance=check_scalar(prior.noise_variance, "prior.noise_variance", dtype, lower=0.0),
+    )
+
+
+def _checked(x, prior):
+    x = check_data(x, "x", ndim=2)
+    return x, _prior_as(prior, x.dtype)
+
+
+def _check_state(state: KnownVarianceGMMState, x: Array) -> KnownVarianceGMMState:
+    if not isinstance(state, KnownVarianceGMMState):
+        raise TypeError(f"state must be a KnownVarianceGMMState, got {type(state).__name__}")
+    n, d = x.shape
+    r_shape = jnp.shape(state.responsibilities)
+    if len(r_shape) != 2 or r_shape[0] != n:
+        raise ValueError(f"state.responsibilities must have shape [N={n}, K], got {list(r_shape)}")
+    k = r_shape[1]
+    check_num_components(k, n)
+    for field, shape in {"loc": (k, d), "variance": (k,)}.items():
+        if jnp.shape(getattr(state, field)) != shape:
+            raise ValueError(f"state.{field} must have shape {list(shape)}, "
+                             f"got {list(jnp.shape(getattr(state, field)))}")
+    return KnownVarianceGMMState(*(jnp.asarray(v, x.dtype) for v in state))
+
+
+def _log_rho(state: KnownVarianceGMMState, x: Array, prior: KnownVarianceGMMPrior) -> Array:
+    """E_q(mu)[log p(c_i = k) + log p(x_i | c_i = k, mu)], [N, K] (unnormalised log phi).
+
+    = -log K - D/2 log(2 pi s_x^2) - (|x_i|^2 - 2 x_i.m_k + |m_k|^2 + D s_k^2) / (2 s_x^2).
+    Dropping the terms constant in k gives Blei et al. eq. 17.
+    """
+    n_dim = x.shape[-1]
+    num_components = state.loc.shape[0]
+    expected_sq = jnp.sum(jnp.square(state.loc), axis=-1) + n_dim * state.variance  # E|mu_k|^2
+    quad = (jnp.sum(jnp.square(x), axis=-1, keepdims=True) - 2.0 * x @ state.loc.T
+            + expected_sq[None, :])
+    return (-math.log(num_components) - 0.5 * n_dim * (_LOG_2PI + jnp.log(prior.noise_variance))
+            - 0.5 * quad / prior.noise_variance)
+
+
+def update_responsibilities(state: KnownVarianceGMMState, x: Array,
+                            prior: KnownVarianceGMMPrior) -> KnownVarianceGMMState:
+    """q(c_i) block: phi_ik ∝ exp{E[mu_k].x_i / s_x^2 - E[|mu_k|^2] / (2 s_x^2)} (eq. 17)."""
+    return state._replace(responsibilities=categorical_update(_log_rho(state, x, prior)))
+
+
+def update_q_mu(state: KnownVarianceGMMState, x: Array,
+                prior: KnownVarianceGMMPrior) -> KnownVarianceGMMState:
+    """q(mu_k) block (eqs 19-20 with noise variance s_x^2)::
+
+        s_k^2 = 1 / (1/sigma^2 + N_k / s_x^2),   m_k = s_k^2 sum_i phi_ik x_i / s_x^2.
+    """
+    counts = jnp.sum(state.responsibilities, axis=0)
+    variance = 1.0 / (1.0 / prior.prior_variance + counts / prior.noise_variance)
+    loc = variance[:, None] * (state.responsibilities.T @ x) / prior.noise_variance
+    return state._replace(loc=loc, variance=variance)
+
+
+UPDATE_FNS = (unpack_data(update_responsibilities), unpack_data(update_q_mu))
+"""Algorithm 2's two blocks in driver form ``(state, (x, prior)) -> state``."""
+
+
+def _elbo(state: KnownVarianceGMMState, x: Array, prior: KnownVarianceGMMPrior) -> Array:
+    n_dim = x.shape[-1]
+    # sum_i E[log p(c_i)] + E[log p(x_i | c_i, mu)] - E[log q(c_i)]
+    term_c = categorical_elbo_term(_log_rho(state, x, prior), state.responsibilities)
+    # sum_k E[log p(mu_k)] - E[log q(mu_k)]  (= -KL(N(m_k, s_k^2 I) || N(0, sigma^2 I)))
+    expected_sq = jnp.sum(jnp.square(state.loc), axis=-1) + n_dim * state.variance
+    e_log_prior = -0.5 * n_dim * (_LOG_2PI + jnp.log(prior.prior_variance)) \
+        - 0.5 * expected_sq / prior.prior_variance
+    entropy = 0.5 * n_dim * (1.0 + _LOG_2PI + jnp.log(state.variance))
+    return term_c + jnp.sum(e_log_prior + entropy)
+
+
+def elbo(state: KnownVarianceGMMState, x, prior: KnownVarianceGMMPrior) -> Array:
+    """ELBO of Blei et al. (2017) eq. 21, in nats (all constants kept), for any valid state.
+
+    ``sum_k E[log p(mu_k)] + sum_i (E[log p(c_i)] + E[log p(x_i | c_i, mu)])
+    - sum_i E[log q(c_i)] - sum_k E[log q(mu_k)]``.
+
+    Raises:
+      ValueError/TypeError: invalid ``x``, ``prior`` or ``state``.
+    """
+    x, prior = _checked(x, prior)
+    return _elbo(_check_state(state, x), x, prior)
+
+
+def init(rng_key: Array, x, num_components: int, prior: KnownVarianceGMMPrior
+         ) -> KnownVarianceGMMState:
+    """Algorithm 2's initialisation: m_k = K distinct random data points, s_k^2 = sigma^2,
+    phi uniform (it is overwritten by the first block).
+
+    Args:
+      rng_key: PRNG key; x: [N, D]; num_components: K (Python int, K <= N);
+      prior: :class:`KnownVarianceGMMPrior`.
+    Raises:
+      ValueError: NaN/inf rows in ``x``, wrong dimensionality, N < K, bad prior.
+    """
+    x, prior = _checked(x, prior)
+    k = check_num_components(num_components, x.shape[0])
+    idx = jax.random.choice(rng_key, x.shape[0], (k,), replace=False)
+    return KnownVarianceGMMState(
+        responsibilities=jnp.full((x.shape[0], k), 1.0 / k, x.dtype), loc=x[idx],
+        variance=jnp.full((k,), prior.prior_variance, x.dtype))
+
+
+def init_from_responsibilities(x, responsibilities, prior: KnownVarianceGMMPrior
+                               ) -> KnownVarianceGMMState:
+    """State with the given q(c) and the optimal q(mu) for it.
+
+    Raises:
+      ValueError: invalid ``x``, ``responsibilities`` or ``prior`` (names the argument).
+    """
+    x, prior = _checked(x, prior)
+    r = check_responsibilities(responsibilities, x.shape[0], x.dtype)
+    k = r.shape[1]
+    empty = KnownVarianceGMMState(r, jnp.zeros((k, x.shape[1]), x.dtype), jnp.ones((k,), x.dtype))
+    return update_q_mu(empty, x, prior)
+
+
+def step(state: KnownVarianceGMMState, x, prior: KnownVarianceGMMPrior
+         ) -> tuple[KnownVarianceGMMState, KnownVarianceGMMInfo]:
+    """One pass of Algorithm 2 (all q(c_i), then all q(mu_k)); returns the ELBO after it.
+
+    Raises:
+      ValueError/TypeError: invalid ``x``, ``prior`` or ``state``.
+    """
+    x, prior = _checked(x, prior)
+    state = sweep(UPDATE_FNS, _check_state(state, x), (x, prior))
+    return state, KnownVarianceGMMInfo(elbo=_elbo(state, x, prior))
+
+
+def fit(state: KnownVarianceGMMState, x, prior: KnownVarianceGMMPrior, *, tol: float = 1e-8,
+        max_iter: int = 500) -> tuple[KnownVarianceGMMState, CAVIInfo]:
+    """Algorithm 2 until the relative ELBO change is below ``tol`` (via :func:`cavi`).
+
+    Raises:
+      ValueError/TypeError: invalid ``x``, ``prior`` or ``state``.
+    """
+    x, prior = _checked(x, prior)
+    state = _check_state(state, x)
+    return cavi(UPDATE_FNS, state, (x, prior), elbo_fn=unpack_data(_elbo), tol=tol,
+                max_iter=max_iter)
+
+
+__all__ = ["KnownVarianceGMMPrior", "KnownVarianceGMMState", "KnownVarianceGMMInfo",
+           "update_responsibilities", "update_q_mu", "UPDATE_FNS", "elbo", "init",
+           "init_from_responsibilities", "step", "fit"]
