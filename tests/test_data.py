@@ -1,0 +1,362 @@
+"""Tests of vijax.data: the IDX reader, MNIST loading and its sources, binarization, digits."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import pathlib
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vijax import data
+
+# Known MNIST class counts (LeCun et al.; also the README of ../shared/data).
+TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+def _write_idx(path: pathlib.Path, array: np.ndarray, *, type_code: int = 0x08, magic=None):
+    """Hand-made IDX writer for the tests (independent of the reader under test)."""
+    dtype = {0x08: ">u1", 0x0C: ">i4", 0x0D: ">f4"}[type_code]
+    header = bytes([0, 0, type_code, array.ndim]) if magic is None else magic.to_bytes(4, "big")
+    header += b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    payload = header + np.asarray(array, dtype=dtype).tobytes()
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wb") as f:
+        f.write(payload)
+
+
+@functools.lru_cache(maxsize=1)
+def _load_mnist_cached(folder: str) -> data.Dataset:
+    return data.load_mnist(folder)
+
+
+@pytest.fixture
+def mnist(mnist_dir):
+    """The real MNIST, read once per test session (skips/fails like ``mnist_dir``)."""
+    return _load_mnist_cached(str(mnist_dir))
+
+
+# ----------------------------------------------------------------------------------------------
+# Real MNIST
+# ----------------------------------------------------------------------------------------------
+
+
+def test_idx_headers_of_real_files(mnist_dir):
+    expected = {
+        "train-images-idx3-ubyte.gz": (2051, (60000, 28, 28)),
+        "train-labels-idx1-ubyte.gz": (2049, (60000,)),
+        "t10k-images-idx3-ubyte.gz": (2051, (10000, 28, 28)),
+        "t10k-labels-idx1-ubyte.gz": (2049, (10000,)),
+    }
+    for name, (magic, shape) in expected.items():
+        with gzip.open(mnist_dir / name, "rb") as f:
+            header = f.read(4 + 4 * len(shape))
+        assert int.from_bytes(header[:4], "big") == magic
+        sizes = [int.from_bytes(header[4 + 4 * i : 8 + 4 * i], "big") for i in range(len(shape))]
+        assert tuple(sizes) == shape
+    labels = data.read_idx(mnist_dir / "t10k-labels-idx1-ubyte.gz", expected_magic=2049)
+    assert labels.dtype == np.uint8 and labels.shape == (10000,)
+    # The first test labels of MNIST are 7 2 1 0 4 1 4 9 (well known; also the header dump).
+    np.testing.assert_array_equal(labels[:8], [7, 2, 1, 0, 4, 1, 4, 9])
+
+
+def test_load_mnist_sizes_labels_counts_and_intensity(mnist):
+    assert mnist.train_images.shape == (60000, 784) and mnist.train_images.dtype == np.float32
+    assert mnist.test_images.shape == (10000, 784) and mnist.test_images.dtype == np.float32
+    assert mnist.train_labels.shape == (60000,) and mnist.train_labels.dtype == np.int32
+    assert mnist.test_labels.shape == (10000,) and mnist.test_labels.dtype == np.int32
+    for labels in (mnist.train_labels, mnist.test_labels):
+        assert labels.min() == 0 and labels.max() == 9
+    np.testing.assert_array_equal(np.bincount(mnist.train_labels, minlength=10), TRAIN_COUNTS)
+    np.testing.assert_array_equal(np.bincount(mnist.test_labels, minlength=10), TEST_COUNTS)
+    for images in (mnist.train_images, mnist.test_images):
+        assert images.min() == 0.0 and images.max() == 1.0
+        # pixels are k / 255 for integers k
+        k = images[:500] * 255.0
+        np.testing.assert_allclose(k, np.round(k), atol=1e-4)
+    # The well-known MNIST training mean 0.1307 (e.g. torchvision's Normalize((0.1307,), ...)).
+    assert abs(float(mnist.train_images.mean(dtype=np.float64)) - 0.1307) < 5e-4
+
+
+def test_load_mnist_uses_env_var_then_shared_folder(monkeypatch, tmp_path):
+    seen = []
+    monkeypatch.setattr(data, "_load_mnist_folder", lambda folder: seen.append(folder) or "ok")
+    full = tmp_path / "full"
+    full.mkdir()
+    for name in data.MNIST_FILES.values():
+        (full / name).write_bytes(b"")
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(full))
+    assert data.load_mnist() == "ok" and seen[-1] == full
+    # An explicit data_dir wins over the environment variable.
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in data.MNIST_FILES.values():
+        (other / name.removesuffix(".gz")).write_bytes(b"")  # uncompressed names also accepted
+    assert data.load_mnist(other) == "ok" and seen[-1] == other
+    # Neither given: the repository's ../shared/data/mnist when it exists.
+    monkeypatch.delenv(data.DATA_DIR_ENV)
+    monkeypatch.setattr(data, "_REPO_SHARED_MNIST", full)
+    assert data.load_mnist() == "ok" and seen[-1] == full
+
+
+# ----------------------------------------------------------------------------------------------
+# IDX reader on hand-made files
+# ----------------------------------------------------------------------------------------------
+
+
+def test_read_idx_round_trips_hand_made_files(tmp_path):
+    pixels = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    _write_idx(tmp_path / "a.gz", pixels)
+    out = data.read_idx(tmp_path / "a.gz", expected_magic=2051)
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(out, pixels)
+    ints = np.array([[1, -2, 70000], [3, 4, -5]], dtype=np.int32)
+    _write_idx(tmp_path / "b", ints, type_code=0x0C)  # uncompressed, big-endian int32
+    out = data.read_idx(tmp_path / "b")
+    assert out.dtype == np.int32 and out.dtype.byteorder in "=|<"
+    np.testing.assert_array_equal(out, ints)
+
+
+@pytest.mark.parametrize(
+    "corruption, match",
+    [
+        ("truncated", "truncated or corrupt"),
+        ("padded", "truncated or corrupt"),
+        ("wrong_magic", "magic number 2049, expected 2051"),
+        ("not_idx", "first two header bytes"),
+        ("bad_type", "unknown IDX type code"),
+        ("bad_gzip", "corrupt gzip"),
+        ("tiny", "too short"),
+    ],
+)
+def test_read_idx_rejects_corrupt_files(tmp_path, corruption, match):
+    path = tmp_path / "bad-idx3-ubyte.gz"
+    images = np.zeros((3, 28, 28), dtype=np.uint8)
+    if corruption in ("truncated", "padded"):
+        _write_idx(path, images)
+        raw = gzip.open(path).read()
+        raw = raw[:-10] if corruption == "truncated" else raw + b"\x00"
+        path.write_bytes(gzip.compress(raw))
+    elif corruption == "wrong_magic":
+        _write_idx(path, np.zeros(3, dtype=np.uint8))  # a labels file
+    elif corruption == "not_idx":
+        path.write_bytes(gzip.compress(b"\x1f\x8b\x08\x03" + b"\x00" * 20))
+    elif corruption == "bad_type":
+        path.write_bytes(gzip.compress(bytes([0, 0, 0x07, 1, 0, 0, 0, 1, 5])))
+    elif corruption == "bad_gzip":
+        path.write_bytes(b"definitely not gzip")
+    elif corruption == "tiny":
+        path.write_bytes(gzip.compress(b"\x00\x00"))
+    with pytest.raises(ValueError, match=match) as info:
+        data.read_idx(path, expected_magic=2051)
+    assert str(path) in str(info.value)
+
+
+def test_load_mnist_rejects_folder_with_wrong_sizes(tmp_path):
+    for key, name in data.MNIST_FILES.items():
+        if key.endswith("images"):
+            _write_idx(tmp_path / name, np.zeros((5, 28, 28), dtype=np.uint8))
+        else:
+            _write_idx(tmp_path / name, np.zeros(5, dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"expected \(60000, 28, 28\)"):
+        data.load_mnist(tmp_path)
+
+
+def test_load_mnist_rejects_labels_out_of_range(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "_MNIST_SIZES", {"train": 4, "test": 2})
+    for split, n in (("train", 4), ("test", 2)):
+        _write_idx(tmp_path / data.MNIST_FILES[f"{split}_images"], np.zeros((n, 28, 28), np.uint8))
+        labels = np.array([1, 12, 3, 4][:n], np.uint8)
+        _write_idx(tmp_path / data.MNIST_FILES[f"{split}_labels"], labels)
+    with pytest.raises(ValueError, match="label 12 outside 0..9"):
+        data.load_mnist(tmp_path)
+
+
+def test_load_mnist_partial_folder_names_missing_files(tmp_path):
+    _write_idx(tmp_path / data.MNIST_FILES["train_labels"], np.zeros(5, dtype=np.uint8))
+    with pytest.raises(FileNotFoundError, match="t10k-images-idx3-ubyte.gz"):
+        data.load_mnist(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# TFDS fallback (no download: a stand-in tensorflow_datasets module)
+# ----------------------------------------------------------------------------------------------
+
+
+def _fake_tfds(load_fn):
+    module = types.ModuleType("tensorflow_datasets")
+    module.load = load_fn
+    module.as_numpy = lambda tree: tree
+    return module
+
+
+def test_missing_data_error_names_both_ways(tmp_path, monkeypatch):
+    def offline_load(*args, **kwargs):
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", _fake_tfds(offline_load))
+    with pytest.raises(FileNotFoundError) as info:
+        data.load_mnist(tmp_path)  # an empty folder
+    message = str(info.value)
+    for needle in (str(tmp_path), "data_dir", "VIJAX_DATA_DIR", "internet", "TensorFlow Datasets",
+                   "no route to host"):
+        assert needle in message, needle
+    # No TFDS installed at all: the same clear error.
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # makes the import fail
+    with pytest.raises(FileNotFoundError, match="VIJAX_DATA_DIR"):
+        data.load_mnist(tmp_path)
+
+
+def test_tfds_fallback_converts_to_unit_floats(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 256, size=(6, 28, 28, 1), dtype=np.uint8)
+    test = rng.integers(0, 256, size=(4, 28, 28, 1), dtype=np.uint8)
+    calls = []
+
+    def fake_load(name, *, split, batch_size, as_supervised):
+        calls.append((name, tuple(split), batch_size, as_supervised))
+        return [(train, np.arange(6, dtype=np.int64)), (test, np.arange(4, dtype=np.int64))]
+
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", _fake_tfds(fake_load))
+    out = data.load_mnist(tmp_path)
+    assert calls == [("mnist", ("train", "test"), -1, True)]
+    assert out.train_images.shape == (6, 784) and out.train_images.dtype == np.float32
+    np.testing.assert_allclose(out.test_images, test.reshape(4, 784) / 255.0, rtol=1e-6)
+    np.testing.assert_array_equal(out.test_labels, np.arange(4))
+    assert out.test_labels.dtype == np.int32
+
+
+# ----------------------------------------------------------------------------------------------
+# Binarization
+# ----------------------------------------------------------------------------------------------
+
+
+def _intensities(shape, seed=0, dtype=np.float32):
+    return np.random.default_rng(seed).uniform(size=shape).astype(dtype)
+
+
+def test_dynamic_binarize_statistics_and_freshness():
+    images = _intensities((400, 784))
+    with jax.numpy_rank_promotion("raise"):
+        a = data.dynamic_binarize(jax.random.key(0), images)
+        b = data.dynamic_binarize(jax.random.key(1), images)
+        a_again = data.dynamic_binarize(jax.random.key(0), images)
+    assert a.shape == images.shape and a.dtype == jnp.float32
+    a = np.asarray(a)
+    assert set(np.unique(a)) <= {0.0, 1.0}
+    # Sum of independent Bernoulli(p_i): mean sum p_i, variance sum p_i (1 - p_i). 5 SE.
+    p = images.astype(np.float64)
+    se = np.sqrt(np.sum(p * (1 - p)))
+    assert abs(a.sum() - p.sum()) < 5 * se
+    # Pixels with intensity 0 / 1 stay 0 / 1; a low-intensity pixel rarely fires.
+    edge = np.array([[0.0, 1.0, 0.0, 1.0]], dtype=np.float32)
+    np.testing.assert_array_equal(data.dynamic_binarize(jax.random.key(3), edge), edge)
+    # Fresh per key, reproducible per key.
+    np.testing.assert_array_equal(a, np.asarray(a_again))
+    assert np.mean(a != np.asarray(b)) > 0.3  # expected 2 E[p(1-p)] = 1/3 for uniform p
+    # Per-pixel frequency across keys matches the intensity (vmap over keys, under jit).
+    column = _intensities((1, 16), seed=1)
+    keys = jax.random.split(jax.random.key(2), 4000)
+    draws = jax.jit(jax.vmap(data.dynamic_binarize, in_axes=(0, None)))(keys, column)
+    assert draws.shape == (4000, 1, 16)
+    freq = np.asarray(draws).mean(axis=0)
+    se = np.sqrt(column * (1 - column) / 4000)
+    assert np.all(np.abs(freq - column) < 5 * se + 1e-6)
+
+
+def test_dynamic_binarize_keeps_float64(x64):
+    out = data.dynamic_binarize(jax.random.key(0), _intensities((3, 5), dtype=np.float64))
+    assert out.dtype == jnp.float64
+
+
+def test_fixed_binarize_is_deterministic_and_unbiased():
+    images = _intensities((300, 784), seed=4)
+    a = data.fixed_binarize(images, seed=7)
+    b = data.fixed_binarize(images, seed=7)
+    c = data.fixed_binarize(images, seed=8)
+    assert isinstance(a, np.ndarray) and a.dtype == np.float32 and a.shape == images.shape
+    np.testing.assert_array_equal(a, b)
+    assert np.mean(a != c) > 0.3
+    p = images.astype(np.float64)
+    assert abs(a.sum() - p.sum()) < 5 * np.sqrt(np.sum(p * (1 - p)))
+    assert data.fixed_binarize(images.astype(np.float64)).dtype == np.float64
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("binarize", ["dynamic", "fixed"])
+def test_binarize_rejects_bad_images(binarize):
+    def call(x):
+        if binarize == "dynamic":
+            return data.dynamic_binarize(jax.random.key(0), x)
+        return data.fixed_binarize(x)
+
+    with pytest.raises(TypeError, match="floating dtype"):
+        call(np.zeros((2, 784), dtype=np.uint8))
+    with pytest.raises(ValueError, match="NaN"):
+        call(np.array([[0.5, np.nan]], dtype=np.float32))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        call(np.array([[0.5, 255.0]], dtype=np.float32))
+    with pytest.raises(TypeError, match="array"):
+        call([[0.5, 0.5]])
+
+
+def test_fixed_binarize_rejects_tracers():
+    with pytest.raises(TypeError, match="dynamic_binarize"):
+        jax.jit(data.fixed_binarize)(jnp.zeros((2, 3)))
+
+
+def test_validate_images_messages():
+    good = np.full((4, 784), 0.5, dtype=np.float32)
+    data.validate_images(good, num_features=784)
+    with pytest.raises(ValueError, match=r"x must have rank 2 \(shape \[batch, D\]\), got shape \(4, 28, 28\)"):
+        data.validate_images(good.reshape(4, 28, 28), name="x")
+    with pytest.raises(ValueError, match="784 features"):
+        data.validate_images(good[:, :100], num_features=784)
+    with pytest.raises(ValueError, match="non-empty"):
+        data.validate_images(good[:0])
+    with pytest.raises(ValueError, match="binary"):
+        data.validate_images(good, binary=True)
+    data.validate_images(np.ones((2, 3), np.float32), binary=True)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        data.validate_images(good * 3.0)
+    data.validate_images(good * 3.0 - 5.0, unit_interval=False)  # real-valued data allowed
+    # Tracers: static checks only (no error for values that cannot be inspected).
+    jax.jit(lambda x: data.validate_images(x) or x)(good)
+    with pytest.raises(TypeError, match="floating"):
+        jax.jit(lambda x: data.validate_images(x) or x)(good.astype(np.int32))
+
+
+# ----------------------------------------------------------------------------------------------
+# 8x8 digits
+# ----------------------------------------------------------------------------------------------
+
+
+def test_load_digits_split_and_scaling():
+    from sklearn.datasets import load_digits as sk_digits  # noqa: PLC0415
+
+    d = data.load_digits()
+    assert d.train_images.shape == (1500, 64) and d.test_images.shape == (297, 64)
+    assert d.train_images.dtype == np.float32 and d.train_labels.dtype == np.int32
+    assert d.train_images.min() == 0.0 and d.train_images.max() == 1.0
+    # Same multiset of (image, label) rows as scikit-learn's data / 16.
+    bunch = sk_digits()
+    ours = np.concatenate([np.c_[d.train_images * 16, d.train_labels],
+                           np.c_[d.test_images * 16, d.test_labels]])
+    theirs = np.c_[bunch.data, bunch.target]
+    np.testing.assert_allclose(ours[np.lexsort(ours.T)], theirs[np.lexsort(theirs.T)], atol=1e-5)
+    # Stratified: every class has 29 or 30 test images (297 / 10).
+    assert set(np.bincount(d.test_labels, minlength=10)) <= {29, 30}
+    # Deterministic.
+    np.testing.assert_array_equal(data.load_digits().test_images, d.test_images)
+    with pytest.raises(ValueError, match="num_test"):
+        data.load_digits(num_test=0)

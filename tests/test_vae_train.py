@@ -1,0 +1,299 @@
+"""Tests of the VAE training driver (vijax.vae_train) and its command line (experiments/vae.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import pathlib
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from vijax import data
+from vijax import elbo as velbo
+from vijax import vae
+from vijax import vae_train as vt
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _load_cli():
+    spec = importlib.util.spec_from_file_location("vae_cli", REPO_ROOT / "experiments" / "vae.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cli = _load_cli()
+
+
+def _count_epoch_traces(mp: pytest.MonkeyPatch) -> dict:
+    """Make ``vae.make_train_epoch`` count how often its epoch function is traced (a Python side
+    effect runs only at trace time); returns the live counter."""
+    counter = {"traces": 0}
+    original = vae.make_train_epoch
+
+    def counting_make_train_epoch(*args, **kwargs):
+        train_epoch = original(*args, **kwargs)
+
+        def wrapped(*call_args):
+            counter["traces"] += 1
+            return train_epoch(*call_args)
+
+        return wrapped
+
+    mp.setattr(vt.vae, "make_train_epoch", counting_make_train_epoch)
+    return counter
+
+
+@pytest.fixture
+def count_epoch_traces(monkeypatch):
+    return _count_epoch_traces(monkeypatch)
+
+
+# ----------------------------------------------------------------------------------------------
+# Real MNIST: one short epoch
+# ----------------------------------------------------------------------------------------------
+
+
+def test_one_epoch_on_real_mnist_improves_test_elbo(mnist_dir, tmp_path, count_epoch_traces):
+    config = vt.Config(dataset=vt.Mnist(data_dir=str(mnist_dir)), epochs=1,
+                       eval_num_samples=100, eval_num_test=500, eval_iwae_ks=(1,))
+    final = vt.train_and_evaluate(config, tmp_path, progress=False)
+    rows = vt.read_metrics(tmp_path)
+    assert [r["epoch"] for r in rows] == [0, 1]
+    assert rows[1]["step"] == 600 and final["steps"] == 600
+    init_elbo, epoch1_elbo = rows[0]["test_elbo"], rows[1]["test_elbo"]
+    assert math.isfinite(init_elbo) and math.isfinite(epoch1_elbo)
+    assert math.isfinite(rows[1]["train_objective"])
+    assert epoch1_elbo > init_elbo + 20.0
+
+    # Independent reference: the exact test log-likelihood of independent Bernoulli pixels with
+    # the training means (the decoder's output bias at initialisation), computed in NumPy on the
+    # same fixed binarization of the test set. One epoch of a VAE must beat it clearly
+    # (about -206 nats against about -126 after one epoch).
+    mnist = data.load_mnist(mnist_dir)
+    p = np.clip(mnist.train_images.astype(np.float64).mean(axis=0), 1e-3, 1 - 1e-3)
+    x = data.fixed_binarize(mnist.test_images, seed=vt.TEST_BINARIZATION_SEED).astype(np.float64)
+    independent = float(np.mean(x @ np.log(p) + (1 - x) @ np.log1p(-p)))
+    assert -215.0 < independent < -195.0
+    assert epoch1_elbo > independent + 40.0
+    assert final["test_elbo"] == pytest.approx(epoch1_elbo, abs=1.0)  # other key, same model
+
+    # log p(x) by importance sampling is at least the ELBO in expectation (IWAE-k >= ELBO).
+    assert -final["test_nll"] > final["test_elbo"] - 3 * final["test_nll_se"]
+    assert 1 <= final["active_units"] <= 50
+    assert count_epoch_traces["traces"] == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiny runs through the command line: straight vs interrupted + resumed
+# ----------------------------------------------------------------------------------------------
+
+TINY = ["--dataset", "digits", "--latent-dim", "2", "--hidden-sizes", "16", "--batch-size", "100",
+        "--lr-schedule", "iwae", "--learning-rate", "3e-3", "--eval-num-samples", "20",
+        "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    straight, resumed = root / "straight", root / "resumed"
+    traces = []
+    with pytest.MonkeyPatch.context() as mp:
+        counter = _count_epoch_traces(mp)
+        for argv in (TINY + ["--epochs", "2", "--workdir", str(straight)],
+                     TINY + ["--epochs", "1", "--workdir", str(resumed)],
+                     TINY + ["--epochs", "2", "--workdir", str(resumed), "--resume"]):
+            counter["traces"] = 0
+            assert cli.main(argv) == 0
+            traces.append(counter["traces"])
+    config = cli.config_from_args(cli.make_parser().parse_args(TINY + ["--epochs", "2"]))
+    return {"straight": straight, "resumed": resumed, "config": config, "traces": traces}
+
+
+def test_resume_ends_with_the_same_parameters(tiny_runs):
+    config = tiny_runs["config"]
+    state_a, epoch_a = vt.restore_checkpoint(tiny_runs["straight"], config)
+    state_b, epoch_b = vt.restore_checkpoint(tiny_runs["resumed"], config)
+    assert epoch_a == epoch_b == 2
+    assert int(state_a.step) == int(state_b.step) == 2 * (1500 // 100)
+    leaves_a, tree_a = jax.tree.flatten(state_a)
+    leaves_b, tree_b = jax.tree.flatten(state_b)
+    assert tree_a == tree_b
+    for a, b in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # The mid-run checkpoint of the straight run (epoch 1, written while training went on) equals
+    # the final checkpoint of the 1-epoch run; and epoch 2 really changed the parameters.
+    state_a1, _ = vt.restore_checkpoint(tiny_runs["straight"], config, epoch=1)
+    state_b1, _ = vt.restore_checkpoint(tiny_runs["resumed"], config, epoch=1)
+    for a, b in zip(jax.tree.leaves(state_a1), jax.tree.leaves(state_b1)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    kernel = lambda s: np.asarray(s.params["params"]["decoder"]["logits"]["kernel"])  # noqa: E731
+    assert not np.array_equal(kernel(state_a1), kernel(state_a))
+    # Same metrics rows and final evaluation; the resumed run did not redo epoch 1.
+    rows_a, rows_b = vt.read_metrics(tiny_runs["straight"]), vt.read_metrics(tiny_runs["resumed"])
+    assert [r["epoch"] for r in rows_b] == [0, 1, 2]
+    for ra, rb in zip(rows_a, rows_b):
+        for key in ("step", "learning_rate", "test_elbo", "test_kl"):
+            assert ra[key] == rb[key], key
+    final_a = json.loads((tiny_runs["straight"] / "final_metrics.json").read_text())
+    final_b = json.loads((tiny_runs["resumed"] / "final_metrics.json").read_text())
+    for key in ("test_elbo", "test_nll", "test_iwae_50", "active_units"):
+        assert final_a[key] == final_b[key], key
+    # One trace of the epoch function per process run, whatever the number of epochs.
+    assert tiny_runs["traces"] == [1, 1, 1]
+
+
+def test_tiny_run_outputs(tiny_runs):
+    from matplotlib.image import imread  # noqa: PLC0415
+
+    workdir = tiny_runs["straight"]
+    for name in ("config.json", "metrics.jsonl", "metrics.csv", "final_metrics.json",
+                 "samples.png", "reconstructions.png", "training_curves.png", "latent_2d.png"):
+        assert (workdir / name).is_file(), name
+    lines = (workdir / "metrics.csv").read_text().strip().splitlines()
+    assert lines[0].split(",") == list(vt._METRIC_COLUMNS) and len(lines) == 4
+    for name in ("samples.png", "reconstructions.png", "latent_2d.png"):
+        image = imread(workdir / name)
+        assert image.ndim == 3 and image.shape[0] > 100 and image[..., :3].std() > 0.05, name
+    rows = vt.read_metrics(workdir)
+    # IWAE schedule with 15 steps per epoch: epoch 1 at lr, epoch 2 at lr * 10^(-1/7).
+    assert rows[1]["learning_rate"] == pytest.approx(3e-3, rel=1e-6)
+    assert rows[2]["learning_rate"] == pytest.approx(3e-3 * 10 ** (-1 / 7), rel=1e-6)
+    final = json.loads((workdir / "final_metrics.json").read_text())
+    assert final["eval_num_samples"] == 20 and final["eval_num_test"] == 297
+    assert len(final["active_unit_variances"]) == 2
+    # Bounds are ordered in expectation: ELBO ~ IWAE-1 <= IWAE-20 (= log p(x) estimate) and
+    # IWAE-50; tolerances are a few nats on 64-pixel digits.
+    assert final["test_iwae_1"] == pytest.approx(final["test_elbo"], abs=1.0)
+    assert -final["test_nll"] >= final["test_iwae_1"] - 0.5
+    assert final["test_iwae_50"] >= final["test_iwae_1"] - 0.5
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["objective"]["type"] == "ELBOAnalyticKL" and saved["schedule"]["type"] == "IwaeLR"
+
+
+def test_resume_config_checks(tiny_runs, tmp_path):
+    config = tiny_runs["config"]
+    # Evaluation settings may change on resume: a finished run is only re-evaluated.
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_runs["straight"], copy)
+    final = vt.train_and_evaluate(dataclasses.replace(config, eval_num_samples=7), copy,
+                                  resume=True, progress=False)
+    assert final["eval_num_samples"] == 7 and final["steps"] == 30
+    assert [r["epoch"] for r in vt.read_metrics(copy)] == [0, 1, 2]
+    with pytest.raises(FileExistsError, match="resume"):
+        vt.train_and_evaluate(config, tiny_runs["straight"], progress=False)
+    with pytest.raises(ValueError, match="latent_dim"):
+        vt.train_and_evaluate(dataclasses.replace(config, latent_dim=3), tiny_runs["straight"],
+                              resume=True, progress=False)
+    with pytest.raises(ValueError, match="past config.epochs"):
+        vt.train_and_evaluate(dataclasses.replace(config, epochs=1), tiny_runs["straight"],
+                              resume=True, progress=False)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        vt.restore_checkpoint(tmp_path, config)
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedules, configuration, command line
+# ----------------------------------------------------------------------------------------------
+
+
+def test_iwae_schedule_matches_the_paper():
+    # Burda et al. 2016, section 5: 3^i epochs at 1e-3 * 10^(-i/7), i = 0..7 (3280 epochs).
+    steps_per_epoch = 7
+    schedule = vt.IwaeLR().build(1e-3, steps_per_epoch, epochs=5)
+    epoch = 0
+    for i in range(8):
+        for e in (epoch, epoch + 3 ** i - 1):  # first and last epoch of stage i
+            for step in (e * steps_per_epoch, (e + 1) * steps_per_epoch - 1):
+                assert float(schedule(step)) == pytest.approx(1e-3 * 10 ** (-i / 7), rel=1e-6)
+        epoch += 3 ** i
+    assert epoch == 3280 == cli.IWAE_PAPER_EPOCHS
+    assert float(schedule(10 ** 6)) == pytest.approx(1e-4, rel=1e-6)
+    assert float(jax.jit(schedule)(4 * steps_per_epoch)) == pytest.approx(1e-3 * 10 ** (-2 / 7))
+    cosine = vt.CosineLR(final_fraction=0.1).build(2e-3, 10, epochs=3)
+    assert float(cosine(0)) == pytest.approx(2e-3) and float(cosine(30)) == pytest.approx(2e-4)
+    assert float(cosine(15)) == pytest.approx(1.1e-3)  # halfway: (1 + 0.1) / 2
+    assert float(vt.ConstantLR().build(5e-4, 10, 3)(123)) == pytest.approx(5e-4)
+
+
+def test_config_validation_messages():
+    with pytest.raises(ValueError, match="epochs"):
+        vt.Config(epochs=0)
+    with pytest.raises(ValueError, match=r"hidden_sizes\[1\]"):
+        vt.Config(hidden_sizes=(10, -1))
+    with pytest.raises(TypeError, match="objective"):
+        vt.Config(objective="elbo")
+    with pytest.raises(TypeError, match="dataset"):
+        vt.Config(dataset="mnist")
+    with pytest.raises(ValueError, match="learning_rate"):
+        vt.Config(learning_rate=float("nan"))
+    with pytest.raises(ValueError, match="num_train"):
+        vt.Mnist(num_train=0)
+    with pytest.raises(ValueError, match="final_fraction"):
+        vt.CosineLR(final_fraction=2.0)
+    with pytest.raises(TypeError, match="Config"):
+        vt.train_and_evaluate({"epochs": 1}, "/nonexistent")
+
+
+def test_cli_maps_flags_to_config():
+    parse = cli.make_parser().parse_args
+    config = cli.config_from_args(parse(["--objective", "iwae", "--num-samples", "5",
+                                         "--estimator", "dreg", "--lr-schedule", "iwae"]))
+    assert config.objective == vae.IWAE(num_samples=5, estimator=velbo.DReG())
+    assert config.schedule == vt.IwaeLR() and config.epochs == 3280
+    assert config.dataset == vt.Mnist() and config.binarization == vt.DynamicBinarization()
+    quick = cli.config_from_args(parse(["--quick", "--epochs", "3", "--binarization", "fixed"]))
+    assert quick == dataclasses.replace(vt.quick_config(), epochs=3,
+                                        binarization=vt.FixedBinarization())
+    digits = cli.config_from_args(parse(["--quick", "--dataset", "digits"]))
+    assert digits.dataset == vt.Digits() and digits.latent_dim == 2
+    with pytest.raises(ValueError, match="dreg"):
+        cli.config_from_args(parse(["--objective", "elbo", "--estimator", "dreg"]))
+    with pytest.raises(SystemExit):
+        cli.main(["--epochs", "0", "--workdir", "/nonexistent"])  # Config's ValueError -> usage
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("corruption, error, match", [
+    ("uint8", TypeError, "floating"),
+    ("nan", ValueError, "NaN"),
+    ("shape", ValueError, "rank 2"),
+    ("range", ValueError, r"\[0, 1\]"),
+])
+def test_bad_training_images_are_rejected(monkeypatch, tmp_path, corruption, error, match):
+    digits = data.load_digits()
+    images = digits.train_images.copy()
+    if corruption == "uint8":
+        images = (images * 16).astype(np.uint8)
+    elif corruption == "nan":
+        images[3, 5] = np.nan
+    elif corruption == "shape":
+        images = images.reshape(-1, 8, 8)
+    elif corruption == "range":
+        images = images * 16
+    monkeypatch.setattr(vt.Digits, "load", lambda self: digits._replace(train_images=images))
+    with pytest.raises(error, match=match):
+        vt.train_and_evaluate(vt.Config(dataset=vt.Digits(), epochs=1), tmp_path, progress=False)
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_plot_helpers_reject_bad_shapes(tmp_path):
+    grid = vt.image_grid(np.zeros((6, 16)), num_rows=2, num_cols=3)
+    assert grid.shape == (2 * 5 + 1, 3 * 5 + 1)
+    assert grid[0, 0] == 0.5 and grid[1, 1] == 0.0
+    with pytest.raises(ValueError, match="square"):
+        vt.image_grid(np.zeros((6, 15)), num_rows=2, num_cols=3)
+    with pytest.raises(ValueError, match=r"\[6, side\*side\]"):
+        vt.image_grid(np.zeros((5, 16)), num_rows=2, num_cols=3)
+    with pytest.raises(ValueError, match=r"\[n, 2\]"):
+        vt.plot_latent_scatter(np.zeros((5, 3)), np.zeros(5), tmp_path / "x.png")

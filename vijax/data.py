@@ -1,0 +1,426 @@
+"""Data sets for vijax's experiments: MNIST (IDX files or TensorFlow Datasets) and the 8x8 digits.
+
+Everything here runs on the host with NumPy, except :func:`dynamic_binarize`, which is pure
+``jax.numpy`` so that a training step can draw the binarization inside ``jit``/``lax.scan``.
+
+MNIST sources, in this order (see :func:`load_mnist`):
+
+1. a local folder holding the four original IDX files (``train-images-idx3-ubyte.gz``,
+   ``train-labels-idx1-ubyte.gz``, ``t10k-images-idx3-ubyte.gz``, ``t10k-labels-idx1-ubyte.gz``;
+   gzip-compressed or not), named by the ``data_dir`` argument or else by the environment
+   variable ``VIJAX_DATA_DIR``; when neither is given, the folder ``../shared/data/mnist`` beside
+   the repository is used if it exists (a convenience for this repository's checkout);
+2. TensorFlow Datasets (``tfds.load("mnist")``), which downloads the data when online.
+
+The IDX layout (LeCun et al., "The MNIST database of handwritten digits"): a big-endian header
+``0x00 0x00 <type code> <ndim>`` (so magic 2051 = ``0x00000803`` for the image files and
+2049 = ``0x00000801`` for the label files), then ``ndim`` big-endian uint32 sizes, then the
+values in row-major order; for MNIST the values are uint8 with 0 = background.
+
+Binarization as in the VAE literature: *dynamic* binarization draws every pixel afresh from
+Bernoulli(intensity) each epoch (Burda, Grosse & Salakhutdinov 2016, "Importance Weighted
+Autoencoders", section 5); *fixed* binarization draws it once with a fixed seed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pathlib
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "DATA_DIR_ENV",
+    "MNIST_FILES",
+    "Dataset",
+    "read_idx",
+    "load_mnist",
+    "load_digits",
+    "dynamic_binarize",
+    "fixed_binarize",
+    "validate_images",
+]
+
+#: Environment variable naming a folder with the four MNIST IDX files.
+DATA_DIR_ENV = "VIJAX_DATA_DIR"
+
+#: The four MNIST files (their ``.gz`` names; the uncompressed names without ``.gz`` also work).
+MNIST_FILES = {
+    "train_images": "train-images-idx3-ubyte.gz",
+    "train_labels": "train-labels-idx1-ubyte.gz",
+    "test_images": "t10k-images-idx3-ubyte.gz",
+    "test_labels": "t10k-labels-idx1-ubyte.gz",
+}
+
+_IMAGES_MAGIC = 2051  # 0x00000803: uint8, 3 dimensions
+_LABELS_MAGIC = 2049  # 0x00000801: uint8, 1 dimension
+_MNIST_SIZES = {"train": 60_000, "test": 10_000}
+_MNIST_SIDE = 28
+
+# IDX type codes (third byte of the magic number) -> big-endian NumPy dtypes.
+_IDX_DTYPES = {
+    0x08: np.dtype(">u1"),
+    0x09: np.dtype(">i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+# ``../shared/data/mnist`` relative to the repository root (this file is vijax/data.py).
+_REPO_SHARED_MNIST = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+
+
+class Dataset(NamedTuple):
+    """A train/test split of flattened images with integer labels (host NumPy arrays).
+
+    Images are float32 intensities in [0, 1] (not binarized); labels are int32 class indices.
+    """
+
+    train_images: np.ndarray  # [num_train, num_features] float32 in [0, 1]
+    train_labels: np.ndarray  # [num_train] int32
+    test_images: np.ndarray  # [num_test, num_features] float32 in [0, 1]
+    test_labels: np.ndarray  # [num_test] int32
+
+
+# ----------------------------------------------------------------------------------------------
+# IDX files
+# ----------------------------------------------------------------------------------------------
+
+
+def read_idx(path: str | os.PathLike, *, expected_magic: int | None = None) -> np.ndarray:
+    """Read one IDX file (optionally gzip-compressed) into a NumPy array.
+
+    Args:
+      path: the file; a name ending in ``.gz`` is decompressed with gzip.
+      expected_magic: if given, the 32-bit big-endian magic number the file must start with
+        (2051 for MNIST image files, 2049 for label files).
+
+    Returns:
+      An array of the shape stored in the header and the native-endian version of the stored
+      dtype (``uint8`` for MNIST).
+
+    Raises:
+      ValueError: the header is malformed (non-zero leading bytes, unknown type code, wrong
+        magic number) or the payload size does not equal the product of the header's sizes
+        (a truncated or padded file). The message names the file.
+      OSError / FileNotFoundError: the file cannot be read, or its gzip stream is corrupt.
+    """
+    path = pathlib.Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (gzip.BadGzipFile, EOFError) as err:
+        raise ValueError(f"IDX file {path}: corrupt gzip stream ({err})") from err
+    if len(raw) < 4:
+        raise ValueError(f"IDX file {path}: {len(raw)} bytes, too short for an IDX header")
+    if raw[0] != 0 or raw[1] != 0:
+        raise ValueError(
+            f"IDX file {path}: the first two header bytes must be zero, got {raw[0]:#04x} "
+            f"{raw[1]:#04x} (not an IDX file?)"
+        )
+    type_code, ndim = raw[2], raw[3]
+    if type_code not in _IDX_DTYPES:
+        raise ValueError(f"IDX file {path}: unknown IDX type code {type_code:#04x}")
+    magic = int.from_bytes(raw[:4], "big")
+    if expected_magic is not None and magic != expected_magic:
+        raise ValueError(f"IDX file {path}: magic number {magic}, expected {expected_magic}")
+    header_size = 4 + 4 * ndim
+    if len(raw) < header_size:
+        raise ValueError(
+            f"IDX file {path}: truncated header ({len(raw)} bytes, need {header_size})")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    dtype = _IDX_DTYPES[type_code]
+    expected_bytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    payload = len(raw) - header_size
+    if payload != expected_bytes:
+        raise ValueError(
+            f"IDX file {path}: header says shape {shape} ({expected_bytes} bytes of data) but "
+            f"the file holds {payload} bytes after the header (truncated or corrupt file)"
+        )
+    array = np.frombuffer(raw, dtype=dtype, offset=header_size).reshape(shape)
+    return array.astype(dtype.newbyteorder("="))
+
+
+def _find_file(folder: pathlib.Path, gz_name: str) -> pathlib.Path | None:
+    for name in (gz_name, gz_name.removesuffix(".gz")):
+        candidate = folder / name
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _load_mnist_folder(folder: pathlib.Path) -> Dataset:
+    """Read the four MNIST IDX files in ``folder`` and check them against MNIST's known sizes."""
+    paths = {key: _find_file(folder, name) for key, name in MNIST_FILES.items()}
+    missing = [MNIST_FILES[key] for key, p in paths.items() if p is None]
+    if missing:
+        raise FileNotFoundError(f"MNIST folder {folder} lacks {', '.join(missing)}")
+    arrays = {}
+    for split, size in _MNIST_SIZES.items():
+        images = read_idx(paths[f"{split}_images"], expected_magic=_IMAGES_MAGIC)
+        labels = read_idx(paths[f"{split}_labels"], expected_magic=_LABELS_MAGIC)
+        if images.shape != (size, _MNIST_SIDE, _MNIST_SIDE):
+            raise ValueError(
+                f"{paths[f'{split}_images']}: shape {images.shape}, expected "
+                f"({size}, {_MNIST_SIDE}, {_MNIST_SIDE}) for the MNIST {split} split"
+            )
+        if labels.shape != (size,):
+            raise ValueError(
+                f"{paths[f'{split}_labels']}: shape {labels.shape}, expected ({size},) for the "
+                f"MNIST {split} split"
+            )
+        if labels.max() > 9:
+            raise ValueError(f"{paths[f'{split}_labels']}: label {labels.max()} outside 0..9")
+        arrays[f"{split}_images"] = _to_unit_interval(images, 255.0)
+        arrays[f"{split}_labels"] = labels.astype(np.int32)
+    return Dataset(**arrays)
+
+
+def _to_unit_interval(images: np.ndarray, max_value: float) -> np.ndarray:
+    """[n, *image_shape] integers in [0, max_value] -> [n, prod(image_shape)] float32 in [0, 1]."""
+    flat = images.reshape(images.shape[0], -1).astype(np.float32)
+    return flat / np.float32(max_value)
+
+
+def _load_mnist_tfds() -> Dataset:
+    """MNIST through TensorFlow Datasets (downloads on first use; imports TFDS lazily)."""
+    import tensorflow_datasets as tfds  # noqa: PLC0415 - optional, heavy import
+
+    splits = tfds.as_numpy(
+        tfds.load("mnist", split=["train", "test"], batch_size=-1, as_supervised=True)
+    )
+    (train_images, train_labels), (test_images, test_labels) = splits
+    return Dataset(
+        train_images=_to_unit_interval(np.asarray(train_images), 255.0),
+        train_labels=np.asarray(train_labels, dtype=np.int32),
+        test_images=_to_unit_interval(np.asarray(test_images), 255.0),
+        test_labels=np.asarray(test_labels, dtype=np.int32),
+    )
+
+
+def _candidate_folder(data_dir: str | os.PathLike | None) -> tuple[pathlib.Path | None, str]:
+    """The local folder to try and a description of where it came from."""
+    if data_dir is not None:
+        return pathlib.Path(data_dir).expanduser(), "data_dir argument"
+    env = os.environ.get(DATA_DIR_ENV)
+    if env:
+        return pathlib.Path(env).expanduser(), f"${DATA_DIR_ENV}"
+    if _REPO_SHARED_MNIST.is_dir():
+        return _REPO_SHARED_MNIST, "the repository's ../shared/data/mnist"
+    return None, "no local folder given"
+
+
+def load_mnist(data_dir: str | os.PathLike | None = None) -> Dataset:
+    """Load MNIST (60000 train / 10000 test images of 28x28 digits) as floats in [0, 1].
+
+    Sources, in order:
+
+    1. A local folder with the four IDX files (names in :data:`MNIST_FILES`, ``.gz`` or not):
+       ``data_dir`` if given; otherwise the environment variable ``VIJAX_DATA_DIR`` if set;
+       otherwise, as a convenience for a checkout of this repository, ``../shared/data/mnist``
+       beside the repository root if that folder exists. Only the first of these that is named
+       is tried. The files are read with :func:`read_idx` (not TFDS: TFDS's checksum check
+       rejects a train-images file rebuilt from another copy, such as the one in
+       ``../shared/data``) and checked against MNIST's sizes (60000/10000 examples, 28x28,
+       labels 0..9).
+    2. TensorFlow Datasets, ``tfds.load("mnist")``, when the folder holds none of the four files
+       (or no folder was named). TFDS downloads the data on first use and needs internet; its
+       ``tfds.load`` route also needs TensorFlow installed.
+
+    Args:
+      data_dir: folder with the IDX files, or None.
+
+    Returns:
+      :class:`Dataset` with ``train_images`` [60000, 784] float32 in [0, 1] (pixel / 255, row-major
+      28x28), ``train_labels`` [60000] int32 in 0..9, ``test_images`` [10000, 784],
+      ``test_labels`` [10000].
+
+    Raises:
+      FileNotFoundError: the folder holds some but not all four files; or no local files and TFDS
+        failed (offline, or TFDS/TensorFlow not installed). The message names both ways to get
+        the data: a folder via ``data_dir``/``VIJAX_DATA_DIR``, or internet for TFDS.
+      ValueError: a local file is corrupt or does not have MNIST's sizes (see :func:`read_idx`).
+    """
+    folder, origin = _candidate_folder(data_dir)
+    if folder is not None:
+        present = [name for name in MNIST_FILES.values() if _find_file(folder, name) is not None]
+        if len(present) == len(MNIST_FILES):
+            return _load_mnist_folder(folder)
+        if present:
+            missing = sorted(set(MNIST_FILES.values()) - set(present))
+            raise FileNotFoundError(
+                f"MNIST folder {folder} ({origin}) holds only some of the four IDX files; "
+                f"missing: {', '.join(missing)}"
+            )
+    try:
+        return _load_mnist_tfds()
+    except Exception as err:  # any TFDS failure: not installed, offline, no TensorFlow, ...
+        tried = f"{folder} ({origin})" if folder is not None else origin
+        raise FileNotFoundError(
+            "MNIST not found. Local IDX files: none found in "
+            f"{tried}. TensorFlow Datasets fallback failed: {type(err).__name__}: {err}. "
+            "Get the data one of two ways: (1) put the four files "
+            f"{', '.join(MNIST_FILES.values())} in a folder and pass it as data_dir "
+            f"(--data-dir) or set the environment variable {DATA_DIR_ENV}; or (2) connect to "
+            "the internet so that TensorFlow Datasets (pip install tensorflow-datasets "
+            "tensorflow) can download MNIST."
+        ) from err
+
+
+# ----------------------------------------------------------------------------------------------
+# 8x8 digits (bundled with scikit-learn, works offline)
+# ----------------------------------------------------------------------------------------------
+
+
+def load_digits(*, num_test: int = 297, seed: int = 0) -> Dataset:
+    """scikit-learn's 8x8 handwritten digits (1797 images, bundled: no download) in [0, 1].
+
+    A small offline stand-in for MNIST for quick demos. Pixels are counts 0..16 in the original
+    (UCI "Optical Recognition of Handwritten Digits"), divided by 16 here. The split is
+    stratified by label with a fixed seed, so it is the same on every call; the default
+    ``num_test=297`` leaves 1500 training images (15 batches of 100).
+
+    Args:
+      num_test: number of test images, 10 <= num_test <= 1787.
+      seed: seed of the split.
+
+    Returns:
+      :class:`Dataset` with images [n, 64] float32 in [0, 1] and labels [n] int32 in 0..9.
+
+    Raises:
+      ValueError: ``num_test`` out of range.
+    """
+    from sklearn.datasets import load_digits as sklearn_load_digits  # noqa: PLC0415
+    from sklearn.model_selection import train_test_split  # noqa: PLC0415
+
+    bunch = sklearn_load_digits()
+    num_examples = bunch.data.shape[0]
+    if not 10 <= num_test <= num_examples - 10:
+        raise ValueError(f"num_test must be in [10, {num_examples - 10}], got {num_test}")
+    images = (bunch.data / 16.0).astype(np.float32)
+    labels = bunch.target.astype(np.int32)
+    train_images, test_images, train_labels, test_labels = train_test_split(
+        images, labels, test_size=num_test, random_state=seed, stratify=labels
+    )
+    return Dataset(train_images, train_labels, test_images, test_labels)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation and binarization
+# ----------------------------------------------------------------------------------------------
+
+
+def _is_tracer(x: Any) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def validate_images(
+    images: Any,
+    *,
+    name: str = "images",
+    ndim: int | None = 2,
+    num_features: int | None = None,
+    binary: bool = False,
+    unit_interval: bool = True,
+) -> None:
+    """Check an image batch and raise a clear error naming ``name`` if it is unusable.
+
+    Static properties (type, dtype, rank, width) are always checked; the values (finite, within
+    [0, 1], and 0/1 when ``binary``) are checked only for concrete arrays, not for JAX tracers
+    inside ``jit``.
+
+    Args:
+      images: the batch, [batch, num_features] when ``ndim == 2``.
+      name: the argument name used in error messages.
+      ndim: required rank, or None for any rank >= 1.
+      num_features: required size of the last axis, or None.
+      binary: also require every value to be exactly 0 or 1.
+      unit_interval: require values in [0, 1] (pixel intensities); False for real-valued data
+        (e.g. a Gaussian decoder's targets).
+
+    Raises:
+      TypeError: not an array, or not a floating dtype (e.g. uint8 pixels that were not scaled).
+      ValueError: wrong rank or width, empty, NaN/inf values, values outside [0, 1], or
+        non-binary values when ``binary``.
+    """
+    if not hasattr(images, "shape") or not hasattr(images, "dtype"):
+        raise TypeError(f"{name} must be a NumPy or JAX array, got {type(images).__name__}")
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+        raise TypeError(
+            f"{name} must have a floating dtype with values in [0, 1], got {images.dtype} "
+            "(scale uint8 pixels by 1/255 first)"
+        )
+    if ndim is not None and images.ndim != ndim:
+        layout = " (shape [batch, D])" if ndim == 2 else ""
+        raise ValueError(f"{name} must have rank {ndim}{layout}, got shape {tuple(images.shape)}")
+    if images.ndim < 1 or images.size == 0:
+        raise ValueError(f"{name} must be non-empty, got shape {tuple(images.shape)}")
+    if num_features is not None and images.shape[-1] != num_features:
+        raise ValueError(
+            f"{name} must have {num_features} features on its last axis, got shape "
+            f"{tuple(images.shape)}"
+        )
+    if _is_tracer(images):
+        return
+    values = np.asarray(images)
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    low, high = float(values.min()), float(values.max())
+    if unit_interval and (low < 0.0 or high > 1.0):
+        raise ValueError(f"{name} must lie in [0, 1], got values in [{low}, {high}]")
+    if binary and not np.all((values == 0.0) | (values == 1.0)):
+        raise ValueError(f"{name} must be binary (0/1), got other values in [0, 1]")
+
+
+def dynamic_binarize(rng_key: jax.Array, images: jax.Array) -> jax.Array:
+    """Draw binary images with P(pixel = 1) = intensity (dynamic binarization).
+
+    Call it with a fresh key every epoch (Burda et al. 2016, "Importance Weighted Autoencoders",
+    section 5: "samples ... binarized stochastically" each time they are used). Pure
+    ``jax.numpy``: usable inside ``jit``, ``vmap`` and ``lax.scan``.
+
+    Args:
+      rng_key: a JAX PRNG key.
+      images: intensities in [0, 1], any shape, floating dtype.
+
+    Returns:
+      An array of ``images``' shape and dtype holding 0.0 / 1.0.
+
+    Raises:
+      TypeError / ValueError: see :func:`validate_images` (values checked when concrete).
+    """
+    validate_images(images, ndim=None)
+    images = jnp.asarray(images)
+    return jax.random.bernoulli(rng_key, images).astype(images.dtype)
+
+
+def fixed_binarize(images: np.ndarray, *, seed: int = 0) -> np.ndarray:
+    """Binarize once with a fixed seed (fixed binarization): the same output on every call.
+
+    Pixel i is 1 when u_i < intensity_i for u_i ~ Uniform[0, 1) drawn by
+    ``numpy.random.default_rng(seed)``, i.e. Bernoulli(intensity), reproducible across platforms.
+
+    Args:
+      images: intensities in [0, 1], any shape, floating dtype (NumPy or concrete JAX array).
+      seed: the seed.
+
+    Returns:
+      A NumPy array of ``images``' shape and dtype holding 0.0 / 1.0.
+
+    Raises:
+      TypeError / ValueError: see :func:`validate_images`; TypeError for a JAX tracer (this is a
+        host-side, once-per-data-set function; use :func:`dynamic_binarize` under ``jit``).
+    """
+    if _is_tracer(images):
+        raise TypeError(
+            "fixed_binarize is host-side NumPy; it cannot be traced (use dynamic_binarize)")
+    validate_images(images, ndim=None)
+    values = np.asarray(images)
+    uniforms = np.random.default_rng(seed).random(values.shape)
+    return (uniforms < values).astype(values.dtype)

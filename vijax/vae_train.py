@@ -1,0 +1,885 @@
+"""Train and evaluate a VAE on MNIST or the 8x8 digits: the logic behind ``experiments/vae.py``.
+
+Flax-examples style: :class:`Config` says what to run, :func:`train_and_evaluate` runs it in a
+work directory, and the command-line entry point only turns flags into a :class:`Config`.
+Every option is a value or a small frozen dataclass (no option strings); the objectives and
+gradient estimators are :mod:`vijax.vae`'s and :mod:`vijax.elbo`'s own classes.
+
+What :func:`train_and_evaluate` writes into ``workdir``:
+
+* ``config.json`` -- the configuration (checked again on ``resume``);
+* ``metrics.jsonl`` and ``metrics.csv`` -- one row per epoch (row 0 = the initialisation):
+  ``train_objective`` (mean over the epoch's minibatches of the training bound: the ELBO, or
+  the IWAE-K bound for :class:`vijax.vae.IWAE`; nats, higher is better), ``test_elbo`` and
+  ``test_kl`` (analytic-KL ELBO and KL(q(z|x) || p(z)) on the binarized test set, nats),
+  ``learning_rate``, ``epoch_time_s`` (training wall time, including compilation in the first
+  epoch), ``epoch_cpu_time_s`` (CPU seconds of this process over all its threads during the
+  epoch: on a shared machine a better measure of the work than wall time) and ``eval_time_s``;
+* ``checkpoints/<epoch>/`` -- an orbax checkpoint after every epoch (the last
+  ``keep_checkpoints`` kept) holding the :class:`vijax.vae.TrainState` (parameters, Adam state,
+  step) and the epoch count; the training key is stored too, as a check;
+* ``final_metrics.json`` -- the final evaluation (below);
+* ``samples.png``, ``reconstructions.png``, ``training_curves.png`` and, when
+  ``latent_dim == 2``, ``latent_2d.png``.
+
+Reproducibility and resume: with ``key = jax.random.key(config.seed)``,
+``init_key, train_key, eval_key = jax.random.split(key, 3)``; epoch ``e`` (0-based) trains with
+``jax.random.fold_in(train_key, e)`` (shuffling and dynamic binarization inside
+:func:`vijax.vae.make_train_epoch`). Resuming therefore needs no random-stream state: restoring
+the parameters, optimizer state and epoch count from the last checkpoint and running the
+remaining epochs gives bit-for-bit the parameters of an uninterrupted run.
+
+Final evaluation on the test set (binarized once with a fixed seed, the same set every epoch and
+every run): the test ELBO (analytic KL), the IWAE-k bounds for ``eval_iwae_ks``, the
+importance-sampling estimate of log p(x) with ``eval_num_samples`` (5000, as in Burda, Grosse and
+Salakhutdinov 2016, "Importance Weighted Autoencoders", section 5) samples from q(z|x) -- the
+IWAE-5000 bound, reported as the test NLL = -log p(x) in nats -- and the number of active units
+(ibid. section 5.2: Cov_x(E_q[z_u | x]) > 0.01).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import pathlib
+import sys
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from vijax import data as vdata
+from vijax import nn as vnn
+from vijax import vae
+
+__all__ = [
+    "Mnist",
+    "Digits",
+    "DynamicBinarization",
+    "FixedBinarization",
+    "ConstantLR",
+    "IwaeLR",
+    "CosineLR",
+    "Config",
+    "quick_config",
+    "config_to_dict",
+    "build_model",
+    "build_optimizer",
+    "prepare_data",
+    "train_and_evaluate",
+    "restore_checkpoint",
+    "read_metrics",
+    "image_grid",
+    "plot_image_grid",
+    "plot_reconstructions",
+    "plot_training_curves",
+    "plot_latent_scatter",
+    "TEST_BINARIZATION_SEED",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Seed of the fixed binarization of the test set used for every evaluation.
+TEST_BINARIZATION_SEED = 20_161_121
+
+_CONFIG_FILE = "config.json"
+_METRICS_JSONL = "metrics.jsonl"
+_METRICS_CSV = "metrics.csv"
+_FINAL_METRICS = "final_metrics.json"
+_CHECKPOINT_DIR = "checkpoints"
+_METRIC_COLUMNS = ("epoch", "step", "learning_rate", "train_objective", "test_elbo", "test_kl",
+                   "epoch_time_s", "epoch_cpu_time_s", "eval_time_s")
+
+
+def _check_positive_int(value: Any, name: str, *, allow_none: bool = False) -> None:
+    if allow_none and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, "
+                         f"got {value!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Data sets and binarization
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Mnist:
+    """MNIST via :func:`vijax.data.load_mnist` (28x28 = 784 pixels).
+
+    Attributes:
+      data_dir: folder with the four IDX files, or None (then ``$VIJAX_DATA_DIR``, the
+        repository's ``../shared/data/mnist``, or TensorFlow Datasets; see ``load_mnist``).
+      num_train: use only the first ``num_train`` training images (None: all 60000).
+      num_test: use only the first ``num_test`` test images (None: all 10000).
+    """
+
+    data_dir: str | None = None
+    num_train: int | None = None
+    num_test: int | None = None
+
+    def __post_init__(self):
+        _check_positive_int(self.num_train, "num_train", allow_none=True)
+        _check_positive_int(self.num_test, "num_test", allow_none=True)
+
+    def load(self) -> vdata.Dataset:
+        """The data set (:class:`vijax.data.Dataset`, images [n, 784] float32 in [0, 1])."""
+        dataset = vdata.load_mnist(self.data_dir)
+        return _subset(dataset, self.num_train, self.num_test)
+
+
+@dataclasses.dataclass(frozen=True)
+class Digits:
+    """scikit-learn's 8x8 digits via :func:`vijax.data.load_digits` (64 pixels, bundled offline).
+
+    Attributes:
+      num_test: test images (the rest of the 1797 train).
+    """
+
+    num_test: int = 297
+
+    def load(self) -> vdata.Dataset:
+        return vdata.load_digits(num_test=self.num_test)
+
+
+def _subset(dataset: vdata.Dataset, num_train: int | None, num_test: int | None) -> vdata.Dataset:
+    for name, limit, n in (("num_train", num_train, len(dataset.train_labels)),
+                           ("num_test", num_test, len(dataset.test_labels))):
+        if limit is not None and limit > n:
+            raise ValueError(f"{name}={limit} exceeds the {n} examples available")
+    return vdata.Dataset(dataset.train_images[:num_train], dataset.train_labels[:num_train],
+                         dataset.test_images[:num_test], dataset.test_labels[:num_test])
+
+
+@dataclasses.dataclass(frozen=True)
+class DynamicBinarization:
+    """Draw every training pixel afresh from Bernoulli(intensity) at every step (Burda et al.
+    2016, section 5), inside the jitted epoch."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedBinarization:
+    """Binarize the training set once, with :func:`vijax.data.fixed_binarize` and ``seed``."""
+
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Learning-rate schedules
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ConstantLR:
+    """A constant learning rate."""
+
+    depends_on_epochs = False
+
+    def build(self, learning_rate: float, steps_per_epoch: int, epochs: int) -> optax.Schedule:
+        del steps_per_epoch, epochs
+        return optax.constant_schedule(learning_rate)
+
+
+@dataclasses.dataclass(frozen=True)
+class IwaeLR:
+    """Burda et al. (2016, section 5)'s schedule: for i = 0, ..., num_stages - 1, 3^i epochs at
+    ``learning_rate * 10^(-i / (num_stages - 1))``; 3280 epochs in all for 8 stages. A run with
+    fewer epochs follows the beginning of the schedule; after the last stage the rate stays at
+    its final value. Use it with Adam(beta1=0.9, beta2=0.999, eps=1e-4) and learning_rate 1e-3.
+    """
+
+    num_stages: int = 8
+    depends_on_epochs = False
+
+    def __post_init__(self):
+        _check_positive_int(self.num_stages, "num_stages")
+        if self.num_stages < 2:
+            raise ValueError(f"num_stages must be >= 2, got {self.num_stages}")
+
+    def stage_ends(self) -> np.ndarray:
+        """Epoch at which each stage ends: ``[1, 4, 13, 40, 121, 364, 1093, 3280]`` for 8."""
+        return np.cumsum(3 ** np.arange(self.num_stages))
+
+    def build(self, learning_rate: float, steps_per_epoch: int, epochs: int) -> optax.Schedule:
+        del epochs
+        boundaries = jnp.asarray(self.stage_ends()[:-1] * steps_per_epoch, dtype=jnp.int32)
+        last = self.num_stages - 1
+
+        def schedule(step):
+            stage = jnp.sum(jnp.asarray(step, jnp.int32) >= boundaries)
+            return learning_rate * 10.0 ** (-stage.astype(jnp.float32) / last)
+
+        return schedule
+
+
+@dataclasses.dataclass(frozen=True)
+class CosineLR:
+    """Cosine decay from ``learning_rate`` to ``final_fraction * learning_rate`` over all epochs
+    (``optax.cosine_decay_schedule``); it depends on ``Config.epochs``, which therefore cannot
+    change on resume."""
+
+    final_fraction: float = 0.1
+    depends_on_epochs = True
+
+    def __post_init__(self):
+        if not 0.0 <= self.final_fraction <= 1.0:
+            raise ValueError(f"final_fraction must be in [0, 1], got {self.final_fraction}")
+
+    def build(self, learning_rate: float, steps_per_epoch: int, epochs: int) -> optax.Schedule:
+        return optax.cosine_decay_schedule(learning_rate, epochs * steps_per_epoch,
+                                           alpha=self.final_fraction)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------
+
+_OBJECTIVES = (vae.ELBOAnalyticKL, vae.ELBOMonteCarlo, vae.IWAE)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything that determines a run.
+
+    The defaults are the recorded CPU run of docs/vae.md: the IWAE paper's one-stochastic-layer
+    MNIST VAE (784-200-200-50, tanh, dynamic binarization, Adam with eps 1e-4, batch 100) trained
+    for 200 epochs with the analytic-KL ELBO and a cosine learning-rate decay from 1e-3 to 1e-4.
+
+    Attributes:
+      dataset: :class:`Mnist` or :class:`Digits`.
+      binarization: :class:`DynamicBinarization` or :class:`FixedBinarization` of the training
+        images (the test set is always binarized once with ``TEST_BINARIZATION_SEED``).
+      latent_dim: L (50).
+      hidden_sizes: encoder hidden widths; the decoder uses them reversed ((200, 200)); tanh.
+      objective: ``vijax.vae.ELBOAnalyticKL``, ``ELBOMonteCarlo`` or ``IWAE`` instance (number of
+        samples and gradient estimator inside).
+      epochs: total number of epochs (passes over the training set, last partial batch dropped).
+      batch_size: examples per step (100).
+      learning_rate: Adam's (peak) learning rate (1e-3).
+      schedule: :class:`ConstantLR`, :class:`IwaeLR` or :class:`CosineLR` (default, to 1/10).
+      adam_b1, adam_b2, adam_eps: Adam's constants (0.9, 0.999, 1e-4 as in the IWAE paper).
+      seed: master seed (initialisation, shuffling/binarization, evaluation).
+      eval_num_samples: samples k of the final importance-sampling estimate of log p(x) (5000).
+      eval_num_test: estimate log p(x) on the first ``eval_num_test`` test images only (None: all);
+        the ELBO, IWAE-k bounds and active units always use the whole test set.
+      eval_iwae_ks: the k of the extra IWAE-k bounds in the final evaluation.
+      eval_chunk_size: samples per chunk in the importance sampling (memory ~ chunk x batch x D).
+      eval_batch_size: test images per evaluation batch.
+      keep_checkpoints: how many of the latest per-epoch checkpoints to keep.
+    """
+
+    dataset: Mnist | Digits = Mnist()
+    binarization: DynamicBinarization | FixedBinarization = DynamicBinarization()
+    latent_dim: int = 50
+    hidden_sizes: tuple[int, ...] = (200, 200)
+    objective: vae.Objective = vae.ELBOAnalyticKL()
+    epochs: int = 200
+    batch_size: int = 100
+    learning_rate: float = 1e-3
+    schedule: ConstantLR | IwaeLR | CosineLR = CosineLR()
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-4
+    seed: int = 0
+    eval_num_samples: int = 5000
+    eval_num_test: int | None = None
+    eval_iwae_ks: tuple[int, ...] = (1, 50)
+    eval_chunk_size: int = 100
+    eval_batch_size: int = 100
+    keep_checkpoints: int = 2
+
+    def __post_init__(self):
+        if not isinstance(self.dataset, (Mnist, Digits)):
+            raise TypeError(f"dataset must be Mnist(...) or Digits(...), got {self.dataset!r}")
+        if not isinstance(self.binarization, (DynamicBinarization, FixedBinarization)):
+            raise TypeError("binarization must be DynamicBinarization() or FixedBinarization(...),"
+                            f" got {self.binarization!r}")
+        if not isinstance(self.objective, _OBJECTIVES):
+            raise TypeError("objective must be vijax.vae.ELBOAnalyticKL, ELBOMonteCarlo or IWAE, "
+                            f"got {self.objective!r}")
+        if not isinstance(self.schedule, (ConstantLR, IwaeLR, CosineLR)):
+            raise TypeError(
+                f"schedule must be ConstantLR, IwaeLR or CosineLR, got {self.schedule!r}")
+        object.__setattr__(self, "hidden_sizes", tuple(self.hidden_sizes))
+        object.__setattr__(self, "eval_iwae_ks", tuple(self.eval_iwae_ks))
+        for name in ("latent_dim", "epochs", "batch_size", "eval_num_samples", "eval_chunk_size",
+                     "eval_batch_size", "keep_checkpoints"):
+            _check_positive_int(getattr(self, name), name)
+        _check_positive_int(self.eval_num_test, "eval_num_test", allow_none=True)
+        for i, width in enumerate(self.hidden_sizes):
+            _check_positive_int(width, f"hidden_sizes[{i}]")
+        for i, k in enumerate(self.eval_iwae_ks):
+            _check_positive_int(k, f"eval_iwae_ks[{i}]")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) \
+                or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+        if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0
+                and math.isfinite(self.learning_rate)):
+            raise ValueError(f"learning_rate must be a positive finite number, "
+                             f"got {self.learning_rate!r}")
+        for name in ("adam_b1", "adam_b2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not self.adam_eps > 0:
+            raise ValueError(f"adam_eps must be positive, got {self.adam_eps}")
+
+
+def quick_config(dataset: Mnist | Digits | None = None) -> Config:
+    """A demo configuration that finishes in a few minutes on a 2-core CPU.
+
+    MNIST (default): the IWAE paper's 784-200-200-50 network, 10 epochs of Adam (cosine decay
+    from 1e-3 to 1e-4) on all 60000 training images, and a reduced final evaluation (log p(x)
+    with k = 1000 on the first 1000 test images). ``Digits()``: the bundled 8x8 digits, a
+    64-100-100-2 network (so the 2-D latent scatter is drawn), 100 epochs of batch 50, log p(x)
+    with k = 1000 on all 297 test images.
+    """
+    if isinstance(dataset, Digits):
+        return Config(dataset=dataset, latent_dim=2, hidden_sizes=(100, 100), epochs=100,
+                      batch_size=50, eval_num_samples=1000)
+    return Config(dataset=dataset if dataset is not None else Mnist(), epochs=10,
+                  eval_num_samples=1000, eval_num_test=1000)
+
+
+def config_to_dict(config: Any) -> Any:
+    """JSON-ready form of a :class:`Config` (dataclasses become dicts with a ``"type"`` key)."""
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        out = {"type": type(config).__name__}
+        for field in dataclasses.fields(config):
+            out[field.name] = config_to_dict(getattr(config, field.name))
+        return out
+    if isinstance(config, (tuple, list)):
+        return [config_to_dict(v) for v in config]
+    if isinstance(config, (bool, int, float, str)) or config is None:
+        return config
+    if isinstance(config, (np.ndarray, jax.Array, np.generic)):
+        return np.asarray(config).tolist()
+    return repr(config)
+
+
+# Fields that do not change the training trajectory, free to differ when resuming.
+_EVALUATION_FIELDS = frozenset({"eval_num_samples", "eval_num_test", "eval_iwae_ks",
+                                "eval_chunk_size", "eval_batch_size", "keep_checkpoints"})
+
+
+def _config_differences(saved: dict, current: dict, *, allow_epochs: bool) -> list[str]:
+    """Fields that differ between two ``config_to_dict`` outputs and matter for training."""
+    free = _EVALUATION_FIELDS | ({"epochs"} if allow_epochs else set())
+    keys = sorted(set(saved) | set(current))
+    return [k for k in keys if saved.get(k) != current.get(k) and k not in free]
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------
+
+
+def build_model(config: Config, train_images: np.ndarray) -> vnn.VAE:
+    """The Gaussian-encoder / Bernoulli-decoder VAE of ``config`` (tanh MLPs), with the
+    decoder's output bias initialised at the logit of the training pixel means (IWAE paper,
+    appendix C)."""
+    return vnn.iwae_mnist_vae(
+        np.asarray(vnn.pixel_mean_logit(train_images)),
+        hidden_sizes=config.hidden_sizes,
+        latent_dim=config.latent_dim,
+        data_dim=train_images.shape[-1],
+    )
+
+
+def build_optimizer(config: Config, steps_per_epoch: int) -> tuple[optax.GradientTransformation,
+                                                                    optax.Schedule]:
+    """Adam with the configured constants and learning-rate schedule; returns (optimizer,
+    schedule), the schedule mapping the update count to the learning rate."""
+    schedule = config.schedule.build(config.learning_rate, steps_per_epoch, config.epochs)
+    optimizer = optax.adam(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps)
+    return optimizer, schedule
+
+
+def prepare_data(config: Config) -> tuple[vdata.Dataset, np.ndarray, np.ndarray]:
+    """Load the data set and binarize it as configured.
+
+    Returns:
+      ``(dataset, train_images, test_binary)``: the raw :class:`vijax.data.Dataset`; the
+      training images to feed the epochs ([n, D] float32; intensities for dynamic
+      binarization, 0/1 for fixed); the test images binarized once with
+      ``TEST_BINARIZATION_SEED`` ([m, D] float32 0/1).
+
+    Raises:
+      ValueError: the training set is smaller than one batch, or the images are invalid.
+    """
+    dataset = config.dataset.load()
+    vdata.validate_images(dataset.train_images, name="train_images")
+    vdata.validate_images(dataset.test_images, name="test_images",
+                          num_features=dataset.train_images.shape[1])
+    if dataset.train_images.shape[0] < config.batch_size:
+        raise ValueError(f"batch_size {config.batch_size} exceeds the "
+                         f"{dataset.train_images.shape[0]} training images")
+    if isinstance(config.binarization, FixedBinarization):
+        train_images = vdata.fixed_binarize(dataset.train_images, seed=config.binarization.seed)
+    else:
+        train_images = dataset.train_images
+    test_binary = vdata.fixed_binarize(dataset.test_images, seed=TEST_BINARIZATION_SEED)
+    return dataset, train_images, test_binary
+
+
+def _init_state(init_key: jax.Array, model, optimizer, data_dim: int) -> vae.TrainState:
+    """:func:`vijax.vae.init_train_state` compiled as one program (eagerly, Flax's ``init``
+    dispatches and compiles every operation separately)."""
+    return jax.jit(lambda key: vae.init_train_state(key, model, optimizer, data_dim))(init_key)
+
+
+def _keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    init_key, train_key, eval_key = jax.random.split(jax.random.key(seed), 3)
+    return init_key, train_key, eval_key
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints and metrics files
+# ----------------------------------------------------------------------------------------------
+
+
+def _checkpoint_manager(workdir: pathlib.Path, keep: int):
+    import orbax.checkpoint as ocp  # noqa: PLC0415 - heavy import, only when training
+
+    # Synchronous saves: the next epoch donates the state's buffers (donate_argnums=0), so the
+    # checkpoint must be written before it starts (a few MB; cheap next to an epoch).
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=False)
+    return ocp.CheckpointManager(workdir.resolve() / _CHECKPOINT_DIR, options=options)
+
+
+def _checkpoint_item(state: vae.TrainState, epoch: int, train_key: jax.Array) -> dict:
+    return {"state": state, "epoch": int(epoch),
+            "train_key_data": jax.random.key_data(train_key)}
+
+
+def _restore(manager, template: dict, step: int | None = None) -> dict:
+    import orbax.checkpoint as ocp  # noqa: PLC0415
+
+    step = manager.latest_step() if step is None else step
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+def restore_checkpoint(workdir: str | os.PathLike, config: Config,
+                       *, epoch: int | None = None) -> tuple[vae.TrainState, int]:
+    """Load a run's checkpoint: ``(TrainState, number of epochs completed)``.
+
+    Args:
+      workdir: the run's work directory.
+      config: the :class:`Config` the run used (it fixes the state's structure).
+      epoch: which checkpoint (None: the latest kept).
+
+    Raises:
+      FileNotFoundError: no checkpoint in ``workdir``.
+    """
+    workdir = pathlib.Path(workdir)
+    _, train_images, _ = prepare_data(config)
+    model = build_model(config, train_images)
+    steps_per_epoch = train_images.shape[0] // config.batch_size
+    optimizer, _ = build_optimizer(config, steps_per_epoch)
+    init_key, train_key, _ = _keys(config.seed)
+    # Shapes and dtypes suffice as the restore target: no initialisation is run or compiled.
+    state_shapes = jax.eval_shape(
+        lambda key: vae.init_train_state(key, model, optimizer, train_images.shape[1]), init_key)
+    template = _checkpoint_item(state_shapes, 0, train_key)
+    manager = _checkpoint_manager(workdir, config.keep_checkpoints)
+    try:
+        if manager.latest_step() is None:
+            raise FileNotFoundError(f"no checkpoint in {workdir / _CHECKPOINT_DIR}")
+        item = _restore(manager, template, epoch)
+    finally:
+        manager.close()
+    return item["state"], int(item["epoch"])
+
+
+def read_metrics(workdir: str | os.PathLike) -> list[dict]:
+    """The per-epoch rows of ``workdir/metrics.jsonl`` (row with epoch 0 = initialisation)."""
+    path = pathlib.Path(workdir) / _METRICS_JSONL
+    if not path.exists():
+        return []
+    with path.open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _write_metrics(workdir: pathlib.Path, rows: list[dict]) -> None:
+    """Rewrite metrics.jsonl and metrics.csv from ``rows`` (atomically, via a temporary file)."""
+    jsonl = workdir / _METRICS_JSONL
+    tmp = jsonl.with_suffix(".jsonl.tmp")
+    with tmp.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    tmp.replace(jsonl)
+    tmp = workdir / (_METRICS_CSV + ".tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=_METRIC_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(workdir / _METRICS_CSV)
+
+
+def _write_json(path: pathlib.Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training and evaluation
+# ----------------------------------------------------------------------------------------------
+
+
+def _progress_enabled(progress: bool | None) -> bool:
+    if progress is not None:
+        return bool(progress)
+    return sys.stderr.isatty()
+
+
+def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, resume: bool = False,
+                       progress: bool | None = None, data_parallel: bool | None = None) -> dict:
+    """Train the VAE of ``config`` with per-epoch checkpoints, then evaluate it on the test set.
+
+    Args:
+      config: the run (:class:`Config`).
+      workdir: output folder (created). See the module docstring for its contents.
+      resume: continue from the latest checkpoint in ``workdir`` (which must have been written
+        with the same configuration, except that the ``eval_*`` fields and
+        ``keep_checkpoints`` may differ, and ``epochs`` too when the schedule does not depend on
+        it); without a checkpoint, start from scratch. With ``resume=False`` a
+        ``workdir`` that already holds checkpoints is refused rather than overwritten.
+      progress: show a tqdm bar over epochs (None: only when stderr is a terminal).
+      data_parallel: split every batch over all local devices (parameters replicated; see
+        :func:`vijax.vae.make_data_parallel_train_step`). None: when there is more than one local
+        device and ``batch_size`` is divisible by their number. The result equals the
+        one-device run up to float summation order.
+
+    Returns:
+      The final metrics (also written to ``final_metrics.json``), all in nats where they are
+      log-probabilities: ``test_elbo`` (analytic-KL ELBO, mean over the test set),
+      ``test_kl``, ``test_iwae_<k>`` for ``eval_iwae_ks``, ``test_log_px`` (importance-sampling
+      log p(x), k = ``eval_num_samples``, mean over ``eval_num_test`` images), ``test_nll`` =
+      ``-test_log_px`` and its standard error over images ``test_nll_se``, ``active_units``,
+      ``epochs``, ``steps``, ``train_time_s`` and ``train_cpu_time_s`` (sums of the epochs'
+      wall and CPU times across resumed sessions),
+      ``final_eval_time_s``, ``num_params``.
+
+    Raises:
+      FileExistsError: ``workdir`` has checkpoints and ``resume`` is False.
+      ValueError: ``resume`` with a configuration that differs from the saved one (the message
+        lists the fields), or a checkpoint past ``config.epochs``.
+      FileNotFoundError: the data set cannot be found (see :func:`vijax.data.load_mnist`).
+      FloatingPointError: the training or test objective became NaN/inf (diverged).
+    """
+    if not isinstance(config, Config):
+        raise TypeError(f"config must be a vijax.vae_train.Config, got {type(config).__name__}")
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_dict = config_to_dict(config)
+    manager = _checkpoint_manager(workdir, config.keep_checkpoints)
+    try:
+        latest = manager.latest_step()
+        if latest is not None and not resume:
+            raise FileExistsError(
+                f"{workdir} already holds checkpoints (latest: epoch {latest}); pass resume=True "
+                "(--resume) to continue that run, or choose another work directory")
+        if latest is not None:
+            saved = json.loads((workdir / _CONFIG_FILE).read_text())
+            differences = _config_differences(
+                saved, config_dict, allow_epochs=not config.schedule.depends_on_epochs)
+            if differences:
+                raise ValueError(
+                    f"cannot resume {workdir}: the configuration differs from the saved one in "
+                    f"{', '.join(differences)} (only 'epochs', except with CosineLR, and the "
+                    "evaluation settings may change)")
+            if latest > config.epochs:
+                raise ValueError(f"the checkpoint in {workdir} is at epoch {latest}, past "
+                                 f"config.epochs = {config.epochs}")
+        _write_json(workdir / _CONFIG_FILE, config_dict)
+        return _run(config, workdir, manager, resume_from=latest, progress=progress,
+                    data_parallel=data_parallel)
+    finally:
+        manager.close()
+
+
+def _data_parallel_mesh(config: Config, data_parallel: bool | None):
+    """A 1-D device mesh for data parallelism, or None for one device (see train_and_evaluate)."""
+    num_devices = jax.local_device_count()
+    if data_parallel is None:
+        data_parallel = num_devices > 1 and config.batch_size % num_devices == 0
+    if not data_parallel:
+        return None
+    if config.batch_size % num_devices:
+        raise ValueError(f"data_parallel needs batch_size ({config.batch_size}) divisible by "
+                         f"the {num_devices} local devices")
+    return vae.data_parallel_mesh()
+
+
+def _run(config: Config, workdir: pathlib.Path, manager, *, resume_from: int | None,
+         progress: bool | None, data_parallel: bool | None) -> dict:
+    import orbax.checkpoint as ocp  # noqa: PLC0415
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    dataset, train_images, test_binary = prepare_data(config)
+    num_train, data_dim = train_images.shape
+    steps_per_epoch = num_train // config.batch_size
+    model = build_model(config, dataset.train_images)
+    optimizer, schedule = build_optimizer(config, steps_per_epoch)
+    init_key, train_key, eval_key = _keys(config.seed)
+    mesh = _data_parallel_mesh(config, data_parallel)
+    place = jax.device_put if mesh is None else (lambda tree: vae.replicate(tree, mesh))
+    state = place(_init_state(init_key, model, optimizer, data_dim))
+
+    train_epoch = jax.jit(
+        vae.make_train_epoch(model, optimizer, config.objective, batch_size=config.batch_size,
+                             binarize=isinstance(config.binarization, DynamicBinarization),
+                             mesh=mesh),
+        donate_argnums=0)
+    eval_batch = min(config.eval_batch_size, test_binary.shape[0])
+
+    @jax.jit
+    def test_elbo_fn(params, rng_key, x):
+        out = vae.evaluate_bounds(rng_key, params, model, x, num_samples=(),
+                                  batch_size=eval_batch)
+        return jnp.mean(out["elbo"]), jnp.mean(out["kl"])
+
+    train_device = place(train_images)
+    test_device = place(test_binary)
+
+    def evaluate_epoch(params) -> dict:
+        start = time.perf_counter()
+        elbo, kl = jax.device_get(test_elbo_fn(params, eval_key, test_device))
+        return {"test_elbo": float(elbo), "test_kl": float(kl),
+                "eval_time_s": time.perf_counter() - start}
+
+    if resume_from is not None:
+        item = _restore(manager, _checkpoint_item(state, 0, train_key))
+        if not np.array_equal(np.asarray(item["train_key_data"]),
+                              np.asarray(jax.random.key_data(train_key))):
+            raise ValueError("the checkpoint's training key does not match config.seed")
+        state, start_epoch = item["state"], int(item["epoch"])
+        rows = [row for row in read_metrics(workdir) if row["epoch"] <= start_epoch]
+        logger.info("resumed %s at epoch %d (step %d)", workdir, start_epoch, int(state.step))
+    else:
+        start_epoch = 0
+        row = {"epoch": 0, "step": 0, "learning_rate": float(schedule(0)),
+               "train_objective": float("nan"), "epoch_time_s": 0.0, "epoch_cpu_time_s": 0.0}
+        row.update(evaluate_epoch(state.params))
+        rows = [row]
+    _write_metrics(workdir, rows)
+
+    bar = tqdm(total=config.epochs, initial=start_epoch, desc="epochs", unit="epoch",
+               disable=not _progress_enabled(progress), dynamic_ncols=True)
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            start, start_cpu = time.perf_counter(), time.process_time()
+            state, metrics = train_epoch(state, train_device, jax.random.fold_in(train_key, epoch))
+            train_objective = float(jnp.mean(metrics["objective"]))  # waits for the epoch
+            epoch_time = time.perf_counter() - start
+            step = int(state.step)
+            row = {"epoch": epoch + 1, "step": step,
+                   "learning_rate": float(schedule(step - 1)),
+                   "train_objective": train_objective, "epoch_time_s": epoch_time,
+                   "epoch_cpu_time_s": time.process_time() - start_cpu}
+            row.update(evaluate_epoch(state.params))
+            if not (math.isfinite(train_objective) and math.isfinite(row["test_elbo"])):
+                raise FloatingPointError(
+                    f"epoch {epoch + 1}: non-finite objective (train {train_objective}, test ELBO "
+                    f"{row['test_elbo']}); lower the learning rate")
+            rows.append(row)
+            _write_metrics(workdir, rows)
+            manager.save(epoch + 1, args=ocp.args.StandardSave(
+                _checkpoint_item(state, epoch + 1, train_key)))
+            bar.set_postfix(train=f"{train_objective:.2f}", test_elbo=f"{row['test_elbo']:.2f}",
+                            sec=f"{epoch_time:.1f}")
+            bar.update(1)
+            if not bar.disable:
+                continue
+            logger.info("epoch %d/%d: train objective %.3f, test ELBO %.3f nats, %.1f s",
+                        epoch + 1, config.epochs, train_objective, row["test_elbo"], epoch_time)
+        manager.wait_until_finished()
+    finally:
+        bar.close()
+
+    final = _final_evaluation(config, model, state, test_device, eval_key)
+    final.update({
+        "epochs": config.epochs,
+        "steps": int(state.step),
+        "train_time_s": float(sum(r["epoch_time_s"] for r in rows)),
+        "train_cpu_time_s": float(sum(r.get("epoch_cpu_time_s", 0.0) for r in rows)),
+        "num_params": int(sum(np.size(p) for p in jax.tree.leaves(state.params))),
+        "final_train_objective": rows[-1]["train_objective"],
+    })
+    _write_json(workdir / _FINAL_METRICS, final)
+    _make_plots(config, model, state.params, dataset, test_device, rows, eval_key, workdir)
+    logger.info("final: %s", json.dumps(final, sort_keys=True))
+    return final
+
+
+def _final_evaluation(config: Config, model, state: vae.TrainState, x: jax.Array,
+                      eval_key: jax.Array) -> dict:
+    """Test ELBO, IWAE-k bounds, importance-sampling log p(x) and active units on ``x``."""
+    start = time.perf_counter()
+    bounds_key, is_key = jax.random.split(jax.random.fold_in(eval_key, 1))
+    batch = min(config.eval_batch_size, x.shape[0])
+    bounds = jax.jit(lambda p, k, x: vae.evaluate_bounds(
+        k, p, model, x, num_samples=config.eval_iwae_ks, batch_size=batch,
+        chunk_size=config.eval_chunk_size))(state.params, bounds_key, x)
+    num_is = x.shape[0] if config.eval_num_test is None else min(config.eval_num_test, x.shape[0])
+    x_is = x[:num_is]
+    log_px = jax.jit(lambda p, k, x: vae.log_likelihood_is(
+        k, p, model, x, num_samples=config.eval_num_samples,
+        chunk_size=min(config.eval_chunk_size, config.eval_num_samples),
+        batch_size=min(batch, num_is)))(state.params, is_key, x_is)
+    count, variances = jax.jit(lambda p, x: vae.active_units(
+        p, model, x, batch_size=min(1000, x.shape[0])))(state.params, x)
+    log_px = np.asarray(log_px, dtype=np.float64)
+    out = {
+        "test_elbo": float(np.mean(bounds["elbo"])),
+        "test_kl": float(np.mean(bounds["kl"])),
+        "test_log_px": float(log_px.mean()),
+        "test_nll": float(-log_px.mean()),
+        "test_nll_se": float(log_px.std(ddof=1) / math.sqrt(num_is)) if num_is > 1 else 0.0,
+        "eval_num_samples": config.eval_num_samples,
+        "eval_num_test": int(num_is),
+        "active_units": int(count),
+        "active_unit_variances": np.asarray(variances).round(6).tolist(),
+    }
+    for k in config.eval_iwae_ks:
+        out[f"test_iwae_{k}"] = float(np.mean(bounds[f"iwae_{k}"]))
+    if not all(math.isfinite(v) for v in (out["test_elbo"], out["test_nll"])):
+        raise FloatingPointError(f"non-finite final evaluation: {out}")
+    out["final_eval_time_s"] = time.perf_counter() - start
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots (matplotlib's object API with the Agg canvas: no pyplot, no global backend switch)
+# ----------------------------------------------------------------------------------------------
+
+
+def _image_side(num_features: int) -> int:
+    side = math.isqrt(num_features)
+    if side * side != num_features:
+        raise ValueError(f"images of {num_features} pixels are not square")
+    return side
+
+
+def image_grid(images: np.ndarray, *, num_rows: int, num_cols: int, pad: int = 1,
+               pad_value: float = 0.5) -> np.ndarray:
+    """Tile ``images [num_rows * num_cols, side * side]`` (row-major square images) into one
+    ``[num_rows * (side + pad) + pad, num_cols * (side + pad) + pad]`` array, the gaps filled
+    with ``pad_value``."""
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim != 2 or images.shape[0] != num_rows * num_cols:
+        raise ValueError(f"images must have shape [{num_rows * num_cols}, side*side], "
+                         f"got {images.shape}")
+    side = _image_side(images.shape[1])
+    cell = side + pad
+    grid = np.full((num_rows * cell + pad, num_cols * cell + pad), pad_value, np.float32)
+    for i, image in enumerate(images.reshape(-1, side, side)):
+        r, c = divmod(i, num_cols)
+        grid[pad + r * cell: pad + r * cell + side, pad + c * cell: pad + c * cell + side] = image
+    return grid
+
+
+def _new_figure(width: float, height: float):
+    from matplotlib.figure import Figure  # noqa: PLC0415
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def plot_image_grid(images: np.ndarray, path: str | os.PathLike, *, title: str,
+                    num_cols: int = 10) -> None:
+    """Save a grid of ``images [n, side*side]`` (values in [0, 1]) as a PNG at ``path``."""
+    images = np.asarray(images)
+    num_rows = -(-images.shape[0] // num_cols)
+    missing = num_rows * num_cols - images.shape[0]
+    if missing:
+        images = np.concatenate([images, np.zeros((missing, images.shape[1]), images.dtype)])
+    fig = _new_figure(num_cols * 0.6 + 0.4, num_rows * 0.6 + 0.6)
+    ax = fig.add_subplot()
+    ax.imshow(image_grid(images, num_rows=num_rows, num_cols=num_cols),
+              cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax.set_title(title, fontsize=9)
+    ax.set_axis_off()
+    fig.savefig(path)
+
+
+def plot_reconstructions(originals: np.ndarray, reconstructions: np.ndarray,
+                         path: str | os.PathLike, *, num_cols: int = 10) -> None:
+    """Save pairs of rows (test image above, its reconstruction below) as a PNG."""
+    originals, reconstructions = np.asarray(originals), np.asarray(reconstructions)
+    n = originals.shape[0] - originals.shape[0] % num_cols
+    rows = []
+    for start in range(0, n, num_cols):
+        rows.append(originals[start:start + num_cols])
+        rows.append(reconstructions[start:start + num_cols])
+    plot_image_grid(np.concatenate(rows), path, num_cols=num_cols,
+                    title="test images (odd rows) and reconstructions E[x | z = E_q[z | x]]")
+
+
+def plot_training_curves(rows: Sequence[dict], path: str | os.PathLike) -> None:
+    """Save train objective and test ELBO (nats) against epochs as a PNG."""
+    epochs = np.array([r["epoch"] for r in rows])
+    fig = _new_figure(6.4, 4.0)
+    ax = fig.add_subplot()
+    train = np.array([r["train_objective"] for r in rows], dtype=float)
+    test = np.array([r["test_elbo"] for r in rows], dtype=float)
+    ax.plot(epochs[1:], train[1:], label="train objective (minibatch mean during the epoch)")
+    ax.plot(epochs, test, label="test ELBO")
+    finite = np.concatenate([train[np.isfinite(train)], test[np.isfinite(test)]])
+    if finite.size:
+        # Zoom on the informative range: from the 5th-percentile value up to the best.
+        ax.set_ylim(np.percentile(finite, 5) - 1.0, finite.max() + 1.0)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("nats per image (higher is better)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path)
+
+
+def plot_latent_scatter(latents: np.ndarray, labels: np.ndarray, path: str | os.PathLike) -> None:
+    """Save a scatter of 2-D posterior means ``latents [n, 2]`` coloured by ``labels [n]``."""
+    latents, labels = np.asarray(latents), np.asarray(labels)
+    if latents.ndim != 2 or latents.shape[1] != 2 or labels.shape != latents.shape[:1]:
+        raise ValueError(f"latents must be [n, 2] and labels [n], got {latents.shape} and "
+                         f"{labels.shape}")
+    fig = _new_figure(6.0, 5.2)
+    ax = fig.add_subplot()
+    points = ax.scatter(latents[:, 0], latents[:, 1], c=labels, cmap="tab10", s=3, vmin=-0.5,
+                        vmax=9.5)
+    fig.colorbar(points, ax=ax, ticks=range(10), label="digit")
+    ax.set_xlabel("E_q[z_1 | x]")
+    ax.set_ylabel("E_q[z_2 | x]")
+    ax.set_title("test set in the 2-D latent space", fontsize=9)
+    fig.savefig(path)
+
+
+def _make_plots(config: Config, model, params, dataset: vdata.Dataset, test_binary: jax.Array,
+                rows: list[dict], eval_key: jax.Array, workdir: pathlib.Path) -> None:
+    originals = test_binary[:30]
+
+    @jax.jit
+    def pictures(params, rng_key, originals):
+        return (vae.sample_images(rng_key, params, model, 100),
+                vae.reconstruct(params, model, originals))
+
+    samples, reconstructions = jax.device_get(
+        pictures(params, jax.random.fold_in(eval_key, 2), originals))
+    originals = np.asarray(originals)
+    plot_image_grid(samples, workdir / "samples.png",
+                    title="E[x | z] for z ~ N(0, I) (pixel probabilities)")
+    plot_reconstructions(originals, reconstructions, workdir / "reconstructions.png")
+    plot_training_curves(rows, workdir / "training_curves.png")
+    if config.latent_dim == 2:
+        encode = jax.jit(lambda p, x: vae.encoder_means(p, model, x,
+                                                        batch_size=min(1000, x.shape[0])))
+        means = encode(params, test_binary)
+        plot_latent_scatter(np.asarray(means), dataset.test_labels, workdir / "latent_2d.png")
