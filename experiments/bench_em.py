@@ -1,0 +1,293 @@
+"""Benchmark: vijax EM (and the Bayesian GMM CAVI step) against scikit-learn on the CPU.
+
+For each dtype, dimension D and size N (K = 10 components, full covariances) this measures,
+in one run and from the same initial parameters:
+
+* per-iteration time of scikit-learn's ``GaussianMixture`` (one ``_e_step`` + ``_m_step``,
+  exactly the body of its fit loop) and of ``jax.jit(vijax.em.step)``, with the default
+  streamed chunks and, for reference, with the whole data as one block (``chunk_size=N``,
+  the straightforward jitted formulation);
+* per-iteration time of scikit-learn's ``BayesianGaussianMixture`` (``_e_step`` + ``_m_step``
+  + ``_compute_lower_bound``) and of ``jax.jit(vijax.meanfield.bayesian_gmm.step)`` (one CAVI
+  sweep plus its ELBO), both started from the same responsibilities and sklearn's default
+  prior;
+* time to convergence of ``GaussianMixture.fit`` and of ``jax.jit(vijax.em.fit_from_state)``
+  with the same ``tol`` and ``max_iter`` (the iteration counts must agree);
+* XLA compile time, reported separately (never included in the timings above).
+
+Timings are medians over ``--repeats`` runs after a warm-up, interleaving the libraries so
+that both see the same background load; every JAX result is ``block_until_ready``-ed. Both
+libraries use all cores: OpenBLAS threads for numpy/scikit-learn and XLA's CPU thread pool
+(printed at start).
+
+Usage::
+
+    python experiments/bench_em.py                       # the full grid (long)
+    python experiments/bench_em.py --sizes 1e4,1e5 --dims 2,8 --dtypes float64 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import platform
+import time
+import warnings
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+jax.config.update("jax_enable_x64", True)  # float64 runs need it; float32 inputs stay float32
+
+from sklearn.exceptions import ConvergenceWarning  # noqa: E402
+from sklearn.mixture import BayesianGaussianMixture, GaussianMixture  # noqa: E402
+
+from vijax import em  # noqa: E402
+
+try:  # the Bayesian GMM column needs vijax.meanfield
+    from vijax.meanfield import bayesian_gmm  # noqa: E402
+except ImportError:  # pragma: no cover - column left out
+    bayesian_gmm = None
+
+NUM_COMPONENTS = 10
+# The one-block reference materialises [N, K * D] (and [N, K, D]) arrays; skip it above this.
+MAX_ONE_BLOCK_ENTRIES = 1.1e8
+
+
+@dataclasses.dataclass
+class Row:
+    dtype: str
+    n: int
+    d: int
+    sk_gmm_ms: float = float("nan")
+    vj_em_ms: float = float("nan")
+    vj_em_one_block_ms: float = float("nan")
+    sk_bgmm_ms: float = float("nan")
+    vj_bgmm_ms: float = float("nan")
+    compile_step_s: float = float("nan")
+    compile_fit_s: float = float("nan")
+    sk_fit_s: float = float("nan")
+    sk_fit_iters: int = -1
+    vj_fit_s: float = float("nan")
+    vj_fit_iters: int = -1
+    fit_loglik_rel_diff: float = float("nan")
+
+
+def make_data(n: int, d: int, k: int, dtype, seed: int = 0) -> np.ndarray:
+    """N points from a random K-component mixture in D dimensions (separated, anisotropic)."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(k, d)) * 4.0
+    scales = rng.normal(size=(k, d, d)) / np.sqrt(d) + np.eye(d)
+    labels = rng.integers(0, k, size=n)
+    x = centers[labels] + np.einsum("nd,nde->ne", rng.normal(size=(n, d)), scales[labels])
+    return x.astype(dtype)
+
+
+def _times(fn: Callable[[], object], repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds per call of each function; one warm-up call each, then round-robin."""
+    for fn in fns.values():
+        jax.block_until_ready(fn())
+    samples = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            samples[name] += _times(fn, 1)
+    return {name: float(np.median(ts)) for name, ts in samples.items()}
+
+
+def _compile(fn, *args, **static) -> tuple[Callable, float]:
+    start = time.perf_counter()
+    compiled = jax.jit(fn, static_argnames=tuple(static)).lower(*args, **static).compile()
+    return compiled, time.perf_counter() - start
+
+
+def _sklearn_gmm(state: em.GMMState, **kwargs) -> GaussianMixture:
+    """GaussianMixture started at ``state``'s parameters, in the state's dtype (float64
+    initial parameters would make scikit-learn compute float32 data in float64)."""
+    u = np.asarray(state.precision_cholesky)
+    weights = np.asarray(state.weights)
+    return GaussianMixture(
+        NUM_COMPONENTS, covariance_type="full", weights_init=weights / weights.sum(),
+        means_init=np.asarray(state.means), precisions_init=np.einsum("kij,klj->kil", u, u),
+        **kwargs)
+
+
+def sklearn_gmm_iteration(state: em.GMMState, x: np.ndarray) -> Callable[[], object]:
+    """One scikit-learn EM iteration (the body of its fit loop); successive calls continue EM
+    from ``state``'s parameters (the cost of an iteration does not depend on the values)."""
+    gm = _sklearn_gmm(state, max_iter=1, tol=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        gm.fit(x)  # validation and attribute set-up
+
+    def iteration():
+        _, log_resp = gm._e_step(x)
+        gm._m_step(x, log_resp)
+        return gm.means_
+
+    return iteration
+
+
+def sklearn_bgmm_iteration(x: np.ndarray, resp: np.ndarray) -> Callable[[], object]:
+    """One scikit-learn variational iteration from ``resp`` (its default prior)."""
+    bgm = BayesianGaussianMixture(
+        n_components=NUM_COMPONENTS, covariance_type="full",
+        weight_concentration_prior_type="dirichlet_distribution", reg_covar=0.0)
+    bgm._check_parameters(x)
+    bgm._initialize(x, resp)
+
+    def iteration():
+        log_prob_norm, log_resp = bgm._e_step(x)
+        bgm._m_step(x, log_resp)
+        return bgm._compute_lower_bound(log_resp, log_prob_norm)
+
+    return iteration
+
+
+def bench_one(dtype: str, n: int, d: int, args) -> Row:
+    row = Row(dtype, n, d)
+    x_np = make_data(n, d, NUM_COMPONENTS, dtype)
+    x = jnp.asarray(x_np)
+    init, _ = _compile(em.init, jax.random.key(0), x, num_components=NUM_COMPONENTS)
+    state0 = init(jax.random.key(0), x)
+    step, row.compile_step_s = _compile(em.step, state0, x)
+    fns = {"sk_gmm": sklearn_gmm_iteration(state0, x_np), "vj_em": lambda: step(state0, x)}
+    if n * NUM_COMPONENTS * d <= MAX_ONE_BLOCK_ENTRIES:
+        one_block, _ = _compile(em.step, state0, x, chunk_size=n)
+        fns["vj_em_one_block"] = lambda: one_block(state0, x)
+    if bayesian_gmm is not None and not args.skip_bgmm:
+        resp = em.predict_proba(state0, x)
+        prior = bayesian_gmm.default_prior(x, NUM_COMPONENTS)
+        bg_state = bayesian_gmm.init_from_responsibilities(x, resp, prior)
+        bg_step, _ = _compile(bayesian_gmm.step, bg_state, x, prior)
+        fns["sk_bgmm"] = sklearn_bgmm_iteration(x_np, np.asarray(resp))
+        fns["vj_bgmm"] = lambda: bg_step(bg_state, x, prior)
+    for name, seconds in _interleaved(fns, args.repeats).items():
+        setattr(row, f"{name}_ms", 1e3 * seconds)
+
+    if n * d <= args.converge_max_nd:  # time to convergence, same tol / max_iter
+        fit, row.compile_fit_s = _compile(em.fit_from_state, state0, x, max_iter=args.max_iter,
+                                          tol=args.tol)  # tol baked in as a constant
+        gm = _sklearn_gmm(state0, max_iter=args.max_iter, tol=args.tol)
+        for _ in range(args.converge_repeats):
+            start = time.perf_counter()
+            state, info = jax.block_until_ready(fit(state0, x))
+            vj = time.perf_counter() - start
+            start = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                gm.fit(x_np)
+            sk = time.perf_counter() - start
+            row.vj_fit_s = min(vj, row.vj_fit_s) if row.vj_fit_s == row.vj_fit_s else vj
+            row.sk_fit_s = min(sk, row.sk_fit_s) if row.sk_fit_s == row.sk_fit_s else sk
+        row.vj_fit_iters, row.sk_fit_iters = int(info.num_iterations), int(gm.n_iter_)
+        sk_ll = float(gm.lower_bound_)
+        row.fit_loglik_rel_diff = abs(float(state.last_log_likelihood) - sk_ll) / abs(sk_ll)
+    return row
+
+
+def _fmt(value: float, digits: int = 1) -> str:
+    return "—" if value != value else f"{value:.{digits}f}"
+
+
+def _ratio(a: float, b: float) -> str:
+    return "—" if a != a or b != b else f"{a / b:.1f}×"
+
+
+def per_iteration_table(rows: list[Row]) -> str:
+    lines = [
+        "| dtype | N | D | sklearn GMM ms/it | vijax EM ms/it | speed-up | vijax one-block ms/it "
+        "| speed-up | sklearn BGMM ms/it | vijax BGMM ms/it | speed-up | compile s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.dtype} | {r.n:.0e} | {r.d} | {_fmt(r.sk_gmm_ms)} | {_fmt(r.vj_em_ms)} | "
+            f"{_ratio(r.sk_gmm_ms, r.vj_em_ms)} | {_fmt(r.vj_em_one_block_ms)} | "
+            f"{_ratio(r.sk_gmm_ms, r.vj_em_one_block_ms)} | {_fmt(r.sk_bgmm_ms)} | "
+            f"{_fmt(r.vj_bgmm_ms)} | {_ratio(r.sk_bgmm_ms, r.vj_bgmm_ms)} | "
+            f"{_fmt(r.compile_step_s, 2)} |")
+    return "\n".join(lines)
+
+
+def convergence_table(rows: list[Row], tol: float, max_iter: int) -> str:
+    lines = [
+        f"| dtype | N | D | sklearn fit s (iters) | vijax fit s (iters) | speed-up | "
+        f"rel. diff of final log-lik | compile s |  (tol={tol:g}, max_iter={max_iter})",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if r.vj_fit_iters < 0:
+            continue
+        lines.append(
+            f"| {r.dtype} | {r.n:.0e} | {r.d} | {_fmt(r.sk_fit_s, 2)} ({r.sk_fit_iters}) | "
+            f"{_fmt(r.vj_fit_s, 2)} ({r.vj_fit_iters}) | {_ratio(r.sk_fit_s, r.vj_fit_s)} | "
+            f"{r.fit_loglik_rel_diff:.1e} | {_fmt(r.compile_fit_s, 2)} |")
+    return "\n".join(lines)
+
+
+def environment() -> dict:
+    try:
+        from threadpoolctl import threadpool_info
+        blas = [f"{i['internal_api']} {i['version']} threads={i['num_threads']}"
+                for i in threadpool_info()]
+    except Exception:  # pragma: no cover
+        blas = ["unknown"]
+    return {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "jax": jax.__version__, "devices": [str(dv) for dv in jax.devices()],
+        "xla_flags": os.environ.get("XLA_FLAGS", ""), "blas": blas,
+    }
+
+
+def main(argv=None) -> list[Row]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="1e4,1e5,1e6", help="comma-separated N")
+    parser.add_argument("--dims", default="2,8,32", help="comma-separated D")
+    parser.add_argument("--dtypes", default="float64,float32")
+    parser.add_argument("--repeats", type=int, default=5, help="timed iterations per method")
+    parser.add_argument("--tol", type=float, default=1e-3)
+    parser.add_argument("--max-iter", type=int, default=100)
+    parser.add_argument("--converge-max-nd", type=float, default=1e7,
+                        help="time to convergence only where N * D <= this")
+    parser.add_argument("--converge-repeats", type=int, default=1)
+    parser.add_argument("--skip-bgmm", action="store_true", help="leave out the BGMM columns")
+    parser.add_argument("--out", default="outputs/bench_em/results.json")
+    args = parser.parse_args(argv)
+
+    env = environment()
+    print(json.dumps(env, indent=1))
+    rows = []
+    for dtype in args.dtypes.split(","):
+        for d in (int(v) for v in args.dims.split(",")):
+            for n in (int(float(v)) for v in args.sizes.split(",")):
+                row = bench_one(dtype, n, d, args)
+                rows.append(row)
+                print(json.dumps(dataclasses.asdict(row)), flush=True)
+    print("\nPer iteration (median):\n" + per_iteration_table(rows))
+    print("\nTo convergence:\n" + convergence_table(rows, args.tol, args.max_iter))
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"environment": env, "args": vars(args),
+                               "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))
+    print(f"\nwrote {out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

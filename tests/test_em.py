@@ -1,0 +1,494 @@
+"""Tests for vijax.em (Gaussian mixtures by EM).
+
+References: scikit-learn's GaussianMixture run from the same initial parameters, scipy's
+multivariate normal densities, the ELBO/KL identity of the "LVM blog post" ("Expectation
+Maximization"), the M-step's closed form as a maximiser (perturbations lower the ELBO), and
+Monte Carlo moments with tolerances from their standard errors.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.mixture import GaussianMixture
+
+from vijax import em
+
+COV_TYPES = {"full": em.Full(), "diag": em.Diag(), "spherical": em.Spherical()}
+
+# Most tests share one problem size so that each compiled program is reused across tests;
+# CHUNK leaves a 44-row remainder, so the streamed path (loop + last chunk) is always exercised.
+N, DIM, K, CHUNK, ITERS = 300, 3, 3, 128, 60
+
+# Compiled once per static configuration (eager calls would compile every loop body again);
+# eager calls are exercised by the input-checking tests.
+_init_jit = jax.jit(em.init, static_argnames=("num_components", "covariance_type",
+                                              "init_method", "chunk_size"))
+_step = jax.jit(em.step, static_argnames=("chunk_size",))
+_m_step = jax.jit(em.m_step, static_argnames=("chunk_size",))
+_fit_from_state = jax.jit(em.fit_from_state, static_argnames=("max_iter", "chunk_size"))
+_predict_proba = jax.jit(em.predict_proba)
+_log_likelihood = jax.jit(em.log_likelihood)
+_log_joint = jax.jit(em.log_joint)
+_elbo = jax.jit(em.elbo)
+_sample = jax.jit(em.sample, static_argnums=2)
+
+
+def _strict():
+    return jax.numpy_rank_promotion("raise")
+
+
+def _init(rng_key, x, num_components=K, *, covariance_type=em.Full(),
+          init_method=em.KMeansPlusPlus(), reg_covar=1e-6, chunk_size=CHUNK):
+    """``em.init`` compiled, with every static argument passed the same way (one cache key
+    per configuration)."""
+    return _init_jit(rng_key, x, num_components, covariance_type=covariance_type,
+                     init_method=init_method, reg_covar=reg_covar, chunk_size=chunk_size)
+
+
+def _blobs(seed: int, n: int = N, dim: int = DIM, k: int = K) -> np.ndarray:
+    """Anisotropic clusters of unequal sizes (float64)."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(k, dim)) * 3.0
+    labels = rng.choice(k, size=n, p=np.arange(1, k + 1) / (k * (k + 1) / 2))
+    scales = rng.uniform(0.3, 1.2, size=(k, dim, dim))
+    noise = np.einsum("nd,nde->ne", rng.normal(size=(n, dim)), scales[labels])
+    return centers[labels] + noise
+
+
+def _sklearn_from_state(state: em.GMMState, name: str, **kwargs) -> GaussianMixture:
+    """A GaussianMixture whose initial parameters are those of ``state``."""
+    u = np.asarray(state.precision_cholesky, np.float64)
+    precisions = np.einsum("kij,klj->kil", u, u) if name == "full" else u**2
+    weights = np.asarray(state.weights, np.float64)
+    return GaussianMixture(
+        n_components=state.means.shape[0], covariance_type=name,
+        weights_init=weights / weights.sum(),  # float32 weights sum to 1 only to ~1e-7
+        means_init=np.asarray(state.means, np.float64),
+        precisions_init=precisions, **kwargs,
+    )
+
+
+def _fit_sklearn(gm: GaussianMixture, x: np.ndarray) -> GaussianMixture:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return gm.fit(x)
+
+
+def _dense_covariances(state: em.GMMState) -> np.ndarray:
+    """The state's covariances as ``[K, D, D]`` float64 matrices."""
+    d = state.means.shape[-1]
+    cov = np.asarray(state.covariances, np.float64)
+    if cov.ndim == 1:
+        return cov[:, None, None] * np.eye(d)
+    if cov.ndim == 2:
+        return np.stack([np.diag(c) for c in cov])
+    return cov
+
+
+def _scipy_log_joint(state: em.GMMState, x: np.ndarray) -> np.ndarray:
+    """log pi_k + log N(x | mu_k, Sigma_k) with scipy, ``[N, K]`` float64."""
+    k = state.means.shape[0]
+    cov = _dense_covariances(state)
+    return np.stack([
+        np.log(float(state.weights[j]))
+        + stats.multivariate_normal(np.asarray(state.means[j], np.float64), cov[j]).logpdf(x)
+        for j in range(k)
+    ], axis=-1)
+
+
+# ------------------------------------------------------------------------------------------
+# 1. Monotone log-likelihood; ELBO = log-likelihood after the E-step (KL = 0)
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(COV_TYPES))
+def test_log_likelihood_never_decreases(x64, name):
+    """EM is ascent on log p(X | theta) (PRML §9.4). The ``reg_covar`` floor makes each M-step
+    maximise a slightly different, q-dependent objective, so the guarantee is for a negligible
+    floor (1e-10): monotone to rounding (1e-12 nats). With the default 1e-6 the trace can dip
+    by up to ~reg_covar near the fixed point; there it must equal scikit-learn's trace."""
+    for seed in range(3):
+        x = jnp.asarray(_blobs(seed))
+        for init_method in (em.KMeansPlusPlus(), em.RandomResponsibilities()):
+            for reg_covar in (1e-10, 1e-6):
+                with _strict():
+                    state0 = _init(jax.random.key(seed), x, K, covariance_type=COV_TYPES[name],
+                                   init_method=init_method, reg_covar=reg_covar,
+                                   chunk_size=CHUNK)
+                    _, info = _fit_from_state(state0, x, max_iter=ITERS, tol=0.0,
+                                              chunk_size=CHUNK)
+                trace = np.asarray(info.log_likelihood)
+                assert trace.shape == (ITERS,) and np.all(np.isfinite(trace))
+                assert trace[-1] - trace[0] > 1e-3  # it did climb
+                if reg_covar == 1e-10:
+                    assert np.min(np.diff(trace)) >= -1e-12, (seed, init_method)
+                else:
+                    gm = _fit_sklearn(_sklearn_from_state(state0, name, max_iter=ITERS, tol=0.0),
+                                      np.asarray(x))
+                    np.testing.assert_allclose(trace, gm.lower_bounds_, rtol=1e-8)
+
+
+@pytest.mark.parametrize("name", list(COV_TYPES))
+def test_elbo_equals_log_likelihood_after_e_step(x64, name):
+    x_np = _blobs(1)
+    x = jnp.asarray(x_np)
+    state = _init(jax.random.key(0), x, K, covariance_type=COV_TYPES[name], chunk_size=CHUNK)
+    state, _ = _step(state, x, chunk_size=CHUNK)  # some non-initial parameters
+    with _strict():
+        resp = _predict_proba(state, x)
+        elbo_at_posterior = _elbo(state, x, resp)
+        mean_ll = jnp.mean(_log_likelihood(state, x))
+    assert resp.shape == (N, K) and elbo_at_posterior.shape == ()
+    # log-likelihood from scipy densities (independent of vijax's Cholesky formulation)
+    ll_ref = np.mean(np.logaddexp.reduce(_scipy_log_joint(state, x_np), axis=-1))
+    np.testing.assert_allclose(float(mean_ll), ll_ref, rtol=1e-12)
+    np.testing.assert_allclose(float(elbo_at_posterior), ll_ref, rtol=1e-12)  # KL = 0
+    # Any other q: ELBO = log-likelihood - mean KL(q || posterior), KL computed with scipy.
+    q = jax.random.dirichlet(jax.random.key(3), jnp.ones(K, jnp.float64), (N,))
+    log_post = _scipy_log_joint(state, x_np)
+    log_post -= np.logaddexp.reduce(log_post, axis=-1, keepdims=True)
+    kl = np.mean(np.sum(np.asarray(q) * (np.log(np.asarray(q)) - log_post), axis=-1))
+    assert kl > 1e-2
+    np.testing.assert_allclose(float(_elbo(state, x, q)), ll_ref - kl, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(COV_TYPES))
+def test_m_step_maximises_elbo_for_fixed_q(x64, name):
+    """The closed-form M-step is argmax_theta L(q, theta): perturbing it lowers the ELBO."""
+    x = jnp.asarray(_blobs(2))
+    state = _init(jax.random.key(0), x, K, covariance_type=COV_TYPES[name], reg_covar=1e-12,
+                  chunk_size=CHUNK)
+    q = jax.random.dirichlet(jax.random.key(1), jnp.ones(K, jnp.float64), (N,))
+    with _strict():
+        best = _m_step(state, x, q, chunk_size=CHUNK)
+        best_elbo = float(_elbo(best, x, q))
+    assert best_elbo > float(_elbo(state, x, q))
+    assert int(best.iteration) == int(state.iteration)
+    rng = np.random.default_rng(0)
+    for trial in range(6):
+        w = np.asarray(best.weights) * np.exp(0.05 * rng.normal(size=K))
+        means = np.asarray(best.means) + 0.05 * rng.normal(size=best.means.shape)
+        cov = np.asarray(best.covariances) * (np.exp(0.05 * rng.normal()) if trial % 2 else 1.0)
+        perturbed = em.state_from_parameters(w / w.sum(), means, cov,
+                                             covariance_type=COV_TYPES[name])
+        assert float(_elbo(perturbed, x, q)) < best_elbo
+
+
+# ------------------------------------------------------------------------------------------
+# 2. Agreement with scikit-learn's GaussianMixture from the same initial parameters
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(COV_TYPES))
+def test_agrees_with_sklearn_gaussian_mixture(x64, name):
+    x_np = _blobs(4)
+    x = jnp.asarray(x_np)
+    state0 = _init(jax.random.key(5), x, K, covariance_type=COV_TYPES[name], chunk_size=CHUNK)
+    with _strict():
+        state, info = _fit_from_state(state0, x, max_iter=ITERS, tol=0.0, chunk_size=CHUNK)
+    gm = _fit_sklearn(_sklearn_from_state(state0, name, max_iter=ITERS, tol=0.0), x_np)
+    assert int(info.num_iterations) == gm.n_iter_ == ITERS and int(state.iteration) == ITERS
+    np.testing.assert_allclose(np.asarray(info.log_likelihood), gm.lower_bounds_, rtol=1e-8)
+    for ours, theirs in [(state.weights, gm.weights_), (state.means, gm.means_),
+                         (state.covariances, gm.covariances_),
+                         (state.precision_cholesky, gm.precisions_cholesky_)]:
+        np.testing.assert_allclose(np.asarray(ours), theirs, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(_predict_proba(state, x)), gm.predict_proba(x_np),
+                               atol=1e-8)
+    np.testing.assert_allclose(np.asarray(_log_likelihood(state, x)), gm.score_samples(x_np),
+                               rtol=1e-10)
+
+
+def test_agrees_with_sklearn_in_higher_dimension(x64):
+    """D >= 4 takes the component-major scatter layout of the full-covariance M-step."""
+    x_np = _blobs(15, dim=6)
+    x = jnp.asarray(x_np)
+    state0 = _init(jax.random.key(0), x, K)
+    with _strict():
+        state, info = _fit_from_state(state0, x, max_iter=ITERS, tol=0.0, chunk_size=CHUNK)
+    gm = _fit_sklearn(_sklearn_from_state(state0, "full", max_iter=ITERS, tol=0.0), x_np)
+    np.testing.assert_allclose(np.asarray(info.log_likelihood), gm.lower_bounds_, rtol=1e-8)
+    np.testing.assert_allclose(np.asarray(state.covariances), gm.covariances_, rtol=1e-6,
+                               atol=1e-6)
+    np.testing.assert_allclose(np.asarray(state.means), gm.means_, rtol=1e-6, atol=1e-6)
+
+
+def test_stopping_rule_matches_sklearn(x64):
+    x_np = _blobs(6)
+    state0 = _init(jax.random.key(0), jnp.asarray(x_np), K, chunk_size=CHUNK)
+    state, info = _fit_from_state(state0, jnp.asarray(x_np), max_iter=ITERS, tol=1e-4,
+                                  chunk_size=CHUNK)
+    gm = _fit_sklearn(_sklearn_from_state(state0, "full", max_iter=ITERS, tol=1e-4), x_np)
+    n = int(info.num_iterations)
+    assert bool(info.converged) and gm.converged_ and n == gm.n_iter_ and 2 < n < ITERS
+    assert np.all(np.isnan(np.asarray(info.log_likelihood)[n:]))
+    np.testing.assert_allclose(np.asarray(info.log_likelihood)[:n], gm.lower_bounds_, rtol=1e-8)
+    np.testing.assert_allclose(float(state.last_log_likelihood), gm.lower_bound_, rtol=1e-8)
+    np.testing.assert_allclose(np.asarray(state.means), gm.means_, atol=1e-6)
+
+
+def test_old_faithful_matches_sklearn(x64, old_faithful_csv):
+    data = np.loadtxt(old_faithful_csv, delimiter=",", skiprows=1)
+    assert data.shape == (272, 2)
+    x_np = (data - data.mean(0)) / data.std(0)
+    # the start of experiments/gmm_em.py (PRML Fig. 9.8 style): unit covariances, means in
+    # the empty corners
+    state0 = em.state_from_parameters(np.array([0.5, 0.5]), np.array([[-1.0, 1.0], [1.5, -1.0]]),
+                                      np.stack([np.eye(2)] * 2))
+    state, info = _fit_from_state(state0, jnp.asarray(x_np), max_iter=ITERS, tol=1e-8,
+                                  chunk_size=CHUNK)
+    gm = _fit_sklearn(_sklearn_from_state(state0, "full", max_iter=ITERS, tol=1e-8), x_np)
+    assert bool(info.converged) and int(info.num_iterations) == gm.n_iter_
+    np.testing.assert_allclose(np.asarray(state.means), gm.means_, atol=1e-6)
+    np.testing.assert_allclose(float(state.last_log_likelihood), gm.lower_bound_, rtol=1e-10)
+    # the two eruption regimes: short/short-wait and long/long-wait
+    assert np.sign(np.asarray(state.means)).tolist() in ([[-1, -1], [1, 1]], [[1, 1], [-1, -1]])
+
+
+# ------------------------------------------------------------------------------------------
+# dtypes, jit, vmap, batches
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(COV_TYPES))
+def test_float32_in_float32_out_and_close_to_float64(name):
+    x_np = _blobs(7)
+    x32 = jnp.asarray(x_np, jnp.float32)
+    with _strict():
+        state0 = _init(jax.random.key(0), x32, K, covariance_type=COV_TYPES[name],
+                       chunk_size=CHUNK)
+        state, info = _fit_from_state(state0, x32, max_iter=ITERS, tol=0.0, chunk_size=CHUNK)
+    arrays = (*state[:4], state.last_log_likelihood, state.reg_covar, info.log_likelihood)
+    if name == "full":
+        with _strict():
+            arrays += (_predict_proba(state, x32), _log_likelihood(state, x32),
+                       _sample(jax.random.key(1), state, 7)[0])
+    assert all(a.dtype == jnp.float32 for a in arrays)
+    assert state.iteration.dtype == jnp.int32
+    shape = COV_TYPES[name].covariance_shape(K, DIM)
+    assert state.covariances.shape == state.precision_cholesky.shape == shape
+    # float64 sklearn from the float32 run's start agrees to float32 accuracy
+    gm = _fit_sklearn(_sklearn_from_state(state0, name, max_iter=ITERS, tol=0.0), x_np)
+    np.testing.assert_allclose(np.asarray(info.log_likelihood), gm.lower_bounds_, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(state.means), gm.means_, atol=1e-3)
+
+
+def test_jit_does_not_retrace(x64):
+    x = jnp.asarray(_blobs(8))
+    traces = []
+
+    def counted_step(state, x):
+        traces.append(1)
+        return em.step(state, x, chunk_size=CHUNK)
+
+    jitted = jax.jit(counted_step)
+    state = _init(jax.random.key(0), x, K, chunk_size=CHUNK)
+    s1, i1 = jitted(state, x)
+    s2, i2 = jitted(s1, x + 0.1)  # new values, same shapes: no new trace
+    assert len(traces) == 1 and jitted._cache_size() == 1
+    assert int(s2.iteration) == 2 and np.isfinite(float(i2.log_likelihood))
+    # the module-level compiled programs are not recompiled for new values either
+    for fn, args in [(_fit_from_state, lambda s: (s, x * 2.0)), (_predict_proba, lambda s: (s, x)),
+                     (_log_likelihood, lambda s: (s, x - 1.0))]:
+        kwargs = {"max_iter": ITERS, "chunk_size": CHUNK} if fn is _fit_from_state else {}
+        fn(*args(state), **kwargs)
+        size = fn._cache_size()
+        fn(*args(s2), **kwargs)
+        assert fn._cache_size() == size
+
+
+def test_vmap_over_restarts_equals_loop(x64):
+    x = jnp.asarray(_blobs(9))
+    keys = jax.random.split(jax.random.key(0), 4)
+
+    def fit(key):
+        return em.fit(key, x, K, max_iter=ITERS, tol=1e-6, chunk_size=CHUNK)
+
+    with _strict():
+        states, infos = jax.jit(jax.vmap(fit))(keys)
+    assert states.means.shape == (4, K, DIM) and infos.log_likelihood.shape == (4, ITERS)
+    assert states.covariance_type == em.Full() and infos.converged.shape == (4,)
+    for r in range(4):
+        single = _init(keys[r], x, K, chunk_size=CHUNK)
+        single, info = _fit_from_state(single, x, max_iter=ITERS, tol=1e-6, chunk_size=CHUNK)
+        assert int(infos.num_iterations[r]) == int(info.num_iterations)
+        np.testing.assert_allclose(np.asarray(states.means[r]), np.asarray(single.means),
+                                   rtol=1e-9, atol=1e-12)
+    # k-means++ seeds differ between restarts, so the starting log-likelihoods do too
+    assert np.ptp(np.asarray(infos.log_likelihood[:, 0])) > 0
+
+
+def test_vmap_over_datasets_and_batched_inputs(x64):
+    xs = jnp.stack([jnp.asarray(_blobs(s)) for s in (10, 11)])
+    states = jax.jit(jax.vmap(lambda x: em.init(jax.random.key(0), x, K, chunk_size=CHUNK)))(xs)
+    new_states, infos = jax.jit(jax.vmap(lambda s, x: em.step(s, x, chunk_size=CHUNK)))(states, xs)
+    assert new_states.means.shape == (2, K, DIM) and infos.component_counts.shape == (2, K)
+    np.testing.assert_allclose(np.asarray(infos.component_counts.sum(-1)), [N, N], rtol=1e-12)
+    for b in range(2):  # each batch member is the unbatched step on its own data set
+        single, _ = _step(jax.tree.map(lambda a: a[b], states), xs[b], chunk_size=CHUNK)
+        np.testing.assert_allclose(np.asarray(new_states.covariances[b]),
+                                   np.asarray(single.covariances), rtol=1e-10)
+    # predict_proba / log_likelihood / log_joint accept any leading batch shape [..., D]
+    state = jax.tree.map(lambda a: a[0], new_states)
+    grid = jnp.asarray(np.random.default_rng(0).normal(size=(4, 5, DIM)))
+    with _strict():
+        lj, pp, ll = (_log_joint(state, grid), _predict_proba(state, grid),
+                      _log_likelihood(state, grid))
+    assert lj.shape == pp.shape == (4, 5, K) and ll.shape == (4, 5)
+    ref = _scipy_log_joint(state, np.asarray(grid).reshape(-1, DIM))
+    np.testing.assert_allclose(np.asarray(lj).reshape(-1, K), ref, rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(ll).ravel(), np.logaddexp.reduce(ref, -1), rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(pp.sum(-1)), 1.0, rtol=1e-12)
+
+
+def test_chunking_does_not_change_the_step(x64):
+    x = jnp.asarray(_blobs(12))
+    state = _init(jax.random.key(0), x, K, chunk_size=CHUNK)
+    ref, ref_info = _step(state, x, chunk_size=N)  # one block
+    for chunk in (1, CHUNK):
+        out, info = _step(state, x, chunk_size=chunk)
+        np.testing.assert_allclose(np.asarray(out.covariances), np.asarray(ref.covariances),
+                                   rtol=1e-11)
+        np.testing.assert_allclose(float(info.log_likelihood), float(ref_info.log_likelihood),
+                                   rtol=1e-13)
+
+
+# ------------------------------------------------------------------------------------------
+# initialisation and sampling
+# ------------------------------------------------------------------------------------------
+
+
+def test_kmeans_plus_plus_finds_separated_clusters(x64):
+    rng = np.random.default_rng(0)
+    centers = np.array([[0.0, 0.0, 0.0], [30.0, 0.0, 0.0], [0.0, 30.0, 0.0]])
+    labels = np.repeat([0, 1, 2], [50, 100, 150])
+    x = jnp.asarray(centers[labels] + rng.normal(size=(N, DIM)))
+    for seed in range(3):
+        state = _init(jax.random.key(seed), x, K, chunk_size=CHUNK)
+        order = np.argsort(np.asarray(state.means) @ np.array([1.0, 10.0, 0.0]))
+        np.testing.assert_allclose(np.asarray(state.weights)[order], [1 / 6, 1 / 3, 1 / 2],
+                                   atol=1e-12)
+        np.testing.assert_allclose(np.asarray(state.means)[order], centers, atol=0.5)
+        assert int(state.iteration) == 0 and float(state.last_log_likelihood) == -np.inf
+
+
+def test_random_responsibilities_start_near_the_data_mean(x64):
+    x_np = _blobs(13)
+    state = _init(jax.random.key(0), jnp.asarray(x_np), K,
+                  init_method=em.RandomResponsibilities(), chunk_size=CHUNK)
+    np.testing.assert_allclose(np.asarray(state.weights), 1 / K, atol=0.05)
+    # each mean is a randomly weighted average of the rows: within a few SE of the data mean
+    se = x_np.std(0) / np.sqrt(N)
+    assert np.all(np.abs(np.asarray(state.means) - x_np.mean(0)) < 4 * se)
+
+
+@pytest.mark.parametrize("name", list(COV_TYPES))
+def test_sample_moments_match_parameters(x64, name):
+    weights = np.array([0.2, 0.5, 0.3])
+    means = np.array([[0.0, 0.0], [4.0, 1.0], [-3.0, 2.0]])
+    cov = {
+        "full": np.array([[[1.0, 0.6], [0.6, 0.8]], [[0.5, -0.2], [-0.2, 0.3]],
+                          [[2.0, 0.0], [0.0, 1.0]]]),
+        "diag": np.array([[1.0, 0.8], [0.5, 0.3], [2.0, 1.0]]),
+        "spherical": np.array([1.0, 0.5, 2.0]),
+    }[name]
+    state = em.state_from_parameters(weights, means, cov, covariance_type=COV_TYPES[name])
+    n = 40_000
+    with _strict():
+        xs, zs = _sample(jax.random.key(0), state, n)
+    assert xs.shape == (n, 2) and zs.shape == (n,) and zs.dtype == jnp.int32
+    xs, zs = np.asarray(xs), np.asarray(zs)
+    freq = np.bincount(zs, minlength=3) / n
+    assert np.all(np.abs(freq - weights) < 5 * np.sqrt(weights * (1 - weights) / n))
+    sigma = _dense_covariances(state)
+    np.testing.assert_array_equal(np.asarray(jax.jit(em.dense_covariances)(state)), sigma)
+    for k in range(3):
+        xk = xs[zs == k]
+        nk = len(xk)
+        assert np.all(np.abs(xk.mean(0) - means[k]) < 5 * np.sqrt(np.diag(sigma[k]) / nk))
+        # SE of a sample covariance entry: sqrt((S_ii S_jj + S_ij^2) / n)
+        se_cov = np.sqrt((np.outer(np.diag(sigma[k]), np.diag(sigma[k])) + sigma[k] ** 2) / nk)
+        assert np.all(np.abs(np.cov(xk.T) - sigma[k]) < 5 * se_cov)
+    if name == "full":  # batched over keys
+        xb, zb = jax.jit(jax.vmap(lambda k: em.sample(k, state, 5)))(
+            jax.random.split(jax.random.key(1), 3))
+        assert xb.shape == (3, 5, 2) and zb.shape == (3, 5)
+
+
+# ------------------------------------------------------------------------------------------
+# 4. Bad input
+# ------------------------------------------------------------------------------------------
+
+
+def test_bad_input_raises_naming_the_argument():
+    x = np.random.default_rng(0).normal(size=(20, 2)).astype(np.float32)
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match="`x`.*NaN or inf"):
+        em.init(key, np.concatenate([x, [[np.nan, 0.0]]]).astype(np.float32), 2)
+    with pytest.raises(ValueError, match="`x`.*NaN or inf"):
+        em.fit(key, np.concatenate([x, [[0.0, np.inf]]]).astype(np.float32), 2)
+    with pytest.raises(ValueError, match="`num_components`"):
+        em.init(key, x[:3], 4)
+    with pytest.raises(ValueError, match="`num_components`"):
+        em.init(key, x, 0)
+    with pytest.raises(TypeError, match="`num_components`"):
+        em.init(key, x, 2.0)
+    for bad in (0.0, -1e-3, float("nan")):
+        with pytest.raises(ValueError, match="`reg_covar`"):
+            em.fit(key, x, 2, reg_covar=bad)
+    with pytest.raises(ValueError, match="`x`.*2-D"):
+        em.init(key, x[:, 0], 2)
+    with pytest.raises(ValueError, match="`x`.*2-D"):
+        em.init(key, x[None], 2)
+    with pytest.raises(TypeError, match="`x`.*floating"):
+        em.init(key, np.ones((5, 2), np.int32), 2)
+    with pytest.raises(TypeError, match="`covariance_type`"):
+        em.init(key, x, 2, covariance_type="full")
+    with pytest.raises(TypeError, match="`init_method`"):
+        em.init(key, x, 2, init_method="kmeans")
+    state = em.state_from_parameters(np.ones(2, np.float32) / 2, x[:2], np.stack([np.eye(2)] * 2))
+    for fn in (em.predict_proba, em.log_likelihood, em.log_joint):
+        with pytest.raises(ValueError, match="`x`.*dimensionality 3"):
+            fn(state, np.ones((4, 3), np.float32))
+    with pytest.raises(ValueError, match="`x`.*dimensionality 3"):
+        em.step(state, np.ones((4, 3), np.float32))
+    with pytest.raises(ValueError, match="`x`.*NaN or inf"):
+        em.step(state, np.concatenate([x, [[np.nan, 0.0]]]).astype(np.float32))
+    with pytest.raises(ValueError, match="`max_iter`"):
+        em.fit_from_state(state, x, max_iter=0)
+    with pytest.raises(ValueError, match="`tol`"):
+        em.fit_from_state(state, x, tol=-1.0)
+    with pytest.raises(ValueError, match="`responsibilities`"):
+        em.elbo(state, x, np.ones((20, 3), np.float32) / 3)
+    with pytest.raises(ValueError, match="`num_samples`"):
+        em.sample(key, state, 0)
+    with pytest.raises(ValueError, match="`covariances`"):
+        em.state_from_parameters(np.ones(2) / 2, np.zeros((2, 2)), np.ones((2, 3)),
+                                 covariance_type=em.Diag())
+    with pytest.raises(ValueError, match="`covariances`.*positive definite"):
+        em.state_from_parameters(np.ones(2) / 2, np.zeros((2, 2)),
+                                 np.stack([np.eye(2), -np.eye(2)]))
+    with pytest.raises(ValueError, match="`weights`"):
+        em.state_from_parameters(np.array([0.7, 0.7]), np.zeros((2, 2)), np.ones(2),
+                                 covariance_type=em.Spherical())
+    with pytest.raises(ValueError, match="`weights`"):
+        em.state_from_parameters(np.ones(3) / 3, np.zeros((2, 2)), np.ones(2),
+                                 covariance_type=em.Spherical())
+
+
+def test_nan_check_is_skipped_under_tracing_but_shapes_are_not():
+    x = jnp.asarray(_blobs(14), jnp.float32)
+    state = em.state_from_parameters(np.ones(K, np.float32) / K, x[:K],
+                                     np.stack([np.eye(DIM, dtype=np.float32)] * K))
+    # under jit x is a tracer: its values are not inspected (no host transfer), NaN propagates
+    out, info = _step(state, x.at[0, 0].set(jnp.nan), chunk_size=CHUNK)
+    assert np.isnan(float(info.log_likelihood)) and not np.all(np.isfinite(np.asarray(out.means)))
+    with pytest.raises(ValueError, match="`x`"):  # shapes are static: still checked
+        _step(state, jnp.ones((N, DIM + 1), jnp.float32), chunk_size=CHUNK)
