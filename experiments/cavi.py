@@ -33,6 +33,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # allow `python experiments/cavi.py` without installing
     sys.path.insert(0, str(REPO_ROOT))
 
+from vijax import data as vdata  # noqa: E402
 from vijax.meanfield import bayesian_gmm as bg  # noqa: E402
 from vijax.meanfield import normal_gamma as ng  # noqa: E402
 
@@ -116,8 +117,7 @@ class BGMMRun(NamedTuple):
 
 def load_old_faithful(path: pathlib.Path) -> np.ndarray:
     """[272, 2] (eruption minutes, waiting minutes), standardised per column."""
-    raw = np.loadtxt(path, delimiter=",", skiprows=1)
-    return (raw - raw.mean(0)) / raw.std(0)
+    return vdata.load_old_faithful(path, standardize=True)
 
 
 def run_bgmm_old_faithful(x: np.ndarray, *, num_components: int = 6, seed: int = 0,

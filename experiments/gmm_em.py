@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402
 from matplotlib.patches import Ellipse  # noqa: E402
 from scipy.optimize import linear_sum_assignment  # noqa: E402
 
+from vijax import data as vdata  # noqa: E402
 from vijax import em  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -51,10 +52,7 @@ SNAPSHOTS = (0, 1, 2, 5, 20)
 
 def load_old_faithful(path: pathlib.Path | str = DEFAULT_DATA) -> np.ndarray:
     """The 272 x 2 Old Faithful table (eruption minutes, waiting minutes), float64."""
-    path = pathlib.Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found (expected ../shared/data beside the repo)")
-    return np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.float64)
+    return vdata.load_old_faithful(path)
 
 
 def standardise(x: np.ndarray) -> np.ndarray:

@@ -360,3 +360,19 @@ def test_load_digits_split_and_scaling():
     np.testing.assert_array_equal(data.load_digits().test_images, d.test_images)
     with pytest.raises(ValueError, match="num_test"):
         data.load_digits(num_test=0)
+
+
+def test_load_old_faithful_matches_the_published_table(old_faithful_csv, tmp_path):
+    """272 rows; column means 3.4878 and 70.8971 (../shared/data/README.md)."""
+    table = data.load_old_faithful(old_faithful_csv)
+    assert table.shape == (272, 2) and table.dtype == np.float64
+    np.testing.assert_allclose(table.mean(0), [3.4878, 70.8971], atol=5e-5)
+    z = data.load_old_faithful(old_faithful_csv, standardize=True)
+    np.testing.assert_allclose(z.mean(0), 0.0, atol=1e-12)
+    np.testing.assert_allclose(z.std(0), 1.0, rtol=1e-12)
+    with pytest.raises(FileNotFoundError, match="Old Faithful"):
+        data.load_old_faithful(tmp_path / "missing.csv")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b,c\n1,2,3\n")
+    with pytest.raises(ValueError, match="two finite numeric columns"):
+        data.load_old_faithful(bad)

@@ -43,6 +43,7 @@ __all__ = [
     "dynamic_binarize",
     "fixed_binarize",
     "validate_images",
+    "load_old_faithful",
 ]
 
 #: Environment variable naming a folder with the four MNIST IDX files.
@@ -73,6 +74,7 @@ _IDX_DTYPES = {
 
 # ``../shared/data/mnist`` relative to the repository root (this file is vijax/data.py).
 _REPO_SHARED_MNIST = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+_REPO_OLD_FAITHFUL = _REPO_SHARED_MNIST.parent / "old_faithful.csv"
 
 
 class Dataset(NamedTuple):
@@ -424,3 +426,35 @@ def fixed_binarize(images: np.ndarray, *, seed: int = 0) -> np.ndarray:
     values = np.asarray(images)
     uniforms = np.random.default_rng(seed).random(values.shape)
     return (uniforms < values).astype(values.dtype)
+
+
+def load_old_faithful(path: str | os.PathLike | None = None, *, standardize: bool = False) -> np.ndarray:
+    """The Old Faithful geyser data, ``[272, 2]`` float64: (eruption minutes, waiting minutes).
+
+    R's ``faithful`` data set (Haerdle 1991; Azzalini & Bowman 1990), the two-cluster example of
+    Bishop PRML Figs. 9.8 and 10.6. Read from ``path``, else ``$VIJAX_DATA_DIR/old_faithful.csv``,
+    else the repository's ``../shared/data/old_faithful.csv``.
+
+    Args:
+      path: a CSV with a header line and the two columns ``eruptions_min,waiting_min``.
+      standardize: shift and scale each column to mean 0, standard deviation 1 (as PRML plots).
+
+    Raises:
+      FileNotFoundError: no file at any of the places above (the message lists them).
+      ValueError: the file does not hold two numeric columns.
+    """
+    candidates = [pathlib.Path(path)] if path is not None else []
+    if path is None and os.environ.get("VIJAX_DATA_DIR"):
+        candidates.append(pathlib.Path(os.environ["VIJAX_DATA_DIR"]) / "old_faithful.csv")
+    if path is None:
+        candidates.append(_REPO_OLD_FAITHFUL)
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        tried = ", ".join(str(c) for c in candidates)
+        raise FileNotFoundError(f"Old Faithful CSV not found (tried: {tried}); pass `path`")
+    table = np.loadtxt(found, delimiter=",", skiprows=1, dtype=np.float64, ndmin=2)
+    if table.shape[1] != 2 or not np.all(np.isfinite(table)):
+        raise ValueError(f"{found} must hold two finite numeric columns; got shape {table.shape}")
+    if standardize:
+        table = (table - table.mean(axis=0)) / table.std(axis=0)
+    return table
