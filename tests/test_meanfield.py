@@ -156,6 +156,29 @@ def _tree_perturb(fields, transform=None):
     return perturb
 
 
+def _run_sweeps_checking_blocks(elbo_fn, state, data, update_fns, perturbs, *, num_directions,
+                                check_sweeps=(0, 1, 2), after_block=None):
+    """Three jitted CAVI sweeps under strict rank promotion. After every block update the ELBO
+    must not decrease (relative 1e-10), and in ``check_sweeps`` the block must be a maximiser
+    (:func:`_assert_block_is_maximiser`). ``after_block(state, elbo)`` adds per-block checks.
+    Returns the final state."""
+    updates = [jax.jit(fn) for fn in update_fns]
+    previous = float(elbo_fn(state))
+    for sweep in range(3):
+        for b, update in enumerate(updates):
+            with _rank_strict():
+                state = update(state, data)
+            current = float(elbo_fn(state))
+            assert current >= previous - 1e-10 * abs(previous), (sweep, b, current, previous)
+            previous = current
+            if sweep in check_sweeps:
+                _assert_block_is_maximiser(elbo_fn, state, perturbs[b], seed=10 * sweep + b,
+                                           num_directions=num_directions)
+            if after_block is not None:
+                after_block(state, current)
+    return state
+
+
 _POSITIVE = lambda v, z, e: v * np.exp(e * z)  # noqa: E731
 
 
@@ -486,18 +509,8 @@ def test_bgmm_monotone_and_each_block_maximises_elbo(x64):
                       {"mean_precision": _POSITIVE, "dof": _POSITIVE,
                        "scale_inv_tril": lambda v, z, e: v + e * np.tril(z)}),
     ]
-    previous = float(elbo(state))
-    updates = [jax.jit(fn) for fn in bg.UPDATE_FNS]
-    for sweep in range(3):
-        for b, update in enumerate(updates):
-            with _rank_strict():
-                state = update(state, data)
-            current = float(elbo(state))
-            assert current >= previous - 1e-10 * abs(previous), (sweep, b, current, previous)
-            previous = current
-            if sweep in (0, 2):
-                _assert_block_is_maximiser(elbo, state, perturbs[b], seed=10 * sweep + b,
-                                           num_directions=4)
+    _run_sweeps_checking_blocks(elbo, state, data, bg.UPDATE_FNS, perturbs, num_directions=4,
+                                check_sweeps=(0, 2))
 
 
 def test_bgmm_old_faithful_switches_off_components(x64, old_faithful_csv):
@@ -635,17 +648,8 @@ def test_known_variance_gmm_monotone_and_blockwise_optimal(x64):
     perturbs = [_tree_perturb(("responsibilities",),
                               {"responsibilities": _perturb_responsibilities}),
                 _tree_perturb(("loc", "variance"), {"variance": _POSITIVE})]
-    updates = [jax.jit(fn) for fn in kv.UPDATE_FNS]
-    previous = float(elbo(state))
-    for sweep in range(3):
-        for b, update in enumerate(updates):
-            with _rank_strict():
-                state = update(state, data)
-            current = float(elbo(state))
-            assert current >= previous - 1e-10 * abs(previous)
-            previous = current
-            _assert_block_is_maximiser(elbo, state, perturbs[b], seed=sweep * 10 + b,
-                                       num_directions=3)
+    state = _run_sweeps_checking_blocks(elbo, state, data, kv.UPDATE_FNS, perturbs,
+                                        num_directions=3)
     # Blei et al. eqs 19-20 with unit noise: m_k = sum_i phi_ik x_i / (1/sigma^2 + sum_i phi_ik)
     phi = np.asarray(state.responsibilities)
     from_phi = jax.jit(kv.init_from_responsibilities)(x, phi, prior)
@@ -754,30 +758,23 @@ def test_dirac_map_em_blocks_maximise_the_restricted_elbo(x64):
                       {"weights": _perturb_responsibilities,
                        "covariance_tril": lambda v, z, e: v + e * np.tril(z)}),
     ]
-    updates = [jax.jit(fn) for fn in dirac_em.UPDATE_FNS]
-    previous = float(elbo(state))
-    for sweep in range(3):
-        for b, update in enumerate(updates):
-            with _rank_strict():
-                state = update(state, data)
-            current = float(elbo(state))
-            assert current >= previous - 1e-10 * abs(previous)
-            previous = current
-            _assert_block_is_maximiser(elbo, state, perturbs[b], seed=sweep * 10 + b,
-                                       num_directions=3)
-            # independent evaluation of the same objective
-            covs = np.asarray(dirac_em.covariances(state))
-            em_state = em.state_from_parameters(state.weights, state.loc, covs)
-            r = np.asarray(state.responsibilities)
-            log_joint = np.asarray(em.log_joint(em_state, x))
-            log_prior = stats.dirichlet.logpdf(np.asarray(state.weights), np.full(k, a0))
-            for j in range(k):
-                lam = np.linalg.inv(covs[j])
-                log_prior += stats.wishart.logpdf(lam, nu0, w0)
-                log_prior += stats.multivariate_normal.logpdf(
-                    np.asarray(state.loc[j]), np.asarray(prior.loc), covs[j] / b0)
-            reference = np.sum(r * log_joint - special.xlogy(r, r)) + log_prior - log_norm
-            np.testing.assert_allclose(current, reference, rtol=1e-11)
+    def matches_independent_objective(state, current):
+        # independent evaluation of the same objective
+        covs = np.asarray(dirac_em.covariances(state))
+        em_state = em.state_from_parameters(state.weights, state.loc, covs)
+        r = np.asarray(state.responsibilities)
+        log_joint = np.asarray(em.log_joint(em_state, x))
+        log_prior = stats.dirichlet.logpdf(np.asarray(state.weights), np.full(k, a0))
+        for j in range(k):
+            lam = np.linalg.inv(covs[j])
+            log_prior += stats.wishart.logpdf(lam, nu0, w0)
+            log_prior += stats.multivariate_normal.logpdf(
+                np.asarray(state.loc[j]), np.asarray(prior.loc), covs[j] / b0)
+        reference = np.sum(r * log_joint - special.xlogy(r, r)) + log_prior - log_norm
+        np.testing.assert_allclose(current, reference, rtol=1e-11)
+
+    _run_sweeps_checking_blocks(elbo, state, data, dirac_em.UPDATE_FNS, perturbs,
+                                num_directions=3, after_block=matches_independent_objective)
 
 
 # ============================================================================================
