@@ -496,6 +496,25 @@ def test_bgmm_elbo_matches_monte_carlo_off_optimum(x64):
     assert se < 1.0  # the check has teeth: the ELBO terms are O(100) nats
 
 
+@pytest.mark.parametrize("dim", [2, 32])  # both layouts of vijax.em.one_pass_sums
+def test_bgmm_one_pass_step_equals_block_sweep_and_full_elbo(x64, dim):
+    """The float64 ``step`` reads x once and gets its ELBO from sufficient statistics; it must
+    equal the three block updates followed by the full ELBO (PRML 10.70-10.77, itself checked
+    against Monte Carlo above)."""
+    rng = np.random.default_rng(5)
+    k, n = 4, 600
+    x = jnp.asarray(rng.normal(size=(k, dim))[rng.integers(0, k, n)] * 3.0
+                    + rng.normal(size=(n, dim)))
+    prior = bg.default_prior(x, k)
+    state = bg.init(jax.random.key(2), x, k, prior)
+    state, _ = _bg_step(state, x, prior)
+    out, info = _bg_step(state, x, prior)
+    ref = meanfield.sweep(bg.UPDATE_FNS, state, (x, bg.check_prior(prior, dim, jnp.float64)))
+    for got, want in zip(out, ref):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(float(info.elbo), float(_bg_elbo(ref, x, prior)), rtol=1e-12)
+
+
 def test_bgmm_monotone_and_each_block_maximises_elbo(x64):
     x = _mixture_data()
     prior = bg.BGMMPrior(**_SK_PRIOR)

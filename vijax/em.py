@@ -29,9 +29,11 @@ are static pytree nodes (they hold no arrays), so a :class:`GMMState` carries it
 type through ``jax.jit``, ``jax.vmap`` and ``lax.while_loop``.
 
 Speed: the E-step and the M-step stream over the data in row chunks (``chunk_size``), so that
-the ``[chunk, K * D]`` intermediate of the full-covariance Mahalanobis distances stays in
-cache and the whole step reads ``x`` twice; see ``docs/em.md`` for the benchmark against
-scikit-learn. No function here calls ``jax.jit``: the caller decides.
+the per-chunk intermediates stay in cache. A float64 full-covariance step reads ``x`` once
+(:func:`one_pass_sums`: uncentred sufficient statistics about the data mean, packed
+quadratic features for D <= 28); other steps read it twice (E-step, then the centred
+scatter, as scikit-learn does). See ``docs/em.md`` for the benchmark against scikit-learn.
+No function here calls ``jax.jit``: the caller decides.
 """
 
 from __future__ import annotations
@@ -575,10 +577,167 @@ def _with_parameters(state: GMMState, params) -> GMMState:
                           precision_cholesky=precision_cholesky)
 
 
-def _step(state: GMMState, x: Array, chunk_size: int) -> tuple[GMMState, EMInfo]:
-    resp, log_norm, counts, weighted_sum = _e_step(state, x, chunk_size)
-    params = _m_step(state.covariance_type, x, resp, counts, weighted_sum, state.reg_covar,
-                     chunk_size)
+# ============================================================================================
+# One-pass full-covariance step (float64)
+# ============================================================================================
+
+# Up to this dimension the one-pass step uses packed quadratic features; above it, the
+# whitened form with a two-block split of the triangular factors (see docs/em.md, section 4).
+_PACKED_MAX_DIM = 28
+
+
+def _packed_outer(x: Array) -> Array:
+    """``[B, D] -> [B, D(D+1)/2]``: the products x_i x_j for i <= j, row-major (static slices,
+    no gathers)."""
+    d = x.shape[-1]
+    return jnp.concatenate([x[:, i:i + 1] * x[:, i:] for i in range(d)], axis=1)
+
+
+def _unpack_symmetric(packed: Array, dim: int) -> Array:
+    """``[K, D(D+1)/2]`` upper triangles (row-major) -> symmetric ``[K, D, D]``."""
+    rows, cols = np.triu_indices(dim)
+    upper = jnp.zeros(packed.shape[:-1] + (dim, dim), packed.dtype).at[..., rows, cols].set(packed)
+    return upper + jnp.swapaxes(upper, -1, -2) - upper * jnp.eye(dim, dtype=packed.dtype)[None]
+
+
+class OnePassSums(NamedTuple):
+    """Output of :func:`one_pass_sums` (all sums over the N rows, about the centre c)."""
+
+    log_norm: Array  # [N] logsumexp_k of the log-joint (log p(x_n) for EM), nats
+    responsibilities: Array | None  # [N, K] when requested, else None
+    neg_entropy: Array  # [] sum_nk r_nk log r_nk (0 unless responsibilities were requested)
+    centre: Array  # [D] c, the mean of x
+    counts: Array  # [K] N_k = sum_n r_nk
+    first_moment: Array  # [K, D] sum_n r_nk (x_n - c)
+    second_moment: Array  # [K, D, D] sum_n r_nk (x_n - c)(x_n - c)^T
+
+
+def one_pass_sums(x: Array, log_const: Array, locs: Array, precision_cholesky: Array,
+                  chunk_size: int, *, keep_responsibilities: bool = False) -> OnePassSums:
+    """E-step of a full-covariance mixture and its sufficient statistics in one read of x.
+
+    For log-joint values l_nk = log_const_k - 1/2 ||(x_n - locs_k)^T U_k||^2 (U_k =
+    ``precision_cholesky[k]``, upper triangular) this computes r_nk = softmax_k l_nk and, per
+    row chunk while it is in cache, the *uncentred* sums about c = mean(x): N_k,
+    sum r (x - c) and S_k = sum r (x - c)(x - c)^T. Callers form centred scatters as
+    S_k - N_k m m^T, which loses about ||m - c||^2 / lambda_min units of roundoff: harmless
+    in float64, which is why only float64 uses this pass. Used by the EM step here and by the
+    Bayesian GMM's CAVI step (:mod:`vijax.meanfield.bayesian_gmm`, where U_k = sqrt(nu_k)
+    L_k^{-T} and log_const carries E ln pi_k, E ln |Lambda_k| / 2 and -D / (2 beta_k)).
+
+    Layout: for D <= ``_PACKED_MAX_DIM`` both the squared distances and S_k come from the
+    packed features f(x) = (x_i x_j)_{i<=j}: (x - m)^T Lambda (x - m) = f(x) . a(Lambda)
+    - 2 x^T Lambda m + m^T Lambda m, one ``[B, D(D+1)/2] x [D(D+1)/2, K]`` product, and
+    S_k = r^T f, one ``[K, B] x [B, D(D+1)/2]`` product. Above it, the whitened form with
+    U_k's columns split in two blocks (the zero lower-left block of each U_k is skipped), and
+    S_k from its upper blocks: 3/4 of the flops of the dense products.
+
+    Shapes: x ``[N, D]``, log_const ``[K]``, locs ``[K, D]``, precision_cholesky
+    ``[K, D, D]``. Unchecked (internal).
+    """
+    k, d = locs.shape
+    centre = jnp.mean(x, axis=0)
+    chol = precision_cholesky
+    locs_c = locs - centre[None, :]
+
+    if d <= _PACKED_MAX_DIM:
+        rows, cols = np.triu_indices(d)
+        precision = jnp.einsum("kij,klj->kil", chol, chol)
+        quad_weight = (precision[:, rows, cols] * np.where(rows == cols, 1.0, 2.0)[None, :]).T
+        lam_m = jnp.einsum("kij,kj->ki", precision, locs_c)  # [K, D]
+        lin_weight = -2.0 * lam_m.T  # [D, K]
+        const = log_const - 0.5 * jnp.sum(locs_c * lam_m, axis=-1)
+
+        def sq_mahalanobis_and_features(xc):
+            feats = _packed_outer(xc)  # [B, P]
+            return feats @ quad_weight + xc @ lin_weight, feats
+
+        def scatter(resp, xc, feats):
+            return resp.T @ feats  # [K, P]
+
+        def finish(sums):
+            return _unpack_symmetric(sums, d)
+    else:
+        h = d // 2
+        const = log_const
+        chol_t = jnp.transpose(chol, (1, 0, 2))  # [D, K, D]
+        w_left = chol_t[:h, :, :h].reshape(h, k * h)  # U_k[:h, :h] (U_k[h:, :h] = 0)
+        w_right = chol_t[:, :, h:].reshape(d, k * (d - h))
+        offset = jnp.einsum("kd,kde->ke", locs_c, chol)
+        o_left, o_right = offset[:, :h].reshape(-1), offset[:, h:].reshape(-1)
+
+        def sq_mahalanobis_and_features(xc):
+            b = xc.shape[0]
+            y_left = (xc[:, :h] @ w_left - o_left[None, :]).reshape(b, k, h)
+            y_right = (xc @ w_right - o_right[None, :]).reshape(b, k, d - h)
+            return jnp.sum(y_left * y_left, -1) + jnp.sum(y_right * y_right, -1), None
+
+        def scatter(resp, xc, feats):
+            b = xc.shape[0]
+            weighted = resp[:, :, None] * xc[:, None, :]  # [B, K, D]
+            top = xc[:, :h].T @ weighted.reshape(b, k * d)  # rows :h of every S_k
+            bottom = xc[:, h:].T @ weighted[:, :, h:].reshape(b, k * (d - h))
+            return top, bottom
+
+        def finish(sums):
+            top, bottom = sums
+            top = jnp.transpose(top.reshape(h, k, d), (1, 0, 2))  # [K, h, D]
+            bottom = jnp.transpose(bottom.reshape(d - h, k, d - h), (1, 0, 2))
+            lower = jnp.concatenate([jnp.swapaxes(top[:, :, h:], 1, 2), bottom], axis=2)
+            return jnp.concatenate([top, lower], axis=1)
+
+    def chunk_fn(xb):
+        xc = xb - centre[None, :]
+        sq_maha, feats = sq_mahalanobis_and_features(xc)
+        logp = const[None, :] - 0.5 * sq_maha
+        log_norm = jax.nn.logsumexp(logp, axis=-1)
+        log_resp = logp - log_norm[:, None]
+        resp = jnp.exp(log_resp)
+        totals = (jnp.sum(resp, axis=0), resp.T @ xc, scatter(resp, xc, feats))
+        if keep_responsibilities:
+            return (log_norm, resp), totals + (jnp.sum(resp * log_resp),)
+        return log_norm, totals
+
+    rows, totals = _over_chunks(chunk_fn, (x,), chunk_size)
+    if keep_responsibilities:
+        (log_norm, resp), (counts, first, sums, neg_entropy) = rows, totals
+    else:
+        (log_norm, resp), (counts, first, sums) = (rows, None), totals
+        neg_entropy = jnp.zeros((), x.dtype)
+    return OnePassSums(log_norm, resp, neg_entropy, centre, counts, first, finish(sums))
+
+
+def _one_pass_full(state: GMMState, x: Array, chunk_size: int):
+    """One full-covariance EM step reading ``x`` once (float64; see :func:`one_pass_sums`):
+    Sigma_k = S_k / N_k - (mu_k - c)(mu_k - c)^T + reg_covar I with the new means.
+    Returns ``(log p(x_n) [N], N_k [K], (weights, means, covariances, precision_cholesky))``.
+    """
+    d = x.shape[-1]
+    log_const = (jnp.log(state.weights)
+                 + Full()._log_det_precision_cholesky(state.precision_cholesky, d)
+                 - 0.5 * d * _LOG_2PI)
+    sums = one_pass_sums(x, log_const, state.means, state.precision_cholesky, chunk_size)
+    counts = sums.counts + 10 * jnp.finfo(x.dtype).eps
+    new_means_c = sums.first_moment / counts[:, None]
+    scatter = (sums.second_moment / counts[:, None, None]
+               - new_means_c[:, :, None] * new_means_c[:, None, :])
+    covariances = Full()._covariances(scatter, jnp.ones_like(counts), state.reg_covar)
+    weights = counts / jnp.sum(counts)
+    params = (weights, new_means_c + sums.centre[None, :], covariances,
+              Full()._precision_cholesky(covariances))
+    return sums.log_norm, sums.counts, params
+
+
+def _step(state: GMMState, x: Array, chunk_size: int, *,
+          one_pass: bool | None = None) -> tuple[GMMState, EMInfo]:
+    if one_pass is None:
+        one_pass = isinstance(state.covariance_type, Full) and x.dtype == jnp.float64
+    if one_pass:
+        log_norm, counts, params = _one_pass_full(state, x, chunk_size)
+    else:
+        resp, log_norm, counts, weighted_sum = _e_step(state, x, chunk_size)
+        params = _m_step(state.covariance_type, x, resp, counts, weighted_sum,
+                         state.reg_covar, chunk_size)
     log_lik = jnp.mean(log_norm)
     new_state = _with_parameters(state, params)._replace(
         iteration=state.iteration + 1, last_log_likelihood=log_lik)

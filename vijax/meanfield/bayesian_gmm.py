@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import digamma, gammaln
 
+from vijax import em
 from vijax.meanfield._cavi import CAVIInfo, cavi, sweep
 from vijax.meanfield._common import (
     categorical_elbo_term,
@@ -296,11 +297,17 @@ UPDATE_FNS = (unpack_data(update_responsibilities), unpack_data(update_q_pi),
 # --- ELBO -----------------------------------------------------------------------------------
 
 def _elbo(state: BGMMState, x: Array, prior: BGMMPrior) -> Array:
-    dim = x.shape[-1]
-    num_components = state.concentration.shape[0]
     ex = _expectations(state)
     # E ln p(X | Z, mu, Lambda) + E ln p(Z | pi) - E ln q(Z)        (10.71, 10.72, 10.75)
     term_z = categorical_elbo_term(_log_rho(state, x, ex), state.responsibilities)
+    return _elbo_given_term_z(state, prior, ex, term_z)
+
+
+def _elbo_given_term_z(state: BGMMState, prior: BGMMPrior, ex: _Expectations,
+                       term_z: Array) -> Array:
+    """The ELBO from its q(Z)-dependent part ``term_z`` and the closed-form rest."""
+    dim = state.loc.shape[-1]
+    num_components = state.concentration.shape[0]
     # E ln p(pi) - E ln q(pi)                                          (10.73, 10.76)
     alpha0 = jnp.full((num_components,), prior.concentration)
     term_pi = (_log_dirichlet_norm(alpha0) - _log_dirichlet_norm(state.concentration)
@@ -392,6 +399,53 @@ def init(rng_key: Array, x, num_components: int, prior: BGMMPrior) -> BGMMState:
     return _params_from_responsibilities(r, x, prior)
 
 
+def _one_pass_step(state: BGMMState, x: Array, prior: BGMMPrior,
+                   chunk_size: int | None = None) -> tuple[BGMMState, BGMMInfo]:
+    """The same sweep and ELBO as the block functions, reading ``x`` once (float64).
+
+    The q(Z) update and the statistics of PRML 10.51-10.53 come from one streamed pass
+    (:func:`vijax.em.one_pass_sums`: E ln rho_nk is a Gaussian log-density with precision
+    nu_k W_k = U_k U_k^T, U_k = sqrt(nu_k) L_k^{-T}, plus constants). The ELBO's
+    q(Z)-dependent part is then PRML 10.71 + 10.72 - 10.75 from those statistics:
+    sum_k N_k [E ln pi_k + E ln|Lambda_k| / 2 - D / (2 beta_k) - D/2 ln 2 pi]
+    - 1/2 sum_k nu_k Tr(W_k Q_k) - sum_nk r_nk ln r_nk, with
+    Q_k = sum_n r_nk (x_n - m_k)(x_n - m_k)^T at the *new* m_k, so no second pass is needed.
+    """
+    n, dim = x.shape
+    k = state.loc.shape[0]
+    ex = _expectations(state)
+    sqrt_dof = jnp.sqrt(state.dof)[:, None, None]
+    chol = sqrt_dof * jnp.swapaxes(ex.whitening, -1, -2)  # upper triangular U_k
+    log_const = (ex.log_pi + 0.5 * ex.log_lambda - 0.5 * dim * _LOG_2PI
+                 - 0.5 * dim / state.mean_precision)
+    if chunk_size is None:
+        chunk_size = em._default_chunk_size(n, k, dim)
+    sums = em.one_pass_sums(x, log_const, state.loc, chol, chunk_size,
+                            keep_responsibilities=True)
+    counts, first = sums.counts, sums.first_moment  # first: sum r (x - c)
+    eps = jnp.finfo(x.dtype).eps
+    means_c = first / (counts + 10.0 * eps)[:, None]
+
+    def centred_at(loc_c):  # sum_n r_nk (x_n - l_k)(x_n - l_k)^T from the uncentred sums
+        cross = first[:, :, None] * loc_c[:, None, :]
+        return (sums.second_moment - cross - jnp.swapaxes(cross, -1, -2)
+                + counts[:, None, None] * loc_c[:, :, None] * loc_c[:, None, :])
+
+    stats = Statistics(counts, first + counts[:, None] * sums.centre[None, :],
+                       means_c + sums.centre[None, :], centred_at(means_c))
+    upd = conjugate_update(stats, prior)
+    new = BGMMState(responsibilities=sums.responsibilities, concentration=upd.concentration,
+                    mean_precision=upd.mean_precision, loc=upd.loc, dof=upd.dof,
+                    scale_inv_tril=jnp.linalg.cholesky(upd.scale_inv))
+    new_ex = _expectations(new)
+    quad = centred_at(new.loc - sums.centre[None, :])  # Q_k
+    trace_wq = jnp.sum((new_ex.whitening @ quad) * new_ex.whitening, axis=(-2, -1))
+    term_z = (jnp.sum(counts * (new_ex.log_pi + 0.5 * new_ex.log_lambda
+                                - 0.5 * dim / new.mean_precision - 0.5 * dim * _LOG_2PI))
+              - 0.5 * jnp.sum(new.dof * trace_wq) - sums.neg_entropy)
+    return new, BGMMInfo(elbo=_elbo_given_term_z(new, prior, new_ex, term_z))
+
+
 def step(state: BGMMState, x, prior: BGMMPrior) -> tuple[BGMMState, BGMMInfo]:
     """One CAVI iteration: q(Z), then q(pi), then q(mu, Lambda); returns the ELBO after it.
 
@@ -406,7 +460,10 @@ def step(state: BGMMState, x, prior: BGMMPrior) -> tuple[BGMMState, BGMMInfo]:
       ValueError/TypeError: invalid ``x``, ``prior`` or ``state`` (checked before tracing).
     """
     x, prior = _checked(x, prior)
-    state = sweep(UPDATE_FNS, _check_state(state, x), (x, prior))
+    state = _check_state(state, x)
+    if x.dtype == jnp.float64:  # one read of x; float32 keeps the centred two-pass sweep
+        return _one_pass_step(state, x, prior)
+    state = sweep(UPDATE_FNS, state, (x, prior))
     return state, BGMMInfo(elbo=_elbo(state, x, prior))
 
 
