@@ -611,6 +611,13 @@ class OnePassSums(NamedTuple):
     first_moment: Array  # [K, D] sum_n r_nk (x_n - c)
     second_moment: Array  # [K, D, D] sum_n r_nk (x_n - c)(x_n - c)^T
 
+    def scatter_about(self, locs_c: Array) -> Array:
+        """``[K, D, D]`` sum_n r_nk (x_n - l_k)(x_n - l_k)^T for l_k = c + ``locs_c[k]``,
+        exactly expanded from the uncentred sums."""
+        cross = self.first_moment[:, :, None] * locs_c[:, None, :]
+        return (self.second_moment - cross - jnp.swapaxes(cross, -1, -2)
+                + self.counts[:, None, None] * locs_c[:, :, None] * locs_c[:, None, :])
+
 
 def one_pass_sums(x: Array, log_const: Array, locs: Array, precision_cholesky: Array,
                   chunk_size: int, *, keep_responsibilities: bool = False) -> OnePassSums:
@@ -719,20 +726,15 @@ def _one_pass_full(state: GMMState, x: Array, chunk_size: int):
     sums = one_pass_sums(x, log_const, state.means, state.precision_cholesky, chunk_size)
     counts = sums.counts + 10 * jnp.finfo(x.dtype).eps
     new_means_c = sums.first_moment / counts[:, None]
-    scatter = (sums.second_moment / counts[:, None, None]
-               - new_means_c[:, :, None] * new_means_c[:, None, :])
-    covariances = Full()._covariances(scatter, jnp.ones_like(counts), state.reg_covar)
+    covariances = Full()._covariances(sums.scatter_about(new_means_c), counts, state.reg_covar)
     weights = counts / jnp.sum(counts)
     params = (weights, new_means_c + sums.centre[None, :], covariances,
               Full()._precision_cholesky(covariances))
     return sums.log_norm, sums.counts, params
 
 
-def _step(state: GMMState, x: Array, chunk_size: int, *,
-          one_pass: bool | None = None) -> tuple[GMMState, EMInfo]:
-    if one_pass is None:
-        one_pass = isinstance(state.covariance_type, Full) and x.dtype == jnp.float64
-    if one_pass:
+def _step(state: GMMState, x: Array, chunk_size: int) -> tuple[GMMState, EMInfo]:
+    if isinstance(state.covariance_type, Full) and x.dtype == jnp.float64:
         log_norm, counts, params = _one_pass_full(state, x, chunk_size)
     else:
         resp, log_norm, counts, weighted_sum = _e_step(state, x, chunk_size)

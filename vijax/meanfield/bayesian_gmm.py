@@ -425,20 +425,14 @@ def _one_pass_step(state: BGMMState, x: Array, prior: BGMMPrior,
     counts, first = sums.counts, sums.first_moment  # first: sum r (x - c)
     eps = jnp.finfo(x.dtype).eps
     means_c = first / (counts + 10.0 * eps)[:, None]
-
-    def centred_at(loc_c):  # sum_n r_nk (x_n - l_k)(x_n - l_k)^T from the uncentred sums
-        cross = first[:, :, None] * loc_c[:, None, :]
-        return (sums.second_moment - cross - jnp.swapaxes(cross, -1, -2)
-                + counts[:, None, None] * loc_c[:, :, None] * loc_c[:, None, :])
-
     stats = Statistics(counts, first + counts[:, None] * sums.centre[None, :],
-                       means_c + sums.centre[None, :], centred_at(means_c))
+                       means_c + sums.centre[None, :], sums.scatter_about(means_c))
     upd = conjugate_update(stats, prior)
     new = BGMMState(responsibilities=sums.responsibilities, concentration=upd.concentration,
                     mean_precision=upd.mean_precision, loc=upd.loc, dof=upd.dof,
                     scale_inv_tril=jnp.linalg.cholesky(upd.scale_inv))
     new_ex = _expectations(new)
-    quad = centred_at(new.loc - sums.centre[None, :])  # Q_k
+    quad = sums.scatter_about(new.loc - sums.centre[None, :])  # Q_k
     trace_wq = jnp.sum((new_ex.whitening @ quad) * new_ex.whitening, axis=(-2, -1))
     term_z = (jnp.sum(counts * (new_ex.log_pi + 0.5 * new_ex.log_lambda
                                 - 0.5 * dim / new.mean_precision - 0.5 * dim * _LOG_2PI))
