@@ -16,14 +16,21 @@ in one run and from the same initial parameters:
 * XLA compile time, reported separately (never included in the timings above).
 
 Timings are medians over ``--repeats`` runs after a warm-up, interleaving the libraries so
-that both see the same background load; every JAX result is ``block_until_ready``-ed. Both
-libraries use all cores: OpenBLAS threads for numpy/scikit-learn and XLA's CPU thread pool
-(printed at start).
+that both see the same background load; every JAX result is ``block_until_ready``-ed.
+Threads: scikit-learn runs as the environment sets OpenBLAS up (printed at start); with
+``--sklearn-threads`` it is also timed with its BLAS pool at that many threads
+(``threadpoolctl``), so one run shows which setting is faster on this machine. When the
+process has several JAX devices (on a CPU: ``XLA_FLAGS=--xla_force_host_platform_device_count=
+<cores>``), ``vijax.em.step`` and ``fit_from_state`` are also timed with ``mesh=`` over all of
+them (rows split over the devices, one per core; columns "mesh").
 
 Usage::
 
     python experiments/bench_em.py                       # the full grid (long)
     python experiments/bench_em.py --sizes 1e4,1e5 --dims 2,8 --dtypes float64 --repeats 3
+    # whole-CPU comparison on 2 cores (docs/em.md, table C):
+    OPENBLAS_NUM_THREADS=1 XLA_FLAGS="--xla_force_host_platform_device_count=2 \
+        --xla_cpu_multi_thread_eigen=false" python experiments/bench_em.py --sklearn-threads 2
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+from threadpoolctl import threadpool_limits
 
 jax.config.update("jax_enable_x64", True)  # float64 runs need it; float32 inputs stay float32
 
@@ -66,7 +75,9 @@ class Row:
     n: int
     d: int
     sk_gmm_ms: float = float("nan")
+    sk_gmm_threads_ms: float = float("nan")  # with --sklearn-threads BLAS threads
     vj_em_ms: float = float("nan")
+    vj_em_mesh_ms: float = float("nan")  # mesh over all JAX devices
     vj_em_one_block_ms: float = float("nan")
     sk_bgmm_ms: float = float("nan")
     vj_bgmm_ms: float = float("nan")
@@ -76,6 +87,7 @@ class Row:
     sk_fit_iters: int = -1
     vj_fit_s: float = float("nan")
     vj_fit_iters: int = -1
+    vj_fit_mesh_s: float = float("nan")
     fit_loglik_rel_diff: float = float("nan")
 
 
@@ -142,6 +154,13 @@ def sklearn_gmm_iteration(state: em.GMMState, x: np.ndarray) -> Callable[[], obj
     return iteration
 
 
+def _with_blas_threads(fn: Callable[[], object], threads: int) -> Callable[[], object]:
+    def call():
+        with threadpool_limits(limits=threads, user_api="blas"):
+            return fn()
+    return call
+
+
 def sklearn_bgmm_iteration(x: np.ndarray, resp: np.ndarray) -> Callable[[], object]:
     """One scikit-learn variational iteration from ``resp`` (its default prior)."""
     bgm = BayesianGaussianMixture(
@@ -166,6 +185,19 @@ def bench_one(dtype: str, n: int, d: int, args) -> Row:
     state0 = init(jax.random.key(0), x)
     step, row.compile_step_s = _compile(em.step, state0, x)
     fns = {"sk_gmm": sklearn_gmm_iteration(state0, x_np), "vj_em": lambda: step(state0, x)}
+    if args.sklearn_threads:
+        # Timed on its own, not interleaved: OpenBLAS's threads keep spinning for a while
+        # after a call and would take the cores from whatever runs next.
+        threaded = _with_blas_threads(sklearn_gmm_iteration(state0, x_np), args.sklearn_threads)
+        row.sk_gmm_threads_ms = 1e3 * _interleaved({"sk": threaded}, args.repeats)["sk"]
+        time.sleep(1.0)
+    mesh = jax.make_mesh((jax.device_count(),), ("rows",)) if jax.device_count() > 1 else None
+    if mesh is not None:
+        # Data split over the devices and the state on all of them, as a step leaves it.
+        x_rows = jax.device_put(x, NamedSharding(mesh, PartitionSpec("rows")))
+        state_all = jax.device_put(state0, NamedSharding(mesh, PartitionSpec()))
+        mesh_step, _ = _compile(lambda s, x: em.step(s, x, mesh=mesh), state_all, x_rows)
+        fns["vj_em_mesh"] = lambda: mesh_step(state_all, x_rows)
     if n * NUM_COMPONENTS * d <= MAX_ONE_BLOCK_ENTRIES:
         one_block, _ = _compile(em.step, state0, x, chunk_size=n)
         fns["vj_em_one_block"] = lambda: one_block(state0, x)
@@ -195,6 +227,13 @@ def bench_one(dtype: str, n: int, d: int, args) -> Row:
             row.vj_fit_s = min(vj, row.vj_fit_s) if row.vj_fit_s == row.vj_fit_s else vj
             row.sk_fit_s = min(sk, row.sk_fit_s) if row.sk_fit_s == row.sk_fit_s else sk
         row.vj_fit_iters, row.sk_fit_iters = int(info.num_iterations), int(gm.n_iter_)
+        if mesh is not None:
+            mesh_fit, _ = _compile(lambda s, x: em.fit_from_state(
+                s, x, max_iter=args.max_iter, tol=args.tol, mesh=mesh), state_all, x_rows)
+            start = time.perf_counter()
+            mesh_state, mesh_info = jax.block_until_ready(mesh_fit(state_all, x_rows))
+            row.vj_fit_mesh_s = time.perf_counter() - start
+            assert int(mesh_info.num_iterations) == row.vj_fit_iters
         sk_ll = float(gm.lower_bound_)
         row.fit_loglik_rel_diff = abs(float(state.last_log_likelihood) - sk_ll) / abs(sk_ll)
     return row
@@ -206,6 +245,25 @@ def _fmt(value: float, digits: int = 1) -> str:
 
 def _ratio(a: float, b: float) -> str:
     return "—" if a != a or b != b else f"{a / b:.1f}×"
+
+
+def mesh_table(rows: list[Row], threads: int, devices: int) -> str:
+    """Whole-CPU comparison: each library at its faster thread setting."""
+    lines = [
+        f"| dtype | N | D | sklearn GMM ms/it, 1 / {threads} BLAS threads | vijax EM ms/it, "
+        f"1 device / mesh of {devices} | speed-up, best vs best | fit s: sklearn / "
+        f"vijax mesh (iters) | speed-up |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        sk_best = min(r.sk_gmm_ms, r.sk_gmm_threads_ms)
+        vj_best = min(r.vj_em_ms, r.vj_em_mesh_ms)
+        lines.append(
+            f"| {r.dtype} | {r.n:.0e} | {r.d} | {_fmt(r.sk_gmm_ms)} / "
+            f"{_fmt(r.sk_gmm_threads_ms)} | {_fmt(r.vj_em_ms)} / {_fmt(r.vj_em_mesh_ms)} | "
+            f"{_ratio(sk_best, vj_best)} | {_fmt(r.sk_fit_s, 2)} / {_fmt(r.vj_fit_mesh_s, 2)} "
+            f"({r.vj_fit_iters}) | {_ratio(r.sk_fit_s, r.vj_fit_mesh_s)} |")
+    return "\n".join(lines)
 
 
 def per_iteration_table(rows: list[Row]) -> str:
@@ -267,6 +325,8 @@ def main(argv=None) -> list[Row]:
                         help="time to convergence only where N * D <= this")
     parser.add_argument("--converge-repeats", type=int, default=1)
     parser.add_argument("--skip-bgmm", action="store_true", help="leave out the BGMM columns")
+    parser.add_argument("--sklearn-threads", type=int, default=0,
+                        help="also time scikit-learn's EM with this many BLAS threads")
     parser.add_argument("--out", default="outputs/bench_em/results.json")
     args = parser.parse_args(argv)
 
@@ -281,6 +341,9 @@ def main(argv=None) -> list[Row]:
                 print(json.dumps(dataclasses.asdict(row)), flush=True)
     print("\nPer iteration (median):\n" + per_iteration_table(rows))
     print("\nTo convergence:\n" + convergence_table(rows, args.tol, args.max_iter))
+    if jax.device_count() > 1 or args.sklearn_threads:
+        print("\nWhole CPU (sklearn fit timed at the environment's threads):\n"
+              + mesh_table(rows, args.sklearn_threads, jax.device_count()))
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"environment": env, "args": vars(args),

@@ -32,8 +32,11 @@ Speed: the E-step and the M-step stream over the data in row chunks (``chunk_siz
 the per-chunk intermediates stay in cache. A float64 full-covariance step reads ``x`` once
 (:func:`one_pass_sums`: uncentred sufficient statistics about the data mean, packed
 quadratic features for D <= 28); other steps read it twice (E-step, then the centred
-scatter, as scikit-learn does). See ``docs/em.md`` for the benchmark against scikit-learn.
-No function here calls ``jax.jit``: the caller decides.
+scatter, as scikit-learn does). ``step``/``fit_from_state``/``fit`` take ``mesh=`` to split
+the rows over several devices (``jax.shard_map``, one ``psum`` of the sums per pass); on a
+CPU with ``--xla_force_host_platform_device_count=<cores>`` that uses every core. See
+``docs/em.md`` for the benchmark against scikit-learn. No function here calls ``jax.jit``:
+the caller decides.
 """
 
 from __future__ import annotations
@@ -48,6 +51,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from vijax._linalg import cholesky_and_inverse
 
 Array = jax.Array
 
@@ -97,7 +103,7 @@ class CovarianceType(abc.ABC):
         """Shape of ``GMMState.covariances`` (and of ``precision_cholesky``)."""
 
     @abc.abstractmethod
-    def _precision_cholesky(self, covariances: Array) -> Array:
+    def _precision_cholesky(self, covariances: Array, products_only: bool = False) -> Array:
         """Factor U with Sigma^{-1} = U U^T (upper triangular), or 1/sqrt(variances)."""
 
     @abc.abstractmethod
@@ -150,7 +156,9 @@ class Full(CovarianceType):
     def covariance_shape(self, num_components, dim):
         return (num_components, dim, dim)
 
-    def _precision_cholesky(self, covariances):
+    def _precision_cholesky(self, covariances, products_only=False):
+        if products_only:  # inside shard_map: no LAPACK calls (see vijax/_linalg.py)
+            return jnp.swapaxes(cholesky_and_inverse(covariances)[1], -1, -2)
         chol = jnp.linalg.cholesky(covariances)
         eye = jnp.broadcast_to(jnp.eye(covariances.shape[-1], dtype=covariances.dtype),
                                covariances.shape)
@@ -207,7 +215,7 @@ class Full(CovarianceType):
 class _Diagonal(CovarianceType):
     """Shared pieces of :class:`Diag` and :class:`Spherical` (axis-aligned covariances)."""
 
-    def _precision_cholesky(self, covariances):
+    def _precision_cholesky(self, covariances, products_only=False):
         return lax.rsqrt(covariances)
 
     def _log_det_precision_cholesky(self, precision_cholesky, dim):
@@ -474,6 +482,75 @@ def _default_chunk_size(num_points: int, num_components: int, dim: int) -> int:
     return min(1 << (rows.bit_length() - 1), num_points)
 
 
+class _Shards(NamedTuple):
+    """Rows of ``x`` split over the devices of a mesh (inside :func:`_on_mesh`)."""
+
+    axes: tuple  # mesh axis names the rows are split over; totals are psum-ed over them
+    num_rows: int  # N, the rows of all devices together, padding excluded
+
+
+def _total(tree, shards: _Shards | None):
+    """Sum of per-device partial sums (identity when the rows are not split)."""
+    return tree if shards is None else lax.psum(tree, shards.axes)
+
+
+def _row_mean(values: Array, shards: _Shards | None) -> Array:
+    """Mean over the rows (axis 0) of all devices; padding rows must hold zeros."""
+    if shards is None:
+        return jnp.mean(values, axis=0)
+    return _total(jnp.sum(values, axis=0), shards) / shards.num_rows
+
+
+def _masked(values: Array, weights: Array | None) -> Array:
+    """``values [B, ...]`` with the rows whose weight is 0 (padding) set to zero."""
+    if weights is None:
+        return values
+    return values * weights.reshape(weights.shape + (1,) * (values.ndim - 1))
+
+
+def _with_weights(x: Array, weights: Array | None) -> tuple:
+    return (x,) if weights is None else (x, weights)
+
+
+def _on_mesh(body: Callable, mesh, state, x: Array, chunk_size: int | None):
+    """Run ``body(state, x_local, weights_local, shards, chunk_size)`` on every device of
+    ``mesh`` with the rows of ``x`` split over all the mesh's axes (``jax.shard_map``).
+
+    ``body`` must return replicated values (its row sums go through :func:`_total`). When N
+    is not a multiple of the device count, ``x`` is padded with zero rows that carry weight 0.
+    """
+    n, d = x.shape
+    size = mesh.size
+    local_rows = -(-n // size)
+    pad = local_rows * size - n
+    shards = _Shards(tuple(mesh.axis_names), n)
+    if chunk_size is None:
+        chunk_size = _default_chunk_size(local_rows, state.means.shape[0], d)
+    rows = PartitionSpec(shards.axes)
+    if pad:
+        x = jnp.concatenate([x, jnp.zeros((pad, d), x.dtype)], axis=0)
+        weights = (jnp.arange(n + pad) < n).astype(x.dtype)
+        args, in_specs = (state, x, weights), (PartitionSpec(), rows, rows)
+    else:
+        args, in_specs = (state, x), (PartitionSpec(), rows)
+
+    if all(t == AxisType.Explicit for t in mesh.axis_types):  # e.g. from jax.make_mesh
+        # shard_map only reshards arguments itself on meshes with automatic axes.
+        args = tuple(jax.reshard(a, NamedSharding(mesh, sp)) for a, sp in zip(args, in_specs))
+
+    def local(state, x_local, weights_local=None):
+        return body(state, x_local, weights_local, shards, chunk_size)
+
+    # check_vma=False: the chunk loops start from unsharded zeros; every output is psum-ed.
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=PartitionSpec(),
+                         check_vma=False)(*args)
+
+
+def _check_mesh(mesh) -> None:
+    if mesh is not None and not isinstance(mesh, Mesh):
+        raise TypeError(f"`mesh` must be a jax.sharding.Mesh or None; got {type(mesh).__name__}")
+
+
 def _over_chunks(fn: Callable, arrays: tuple, chunk_size: int):
     """Apply ``fn(*chunk)`` to consecutive row chunks of ``arrays`` (same leading size N).
 
@@ -540,22 +617,25 @@ def _chunk(state: GMMState, num_points: int, chunk_size: int | None) -> int:
     return _default_chunk_size(num_points, k, d)
 
 
-def _e_step(state: GMMState, x: Array, chunk_size: int):
-    """Responsibilities ``[N, K]``, log p(x_n) ``[N]``, N_k ``[K]`` and sum_n r_nk x_n
-    ``[K, D]``, in one streamed pass."""
+def _e_step(state: GMMState, x: Array, chunk_size: int, weights: Array | None = None,
+            shards: _Shards | None = None):
+    """Responsibilities ``[N, K]`` (zero on masked rows), log p(x_n) ``[N]``, N_k ``[K]`` and
+    sum_n r_nk x_n ``[K, D]``, in one streamed pass (sums over all shards)."""
     log_joint_chunk = _log_joint_fn(state)
 
-    def chunk_fn(xb):
+    def chunk_fn(xb, wb=None):
         logp = log_joint_chunk(xb)
         log_norm = jax.nn.logsumexp(logp, axis=-1)
-        resp = jnp.exp(logp - log_norm[:, None])
+        resp = _masked(jnp.exp(logp - log_norm[:, None]), wb)
         return (resp, log_norm), (jnp.sum(resp, axis=0), resp.T @ xb)
 
-    (resp, log_norm), (counts, weighted_sum) = _over_chunks(chunk_fn, (x,), chunk_size)
+    (resp, log_norm), totals = _over_chunks(chunk_fn, _with_weights(x, weights), chunk_size)
+    counts, weighted_sum = _total(totals, shards)
     return resp, log_norm, counts, weighted_sum
 
 
-def _m_step(covariance_type, x, resp, counts, weighted_sum, reg_covar, chunk_size):
+def _m_step(covariance_type, x, resp, counts, weighted_sum, reg_covar, chunk_size,
+            shards: _Shards | None = None):
     """Closed-form M-step (PRML eqs. 9.24-9.27) from the E-step sums; returns the parameters
     ``(weights, means, covariances, precision_cholesky)``. The covariances are centred at the
     new means (a second pass over ``x``), as in scikit-learn."""
@@ -566,9 +646,11 @@ def _m_step(covariance_type, x, resp, counts, weighted_sum, reg_covar, chunk_siz
         return (), covariance_type._scatter(rb, xb, means)
 
     _, scatter = _over_chunks(chunk_fn, (x, resp), chunk_size)
+    scatter = _total(scatter, shards)
     covariances = covariance_type._covariances(scatter, counts, reg_covar)
     weights = counts / jnp.sum(counts)
-    return weights, means, covariances, covariance_type._precision_cholesky(covariances)
+    return weights, means, covariances, covariance_type._precision_cholesky(
+        covariances, products_only=shards is not None)
 
 
 def _with_parameters(state: GMMState, params) -> GMMState:
@@ -620,7 +702,8 @@ class OnePassSums(NamedTuple):
 
 
 def one_pass_sums(x: Array, log_const: Array, locs: Array, precision_cholesky: Array,
-                  chunk_size: int, *, keep_responsibilities: bool = False) -> OnePassSums:
+                  chunk_size: int, *, keep_responsibilities: bool = False,
+                  weights: Array | None = None, shards: _Shards | None = None) -> OnePassSums:
     """E-step of a full-covariance mixture and its sufficient statistics in one read of x.
 
     For log-joint values l_nk = log_const_k - 1/2 ||(x_n - locs_k)^T U_k||^2 (U_k =
@@ -640,10 +723,12 @@ def one_pass_sums(x: Array, log_const: Array, locs: Array, precision_cholesky: A
     S_k from its upper blocks: 3/4 of the flops of the dense products.
 
     Shapes: x ``[N, D]``, log_const ``[K]``, locs ``[K, D]``, precision_cholesky
-    ``[K, D, D]``. Unchecked (internal).
+    ``[K, D, D]``. Unchecked (internal). Inside :func:`_on_mesh`, ``x`` is this device's
+    rows, ``weights`` (``[N]`` 0/1, or None) masks padding rows and the sums are totals
+    over all devices (``shards``).
     """
     k, d = locs.shape
-    centre = jnp.mean(x, axis=0)
+    centre = _row_mean(x, shards)
     chol = precision_cholesky
     locs_c = locs - centre[None, :]
 
@@ -693,19 +778,20 @@ def one_pass_sums(x: Array, log_const: Array, locs: Array, precision_cholesky: A
             lower = jnp.concatenate([jnp.swapaxes(top[:, :, h:], 1, 2), bottom], axis=2)
             return jnp.concatenate([top, lower], axis=1)
 
-    def chunk_fn(xb):
+    def chunk_fn(xb, wb=None):
         xc = xb - centre[None, :]
         sq_maha, feats = sq_mahalanobis_and_features(xc)
         logp = const[None, :] - 0.5 * sq_maha
         log_norm = jax.nn.logsumexp(logp, axis=-1)
         log_resp = logp - log_norm[:, None]
-        resp = jnp.exp(log_resp)
+        resp = _masked(jnp.exp(log_resp), wb)
         totals = (jnp.sum(resp, axis=0), resp.T @ xc, scatter(resp, xc, feats))
         if keep_responsibilities:
             return (log_norm, resp), totals + (jnp.sum(resp * log_resp),)
         return log_norm, totals
 
-    rows, totals = _over_chunks(chunk_fn, (x,), chunk_size)
+    rows, totals = _over_chunks(chunk_fn, _with_weights(x, weights), chunk_size)
+    totals = _total(totals, shards)
     if keep_responsibilities:
         (log_norm, resp), (counts, first, sums, neg_entropy) = rows, totals
     else:
@@ -714,7 +800,8 @@ def one_pass_sums(x: Array, log_const: Array, locs: Array, precision_cholesky: A
     return OnePassSums(log_norm, resp, neg_entropy, centre, counts, first, finish(sums))
 
 
-def _one_pass_full(state: GMMState, x: Array, chunk_size: int):
+def _one_pass_full(state: GMMState, x: Array, chunk_size: int, weights: Array | None = None,
+                   shards: _Shards | None = None):
     """One full-covariance EM step reading ``x`` once (float64; see :func:`one_pass_sums`):
     Sigma_k = S_k / N_k - (mu_k - c)(mu_k - c)^T + reg_covar I with the new means.
     Returns ``(log p(x_n) [N], N_k [K], (weights, means, covariances, precision_cholesky))``.
@@ -723,24 +810,26 @@ def _one_pass_full(state: GMMState, x: Array, chunk_size: int):
     log_const = (jnp.log(state.weights)
                  + Full()._log_det_precision_cholesky(state.precision_cholesky, d)
                  - 0.5 * d * _LOG_2PI)
-    sums = one_pass_sums(x, log_const, state.means, state.precision_cholesky, chunk_size)
+    sums = one_pass_sums(x, log_const, state.means, state.precision_cholesky, chunk_size,
+                         weights=weights, shards=shards)
     counts = sums.counts + 10 * jnp.finfo(x.dtype).eps
     new_means_c = sums.first_moment / counts[:, None]
     covariances = Full()._covariances(sums.scatter_about(new_means_c), counts, state.reg_covar)
     weights = counts / jnp.sum(counts)
     params = (weights, new_means_c + sums.centre[None, :], covariances,
-              Full()._precision_cholesky(covariances))
+              Full()._precision_cholesky(covariances, products_only=shards is not None))
     return sums.log_norm, sums.counts, params
 
 
-def _step(state: GMMState, x: Array, chunk_size: int) -> tuple[GMMState, EMInfo]:
+def _step(state: GMMState, x: Array, chunk_size: int, weights: Array | None = None,
+          shards: _Shards | None = None) -> tuple[GMMState, EMInfo]:
     if isinstance(state.covariance_type, Full) and x.dtype == jnp.float64:
-        log_norm, counts, params = _one_pass_full(state, x, chunk_size)
+        log_norm, counts, params = _one_pass_full(state, x, chunk_size, weights, shards)
     else:
-        resp, log_norm, counts, weighted_sum = _e_step(state, x, chunk_size)
+        resp, log_norm, counts, weighted_sum = _e_step(state, x, chunk_size, weights, shards)
         params = _m_step(state.covariance_type, x, resp, counts, weighted_sum,
-                         state.reg_covar, chunk_size)
-    log_lik = jnp.mean(log_norm)
+                         state.reg_covar, chunk_size, shards)
+    log_lik = _row_mean(_masked(log_norm, weights), shards)
     new_state = _with_parameters(state, params)._replace(
         iteration=state.iteration + 1, last_log_likelihood=log_lik)
     return new_state, EMInfo(log_likelihood=log_lik, component_counts=counts)
@@ -857,7 +946,8 @@ def state_from_parameters(
     return _new_state(params, reg_covar, covariance_type)
 
 
-def step(state: GMMState, x: Array, *, chunk_size: int | None = None) -> tuple[GMMState, EMInfo]:
+def step(state: GMMState, x: Array, *, chunk_size: int | None = None,
+         mesh: Mesh | None = None) -> tuple[GMMState, EMInfo]:
     """One EM iteration: E-step at the current parameters, then the closed-form M-step.
 
     E-step: responsibilities r_nk = p(z_n = k | x_n, theta) = softmax_k(log pi_k +
@@ -869,6 +959,13 @@ def step(state: GMMState, x: Array, *, chunk_size: int | None = None) -> tuple[G
       x: data ``[N, D]`` in the state's dtype.
       chunk_size: rows per streamed chunk (static; default from K and D). ``chunk_size=N``
         processes the data in one block.
+      mesh: optional :class:`jax.sharding.Mesh`: the rows of ``x`` are split over all its
+        devices (``jax.shard_map``), each device streams its rows and the sums are
+        all-reduced (``psum``), so the result equals the one-device step up to summation
+        order. Any N works (the last rows are zero-padded with weight 0). On a CPU, start
+        Python with ``XLA_FLAGS=--xla_force_host_platform_device_count=<cores>`` and pass
+        ``jax.make_mesh((jax.device_count(),), ("rows",))`` to use every core (docs/em.md,
+        section 6). ``chunk_size`` is then per device.
 
     Returns:
       ``(new_state, info)``: ``info.log_likelihood`` is the mean log p(x_n | theta) (nats per
@@ -878,10 +975,15 @@ def step(state: GMMState, x: Array, *, chunk_size: int | None = None) -> tuple[G
       exception can be raised under tracing).
 
     Raises:
-      TypeError / ValueError naming ``x`` (dimensionality, dtype, NaN/inf rows if concrete).
+      TypeError / ValueError naming ``x`` (dimensionality, dtype, NaN/inf rows if concrete);
+      TypeError naming ``mesh``.
     """
     x = _check_state(state, x)
     chunk_size = _check_chunk_size(chunk_size)
+    _check_mesh(mesh)
+    if mesh is not None:
+        return _on_mesh(lambda s, xl, w, sh, c: _step(s, xl, c, w, sh),
+                        mesh, state, x, chunk_size)
     return _step(state, x, _chunk(state, x.shape[0], chunk_size))
 
 
@@ -910,6 +1012,7 @@ def fit_from_state(
     max_iter: int = 100,
     tol: float = 1e-3,
     chunk_size: int | None = None,
+    mesh: Mesh | None = None,
 ) -> tuple[GMMState, FitInfo]:
     """Run EM from ``state`` in a ``lax.while_loop`` until the mean log-likelihood changes by
     less than ``tol`` (absolute, nats per sample) between iterations, or ``max_iter`` steps.
@@ -925,22 +1028,35 @@ def fit_from_state(
       max_iter: >= 1 (static).
       tol: >= 0.
       chunk_size: rows per streamed chunk (static).
+      mesh: optional :class:`jax.sharding.Mesh` to split the rows over, as in :func:`step`
+        (the whole loop runs inside one ``shard_map``).
 
     Returns:
       ``(state, info)`` with ``info.log_likelihood`` ``[max_iter]`` the per-iteration trace
       (NaN-padded), ``info.num_iterations`` and ``info.converged``.
 
     Raises:
-      TypeError / ValueError naming ``x``, ``max_iter`` or ``tol``.
+      TypeError / ValueError naming ``x``, ``max_iter``, ``tol`` or ``mesh``.
     """
     x = _check_state(state, x)
     max_iter = _check_positive_int(max_iter, "max_iter")
     if _is_concrete(tol) and not (np.ndim(tol) == 0 and float(tol) >= 0):
         raise ValueError(f"`tol` must be a scalar >= 0; got {tol!r}")
-    chunk_size = _chunk(state, x.shape[0], _check_chunk_size(chunk_size))
-    dtype = x.dtype
-    tol = jnp.asarray(tol, dtype)
-    trace = jnp.full((max_iter,), jnp.nan, dtype)
+    chunk_size = _check_chunk_size(chunk_size)
+    _check_mesh(mesh)
+    tol = jnp.asarray(tol, x.dtype)
+
+    def run(state, x, weights, shards, chunk_size):
+        return _fit_loop(state, x, chunk_size, weights, shards, max_iter, tol)
+
+    if mesh is not None:
+        return _on_mesh(run, mesh, state, x, chunk_size)
+    return run(state, x, None, None, _chunk(state, x.shape[0], chunk_size))
+
+
+def _fit_loop(state: GMMState, x: Array, chunk_size: int, weights: Array | None,
+              shards: _Shards | None, max_iter: int, tol: Array) -> tuple[GMMState, FitInfo]:
+    trace = jnp.full((max_iter,), jnp.nan, x.dtype)
 
     def cond(carry):
         _, _, i, done, _ = carry
@@ -949,7 +1065,7 @@ def fit_from_state(
     def body(carry):
         state, trace, i, _, _ = carry
         prev = state.last_log_likelihood
-        state, info = _step(state, x, chunk_size)
+        state, info = _step(state, x, chunk_size, weights, shards)
         ll = info.log_likelihood
         converged = jnp.abs(ll - prev) < tol
         done = converged | ~jnp.isfinite(ll)
@@ -972,13 +1088,17 @@ def fit(
     max_iter: int = 100,
     tol: float = 1e-3,
     chunk_size: int | None = None,
+    mesh: Mesh | None = None,
 ) -> tuple[GMMState, FitInfo]:
-    """:func:`init` then :func:`fit_from_state`. Vmappable over ``rng_key`` (restarts):
+    """:func:`init` then :func:`fit_from_state` (``mesh`` applies to the EM iterations).
+
+    Vmappable over ``rng_key`` (restarts):
     ``jax.vmap(lambda k: fit(k, x, 3))(jax.random.split(key, 8))``; pick the restart with the
     largest final log-likelihood. Arguments, returns and errors as in those two functions."""
     state = init(rng_key, x, num_components, covariance_type=covariance_type,
                  init_method=init_method, reg_covar=reg_covar, chunk_size=chunk_size)
-    return fit_from_state(state, x, max_iter=max_iter, tol=tol, chunk_size=chunk_size)
+    return fit_from_state(state, x, max_iter=max_iter, tol=tol, chunk_size=chunk_size,
+                          mesh=mesh)
 
 
 def _rows_log_joint(state: GMMState, x: Array) -> Array:

@@ -1,0 +1,106 @@
+"""EM with ``mesh=`` (rows split over 4 forced host CPU devices) equals the one-device EM.
+
+The device count is fixed when JAX initialises, so the checks run in a fresh interpreter
+(``sys.executable``) with ``XLA_FLAGS=--xla_force_host_platform_device_count=4``. The
+subprocess has a time limit: a deadlock of the host devices (what LAPACK calls inside the
+sharded program caused, see ``vijax/_linalg.py``) fails the test instead of hanging CI.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vijax import em
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+SCRIPT = textwrap.dedent(
+    """
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh
+    jax.config.update("jax_enable_x64", True)
+    jax.config.update("jax_numpy_rank_promotion", "raise")
+    from vijax import em
+
+    assert jax.device_count() == 4, jax.devices()
+    rng = np.random.default_rng(0)
+    auto_mesh = Mesh(np.asarray(jax.devices()), ("rows",))   # automatic axes
+    explicit_mesh = jax.make_mesh((2, 2), ("a", "b"))         # explicit axes, 2-D
+
+    def blobs(n, d, dtype):
+        centres = rng.normal(size=(3, d)) * 4.0
+        x = centres[rng.integers(0, 3, size=n)] + rng.normal(size=(n, d))
+        return jnp.asarray(x, dtype)
+
+    def assert_close(tree_a, tree_b, rtol, atol):
+        for a, b in zip(jax.tree.leaves(tree_a), jax.tree.leaves(tree_b)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol)
+
+    cases = [  # (dtype, covariance type, N, D): one-pass (float64 full, both layouts),
+               # two-pass (float32 full, diag, spherical); N = 1001 and 203 need padding
+        ("float64", em.Full(), 1000, 3), ("float64", em.Full(), 1001, 3),
+        ("float64", em.Full(), 203, 30), ("float64", em.Diag(), 1001, 5),
+        ("float32", em.Full(), 1001, 4), ("float32", em.Spherical(), 1000, 3),
+    ]
+    for dtype, cov, n, d in cases:
+        x = blobs(n, d, dtype)
+        state = em.init(jax.random.key(0), x, 3, covariance_type=cov)
+        tight = dtype == "float64"
+        rtol, atol = (1e-10, 1e-10) if tight else (2e-4, 2e-4)
+        one = jax.jit(em.step)(state, x)
+        for mesh in (auto_mesh, explicit_mesh):
+            step = jax.jit(lambda s, x: em.step(s, x, mesh=mesh))
+            assert_close(step(state, x), one, rtol, atol)
+            step(one[0], x)
+            assert step._cache_size() == 1  # a second call does not recompile
+        # the sharded program all-reduces and calls no LAPACK kernel
+        sharded = jax.jit(lambda s, x: em.step(s, x, mesh=auto_mesh))
+        hlo = sharded.lower(state, x).compile().as_text()
+        assert "all-reduce" in hlo and "lapack" not in hlo.lower(), (dtype, cov)
+        # a whole fit inside one shard_map: same iterations, trace and parameters
+        fit_1 = em.fit_from_state(state, x, max_iter=30, tol=1e-6)
+        fit_4 = jax.jit(lambda s, x: em.fit_from_state(s, x, max_iter=30, tol=1e-6,
+                                                       mesh=auto_mesh))(state, x)
+        assert int(fit_4[1].num_iterations) == int(fit_1[1].num_iterations)
+        assert_close(fit_4, fit_1, 10 * rtol, 10 * atol)
+        print("case ok", dtype, type(cov).__name__, n, d, int(fit_1[1].num_iterations),
+              flush=True)
+
+    # fit(...) from a key, un-jitted, with the mesh
+    x = blobs(999, 2, "float64")
+    assert_close(em.fit(jax.random.key(1), x, 3, mesh=auto_mesh),
+                 em.fit(jax.random.key(1), x, 3), 1e-9, 1e-9)
+    print("EM-MESH-OK")
+    """
+)
+
+
+def test_em_on_4_host_devices_equals_one_device():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                        " --xla_force_host_platform_device_count=4").strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT),
+                                                      env.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert "EM-MESH-OK" in result.stdout
+
+
+def test_mesh_must_be_a_mesh(x64):
+    x = np.random.default_rng(0).normal(size=(20, 2))
+    state = em.init(jax.random.key(0), x, 2)
+    with pytest.raises(TypeError, match="`mesh`"):
+        em.step(state, x, mesh="cpu")
+    with pytest.raises(TypeError, match="`mesh`"):
+        em.fit_from_state(state, x, mesh=jax.devices())
