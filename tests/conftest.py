@@ -1,6 +1,8 @@
 """Shared pytest fixtures for vijax.
 
 * ``x64``: run a test with 64-bit floats enabled (``jax.enable_x64``), for float64 references.
+* ``run_on_host_devices``: run a script in a fresh interpreter with N forced host CPU devices
+  (the device count is fixed when JAX initialises) and return its stdout.
 * ``mnist_dir``: the real MNIST folder ``../shared/data/mnist``; a test that needs it is
   skipped with a reason when it is absent, except under CI (``CI=true``), where absence fails.
 """
@@ -9,12 +11,34 @@ from __future__ import annotations
 
 import os
 import pathlib
+import subprocess
+import sys
 
 import jax
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture
+def run_on_host_devices():
+    """``run(script, num_devices=4, timeout=600) -> stdout``; fails the test on a non-zero
+    exit or a timeout (so a deadlock of the devices fails instead of hanging)."""
+
+    def run(script: str, num_devices: int = 4, timeout: float = 600) -> str:
+        env = dict(os.environ)
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                            f" --xla_force_host_platform_device_count={num_devices}").strip()
+        env["JAX_PLATFORMS"] = "cpu"
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT),
+                                                          env.get("PYTHONPATH", "")]))
+        result = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO_ROOT,
+                                capture_output=True, text=True, timeout=timeout)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+        return result.stdout
+
+    return run
 
 
 @pytest.fixture

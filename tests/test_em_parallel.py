@@ -1,27 +1,21 @@
 """EM with ``mesh=`` (rows split over 4 forced host CPU devices) equals the one-device EM.
 
 The device count is fixed when JAX initialises, so the checks run in a fresh interpreter
-(``sys.executable``) with ``XLA_FLAGS=--xla_force_host_platform_device_count=4``. The
+with ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` (``run_on_host_devices``). The
 subprocess has a time limit: a deadlock of the host devices (what LAPACK calls inside the
 sharded program caused, see ``vijax/_linalg.py``) fails the test instead of hanging CI.
 """
 
 from __future__ import annotations
 
-import os
-import pathlib
-import subprocess
-import sys
 import textwrap
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from vijax import em
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent(
     """
@@ -84,17 +78,8 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_em_on_4_host_devices_equals_one_device():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                        " --xla_force_host_platform_device_count=4").strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT),
-                                                      env.get("PYTHONPATH", "")]))
-    result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=REPO_ROOT,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    assert "EM-MESH-OK" in result.stdout
+def test_em_on_4_host_devices_equals_one_device(run_on_host_devices):
+    assert "EM-MESH-OK" in run_on_host_devices(SCRIPT, num_devices=4)
 
 
 def test_mesh_must_be_a_mesh(x64):

@@ -1,18 +1,14 @@
 """Data-parallel VAE training on 4 forced host CPU devices equals the one-device update.
 
 The device count is fixed when JAX initialises, so the check runs in a fresh interpreter
-(``sys.executable``) with ``XLA_FLAGS=--xla_force_host_platform_device_count=4``.
+with ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` (the ``run_on_host_devices``
+fixture of ``conftest.py``).
 """
 
 from __future__ import annotations
 
-import os
-import pathlib
-import subprocess
-import sys
 import textwrap
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent(
     """
@@ -78,14 +74,5 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_data_parallel_equals_single_device_on_4_host_devices():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                        " --xla_force_host_platform_device_count=4").strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT),
-                                                      env.get("PYTHONPATH", "")]))
-    result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=REPO_ROOT,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    assert "DATA-PARALLEL-OK" in result.stdout
+def test_data_parallel_equals_single_device_on_4_host_devices(run_on_host_devices):
+    assert "DATA-PARALLEL-OK" in run_on_host_devices(SCRIPT, num_devices=4)

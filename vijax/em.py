@@ -965,7 +965,7 @@ def step(state: GMMState, x: Array, *, chunk_size: int | None = None,
         order. Any N works (the last rows are zero-padded with weight 0). On a CPU, start
         Python with ``XLA_FLAGS=--xla_force_host_platform_device_count=<cores>`` and pass
         ``jax.make_mesh((jax.device_count(),), ("rows",))`` to use every core (docs/em.md,
-        section 6). ``chunk_size`` is then per device.
+        sections 4 and 6). ``chunk_size`` is then per device.
 
     Returns:
       ``(new_state, info)``: ``info.log_likelihood`` is the mean log p(x_n | theta) (nats per
