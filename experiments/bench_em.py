@@ -248,9 +248,11 @@ def _ratio(a: float, b: float) -> str:
 
 
 def mesh_table(rows: list[Row], threads: int, devices: int) -> str:
-    """Whole-CPU comparison: each library at its faster thread setting."""
+    """Whole-CPU comparison: each library at its faster thread setting (the first scikit-learn
+    column runs with the environment's BLAS threads: 1 under ``OPENBLAS_NUM_THREADS=1``)."""
     lines = [
-        f"| dtype | N | D | sklearn GMM ms/it, 1 / {threads} BLAS threads | vijax EM ms/it, "
+        f"| dtype | N | D | sklearn GMM ms/it, environment's / {threads} BLAS threads | "
+        f"vijax EM ms/it, "
         f"1 device / mesh of {devices} | speed-up, best vs best | fit s: sklearn / "
         f"vijax mesh (iters) | speed-up |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
