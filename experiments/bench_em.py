@@ -22,7 +22,9 @@ Threads: scikit-learn runs as the environment sets OpenBLAS up (printed at start
 (``threadpoolctl``), so one run shows which setting is faster on this machine. When the
 process has several JAX devices (on a CPU: ``XLA_FLAGS=--xla_force_host_platform_device_count=
 <cores>``), ``vijax.em.step`` and ``fit_from_state`` are also timed with ``mesh=`` over all of
-them (rows split over the devices, one per core; columns "mesh").
+them (rows split over the devices, one per core; columns "mesh"), and so is the Bayesian
+GMM's float64 CAVI step (``bayesian_gmm.step(..., mesh=)``; its own whole-CPU table, with
+scikit-learn's ``BayesianGaussianMixture`` at both thread settings).
 
 Usage::
 
@@ -80,7 +82,9 @@ class Row:
     vj_em_mesh_ms: float = float("nan")  # mesh over all JAX devices
     vj_em_one_block_ms: float = float("nan")
     sk_bgmm_ms: float = float("nan")
+    sk_bgmm_threads_ms: float = float("nan")  # with --sklearn-threads BLAS threads
     vj_bgmm_ms: float = float("nan")
+    vj_bgmm_mesh_ms: float = float("nan")  # float64 only
     compile_step_s: float = float("nan")
     compile_fit_s: float = float("nan")
     sk_fit_s: float = float("nan")
@@ -208,6 +212,21 @@ def bench_one(dtype: str, n: int, d: int, args) -> Row:
         bg_step, _ = _compile(bayesian_gmm.step, bg_state, x, prior)
         fns["sk_bgmm"] = sklearn_bgmm_iteration(x_np, np.asarray(resp))
         fns["vj_bgmm"] = lambda: bg_step(bg_state, x, prior)
+        if args.sklearn_threads:
+            threaded = _with_blas_threads(sklearn_bgmm_iteration(x_np, np.asarray(resp)),
+                                          args.sklearn_threads)
+            row.sk_bgmm_threads_ms = 1e3 * _interleaved({"sk": threaded}, args.repeats)["sk"]
+            time.sleep(1.0)
+        if mesh is not None and dtype == "float64":
+            # responsibilities split by rows, the rest replicated: as a mesh step leaves it
+            bg_specs = bg_state._replace(
+                responsibilities=PartitionSpec("rows"),
+                **{f: PartitionSpec() for f in bg_state._fields if f != "responsibilities"})
+            bg_all = jax.tree.map(lambda a, sp: jax.device_put(a, NamedSharding(mesh, sp)),
+                                  bg_state, bg_specs)
+            bg_mesh_step, _ = _compile(lambda s, x: bayesian_gmm.step(s, x, prior, mesh=mesh),
+                                       bg_all, x_rows)
+            fns["vj_bgmm_mesh"] = lambda: bg_mesh_step(bg_all, x_rows)
     for name, seconds in _interleaved(fns, args.repeats).items():
         setattr(row, f"{name}_ms", 1e3 * seconds)
 
@@ -265,6 +284,25 @@ def mesh_table(rows: list[Row], threads: int, devices: int) -> str:
             f"{_fmt(r.sk_gmm_threads_ms)} | {_fmt(r.vj_em_ms)} / {_fmt(r.vj_em_mesh_ms)} | "
             f"{_ratio(sk_best, vj_best)} | {_fmt(r.sk_fit_s, 2)} / {_fmt(r.vj_fit_mesh_s, 2)} "
             f"({r.vj_fit_iters}) | {_ratio(r.sk_fit_s, r.vj_fit_mesh_s)} |")
+    return "\n".join(lines)
+
+
+def bgmm_mesh_table(rows: list[Row], threads: int, devices: int) -> str:
+    """Bayesian GMM, whole CPU: as :func:`mesh_table`, per CAVI iteration (float64 rows)."""
+    lines = [
+        f"| dtype | N | D | sklearn BGMM ms/it, environment's / {threads} BLAS threads | "
+        f"vijax BGMM ms/it, 1 device / mesh of {devices} | speed-up, best vs best |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if r.vj_bgmm_mesh_ms != r.vj_bgmm_mesh_ms:
+            continue
+        sk_best = min(r.sk_bgmm_ms, r.sk_bgmm_threads_ms)
+        vj_best = min(r.vj_bgmm_ms, r.vj_bgmm_mesh_ms)
+        lines.append(
+            f"| {r.dtype} | {r.n:.0e} | {r.d} | {_fmt(r.sk_bgmm_ms)} / "
+            f"{_fmt(r.sk_bgmm_threads_ms)} | {_fmt(r.vj_bgmm_ms)} / {_fmt(r.vj_bgmm_mesh_ms)} | "
+            f"{_ratio(sk_best, vj_best)} |")
     return "\n".join(lines)
 
 
@@ -346,6 +384,9 @@ def main(argv=None) -> list[Row]:
     if jax.device_count() > 1 or args.sklearn_threads:
         print("\nWhole CPU (sklearn fit timed at the environment's threads):\n"
               + mesh_table(rows, args.sklearn_threads, jax.device_count()))
+        if any(r.vj_bgmm_mesh_ms == r.vj_bgmm_mesh_ms for r in rows):
+            print("\nBayesian GMM, whole CPU:\n"
+                  + bgmm_mesh_table(rows, args.sklearn_threads, jax.device_count()))
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"environment": env, "args": vars(args),

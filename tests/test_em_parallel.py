@@ -1,4 +1,5 @@
-"""EM with ``mesh=`` (rows split over 4 forced host CPU devices) equals the one-device EM.
+"""EM and the Bayesian GMM's CAVI step with ``mesh=`` (rows split over 4 forced host CPU
+devices) equal their one-device versions.
 
 The device count is fixed when JAX initialises, so the checks run in a fresh interpreter
 with ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` (``run_on_host_devices``). The
@@ -73,13 +74,38 @@ SCRIPT = textwrap.dedent(
     x = blobs(999, 2, "float64")
     assert_close(em.fit(jax.random.key(1), x, 3, mesh=auto_mesh),
                  em.fit(jax.random.key(1), x, 3), 1e-9, 1e-9)
-    print("EM-MESH-OK")
+    print("EM-MESH-OK", flush=True)
+
+    # the Bayesian GMM's CAVI step (float64 one-pass sweep) on the same meshes
+    from vijax.meanfield import bayesian_gmm as bg
+    for n, d in [(1000, 3), (1001, 30), (203, 5)]:
+        x = blobs(n, d, "float64")
+        prior = bg.default_prior(x, 4)
+        state = bg.init(jax.random.key(2), x, 4, prior)
+        one = jax.jit(bg.step)(state, x, prior)
+        two = jax.jit(bg.step)(one[0], x, prior)
+        for mesh in (auto_mesh, explicit_mesh):
+            step = jax.jit(lambda s, x: bg.step(s, x, prior, mesh=mesh))
+            first = step(state, x)
+            assert first[0].responsibilities.shape == (n, 4)
+            assert_close(first, one, 1e-10, 1e-10)
+            second = step(first[0], x)  # from a state with row-split responsibilities
+            assert_close(second, two, 1e-10, 1e-10)
+            compiled = step._cache_size()  # 2: the input shardings differ from the first call
+            step(second[0], x)
+            assert step._cache_size() == compiled  # steady state: no recompilation
+        hlo = jax.jit(lambda s, x: bg.step(s, x, prior, mesh=auto_mesh)).lower(
+            state, x).compile().as_text()
+        assert "all-reduce" in hlo and "lapack" not in hlo.lower(), (n, d)
+        print("bgmm case ok", n, d, float(two[1].elbo), flush=True)
+    print("BGMM-MESH-OK")
     """
 )
 
 
 def test_em_on_4_host_devices_equals_one_device(run_on_host_devices):
-    assert "EM-MESH-OK" in run_on_host_devices(SCRIPT, num_devices=4)
+    out = run_on_host_devices(SCRIPT, num_devices=4)
+    assert "EM-MESH-OK" in out and "BGMM-MESH-OK" in out
 
 
 def test_mesh_must_be_a_mesh(x64):
@@ -89,3 +115,20 @@ def test_mesh_must_be_a_mesh(x64):
         em.step(state, x, mesh="cpu")
     with pytest.raises(TypeError, match="`mesh`"):
         em.fit_from_state(state, x, mesh=jax.devices())
+
+
+def test_bgmm_mesh_errors(x64):
+    from jax.sharding import Mesh
+
+    from vijax.meanfield import bayesian_gmm as bg
+
+    x = np.random.default_rng(0).normal(size=(30, 2))
+    prior = bg.default_prior(x, 3)
+    state = bg.init(jax.random.key(0), x, 3, prior)
+    with pytest.raises(TypeError, match="`mesh`"):
+        bg.step(state, x, prior, mesh=jax.devices())
+    mesh = Mesh(np.asarray(jax.devices()[:1]), ("rows",))
+    x32 = x.astype(np.float32)
+    state32 = bg.init(jax.random.key(0), x32, 3, bg.default_prior(x32, 3))
+    with pytest.raises(ValueError, match="`mesh` needs float64"):
+        bg.step(state32, x32, bg.default_prior(x32, 3), mesh=mesh)

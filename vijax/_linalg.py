@@ -48,3 +48,19 @@ def cholesky_and_inverse(matrix: Array) -> tuple[Array, Array]:
     chol_c, inv_c = cholesky_and_inverse(schur)
     return (_blocks(chol_a, w, chol_c),
             _blocks(inv_a, -(inv_c @ (w @ inv_a)), inv_c))
+
+
+def tril_inverse(tril: Array) -> Array:
+    """Inverse of lower-triangular ``tril [..., D, D]`` (non-singular), lower triangular.
+
+    The same recursion as :func:`cholesky_and_inverse`: for L = [[A, 0], [C, B]],
+    L^{-1} = [[A^{-1}, 0], [-B^{-1} C A^{-1}, B^{-1}]]; the entries above the diagonal of
+    ``tril`` are not read.
+    """
+    d = tril.shape[-1]
+    if d == 1:
+        return 1.0 / tril
+    h = d // 2
+    inv_a = tril_inverse(tril[..., :h, :h])
+    inv_b = tril_inverse(tril[..., h:, h:])
+    return _blocks(inv_a, -(inv_b @ (tril[..., h:, :h] @ inv_a)), inv_b)

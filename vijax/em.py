@@ -512,12 +512,16 @@ def _with_weights(x: Array, weights: Array | None) -> tuple:
     return (x,) if weights is None else (x, weights)
 
 
-def _on_mesh(body: Callable, mesh, state, x: Array, chunk_size: int | None):
+def _on_mesh(body: Callable, mesh, state, x: Array, chunk_size: int | None, *,
+             num_components: int | None = None, out_specs=PartitionSpec()):
     """Run ``body(state, x_local, weights_local, shards, chunk_size)`` on every device of
     ``mesh`` with the rows of ``x`` split over all the mesh's axes (``jax.shard_map``).
 
-    ``body`` must return replicated values (its row sums go through :func:`_total`). When N
-    is not a multiple of the device count, ``x`` is padded with zero rows that carry weight 0.
+    ``state`` is replicated. ``body``'s outputs are replicated (its row sums go through
+    :func:`_total`) unless ``out_specs`` says otherwise: :func:`_row_spec` marks per-row outputs,
+    which come back with ``N`` rows rounded up to a multiple of the device count. When N is
+    not a multiple of the device count, ``x`` is padded with zero rows that carry weight 0.
+    ``num_components`` (default ``state.means.shape[0]``) sizes the default chunk.
     """
     n, d = x.shape
     size = mesh.size
@@ -525,8 +529,9 @@ def _on_mesh(body: Callable, mesh, state, x: Array, chunk_size: int | None):
     pad = local_rows * size - n
     shards = _Shards(tuple(mesh.axis_names), n)
     if chunk_size is None:
-        chunk_size = _default_chunk_size(local_rows, state.means.shape[0], d)
-    rows = PartitionSpec(shards.axes)
+        k = state.means.shape[0] if num_components is None else num_components
+        chunk_size = _default_chunk_size(local_rows, k, d)
+    rows = _row_spec(mesh)
     if pad:
         x = jnp.concatenate([x, jnp.zeros((pad, d), x.dtype)], axis=0)
         weights = (jnp.arange(n + pad) < n).astype(x.dtype)
@@ -541,9 +546,15 @@ def _on_mesh(body: Callable, mesh, state, x: Array, chunk_size: int | None):
     def local(state, x_local, weights_local=None):
         return body(state, x_local, weights_local, shards, chunk_size)
 
-    # check_vma=False: the chunk loops start from unsharded zeros; every output is psum-ed.
-    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=PartitionSpec(),
+    # check_vma=False: the chunk loops start from unsharded zeros; row sums are psum-ed.
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
                          check_vma=False)(*args)
+
+
+def _row_spec(mesh) -> PartitionSpec:
+    """The ``PartitionSpec`` of a ``[N, ...]`` array whose rows are split over all the axes of
+    ``mesh`` (the layout :func:`_on_mesh` gives ``x``)."""
+    return PartitionSpec(tuple(mesh.axis_names))
 
 
 def _check_mesh(mesh) -> None:

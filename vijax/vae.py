@@ -498,7 +498,7 @@ def _check_eval_args(x, model, batch_size, name="x"):
 
 
 def log_likelihood_is(rng_key: jax.Array, params: Params, model, x: jax.Array, *,
-                      num_samples: int = 5000, chunk_size: int | None = 500,
+                      num_samples: int = 5000, chunk_size: int | None = 100,
                       batch_size: int = 100) -> jax.Array:
     """Importance-sampling estimate of ``log p(x)`` per example, with ``q(z | x)`` as proposal.
 
@@ -509,7 +509,10 @@ def log_likelihood_is(rng_key: jax.Array, params: Params, model, x: jax.Array, *
     :func:`vijax.marginal.importance_sampling`, over examples in batches of ``batch_size``
     (``lax.map``) and over samples in chunks of ``chunk_size`` (``lax.scan``): peak memory is
     about ``batch_size * chunk_size * D`` floats, so 10,000 MNIST test images with S = 5000 fit
-    in a few hundred MB.
+    in a few tens of MB. On a CPU keep ``batch_size * chunk_size`` near 10^4 rows (the default):
+    the decoder's ``[rows, D]`` activations then stay in cache (200 MNIST test images x 5000
+    samples: 3.4 s with 10^4 rows, 10.4 s with 5 x 10^4; 2026-11-21, AMD EPYC Zen 4, 2 cores).
+    An accelerator wants larger chunks.
 
     Args:
       rng_key: PRNG key.
@@ -540,7 +543,7 @@ def log_likelihood_is(rng_key: jax.Array, params: Params, model, x: jax.Array, *
 
 def evaluate_bounds(rng_key: jax.Array, params: Params, model, x: jax.Array, *,
                     num_samples=(1, 50), elbo_num_samples: int = 1,
-                    batch_size: int = 100, chunk_size: int | None = 500) -> dict:
+                    batch_size: int = 100, chunk_size: int | None = 100) -> dict:
     """Per-example ELBO, KL and IWAE-k bounds on ``log p(x)`` for an evaluation set.
 
     Args:

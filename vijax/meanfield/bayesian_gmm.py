@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import digamma, gammaln
 
-from vijax import em
+from vijax import _linalg, em
 from vijax.meanfield._cavi import CAVIInfo, cavi, sweep
 from vijax.meanfield._common import (
     categorical_elbo_term,
@@ -186,14 +186,17 @@ class _Expectations(NamedTuple):
     whitening: Array  # [K, D, D] L_k^{-1}, so W_k = L_k^{-T} L_k^{-1}
 
 
-def _expectations(state: BGMMState) -> _Expectations:
+def _expectations(state: BGMMState, products_only: bool = False) -> _Expectations:
+    """``products_only``: L_k^{-1} from matrix products (:mod:`vijax._linalg`), no LAPACK
+    call; used on a mesh, where LAPACK kernels can deadlock host devices."""
     dim = state.loc.shape[-1]
     log_pi = digamma(state.concentration) - digamma(jnp.sum(state.concentration))
     log_det_scale = -_log_det_from_tril(state.scale_inv_tril)
     i = jnp.arange(dim, dtype=state.dof.dtype)
     log_lambda = (jnp.sum(digamma(0.5 * (state.dof[:, None] - i[None, :])), axis=-1) + dim * _LOG_2
                   + log_det_scale)
-    return _Expectations(log_pi, log_lambda, log_det_scale, tril_inverse(state.scale_inv_tril))
+    inverse = _linalg.tril_inverse if products_only else tril_inverse
+    return _Expectations(log_pi, log_lambda, log_det_scale, inverse(state.scale_inv_tril))
 
 
 def _log_rho(state: BGMMState, x: Array, ex: _Expectations) -> Array:
@@ -304,7 +307,7 @@ def _elbo(state: BGMMState, x: Array, prior: BGMMPrior) -> Array:
 
 
 def _elbo_given_term_z(state: BGMMState, prior: BGMMPrior, ex: _Expectations,
-                       term_z: Array) -> Array:
+                       term_z: Array, products_only: bool = False) -> Array:
     """The ELBO from its q(Z)-dependent part ``term_z`` and the closed-form rest."""
     dim = state.loc.shape[-1]
     num_components = state.concentration.shape[0]
@@ -313,7 +316,10 @@ def _elbo_given_term_z(state: BGMMState, prior: BGMMPrior, ex: _Expectations,
     term_pi = (_log_dirichlet_norm(alpha0) - _log_dirichlet_norm(state.concentration)
                + jnp.sum((alpha0 - state.concentration) * ex.log_pi))
     # E ln p(mu, Lambda)                                               (10.74)
-    prior_tril = jnp.linalg.cholesky(prior.scale_inv)
+    if products_only:
+        prior_tril = _linalg.cholesky_and_inverse(prior.scale_inv)[0]
+    else:
+        prior_tril = jnp.linalg.cholesky(prior.scale_inv)
     # Tr(W_0^{-1} W_k) = |L_k^{-1} C_0|_F^2 with W_0^{-1} = C_0 C_0^T
     trace_w0inv_wk = jnp.sum(jnp.square(ex.whitening @ prior_tril[None, :, :]), axis=(-2, -1))
     centre = sq_mahalanobis(prior.loc[None, :], state.loc, ex.whitening)[0]  # [K]
@@ -400,7 +406,8 @@ def init(rng_key: Array, x, num_components: int, prior: BGMMPrior) -> BGMMState:
 
 
 def _one_pass_step(state: BGMMState, x: Array, prior: BGMMPrior,
-                   chunk_size: int | None = None) -> tuple[BGMMState, BGMMInfo]:
+                   chunk_size: int | None = None, weights: Array | None = None,
+                   shards=None) -> tuple[BGMMState, BGMMInfo]:
     """The same sweep and ELBO as the block functions, reading ``x`` once (float64).
 
     The q(Z) update and the statistics of PRML 10.51-10.53 come from one streamed pass
@@ -410,10 +417,15 @@ def _one_pass_step(state: BGMMState, x: Array, prior: BGMMPrior,
     sum_k N_k [E ln pi_k + E ln|Lambda_k| / 2 - D / (2 beta_k) - D/2 ln 2 pi]
     - 1/2 sum_k nu_k Tr(W_k Q_k) - sum_nk r_nk ln r_nk, with
     Q_k = sum_n r_nk (x_n - m_k)(x_n - m_k)^T at the *new* m_k, so no second pass is needed.
+
+    Inside :func:`vijax.em._on_mesh` (``shards`` given) ``x`` is this device's rows, ``weights``
+    masks padding rows, the sums are totals over all devices, the returned responsibilities
+    are this device's rows, and the small factorisations use matrix products only.
     """
     n, dim = x.shape
     k = state.loc.shape[0]
-    ex = _expectations(state)
+    products_only = shards is not None
+    ex = _expectations(state, products_only)
     sqrt_dof = jnp.sqrt(state.dof)[:, None, None]
     chol = sqrt_dof * jnp.swapaxes(ex.whitening, -1, -2)  # upper triangular U_k
     log_const = (ex.log_pi + 0.5 * ex.log_lambda - 0.5 * dim * _LOG_2PI
@@ -421,44 +433,89 @@ def _one_pass_step(state: BGMMState, x: Array, prior: BGMMPrior,
     if chunk_size is None:
         chunk_size = em._default_chunk_size(n, k, dim)
     sums = em.one_pass_sums(x, log_const, state.loc, chol, chunk_size,
-                            keep_responsibilities=True)
+                            keep_responsibilities=True, weights=weights, shards=shards)
     counts, first = sums.counts, sums.first_moment  # first: sum r (x - c)
     eps = jnp.finfo(x.dtype).eps
     means_c = first / (counts + 10.0 * eps)[:, None]
     stats = Statistics(counts, first + counts[:, None] * sums.centre[None, :],
                        means_c + sums.centre[None, :], sums.scatter_about(means_c))
     upd = conjugate_update(stats, prior)
+    if products_only:
+        scale_inv_tril = _linalg.cholesky_and_inverse(upd.scale_inv)[0]
+    else:
+        scale_inv_tril = jnp.linalg.cholesky(upd.scale_inv)
     new = BGMMState(responsibilities=sums.responsibilities, concentration=upd.concentration,
                     mean_precision=upd.mean_precision, loc=upd.loc, dof=upd.dof,
-                    scale_inv_tril=jnp.linalg.cholesky(upd.scale_inv))
-    new_ex = _expectations(new)
+                    scale_inv_tril=scale_inv_tril)
+    new_ex = _expectations(new, products_only)
     quad = sums.scatter_about(new.loc - sums.centre[None, :])  # Q_k
     trace_wq = jnp.sum((new_ex.whitening @ quad) * new_ex.whitening, axis=(-2, -1))
     term_z = (jnp.sum(counts * (new_ex.log_pi + 0.5 * new_ex.log_lambda
                                 - 0.5 * dim / new.mean_precision - 0.5 * dim * _LOG_2PI))
               - 0.5 * jnp.sum(new.dof * trace_wq) - sums.neg_entropy)
-    return new, BGMMInfo(elbo=_elbo_given_term_z(new, prior, new_ex, term_z))
+    return new, BGMMInfo(elbo=_elbo_given_term_z(new, prior, new_ex, term_z, products_only))
 
 
-def step(state: BGMMState, x, prior: BGMMPrior) -> tuple[BGMMState, BGMMInfo]:
+def step(state: BGMMState, x, prior: BGMMPrior, *, mesh=None
+         ) -> tuple[BGMMState, BGMMInfo]:
     """One CAVI iteration: q(Z), then q(pi), then q(mu, Lambda); returns the ELBO after it.
 
-    Pure and jit-able (``jax.jit(step)``); the per-iteration unit used by benchmarks and
-    the equivalent of one scikit-learn ``_e_step`` + ``_m_step``.
+    Pure and jit-able (``jax.jit(step)``, or ``jax.jit(step, static_argnames="mesh")``); the
+    per-iteration unit used by benchmarks and the equivalent of one scikit-learn ``_e_step`` +
+    ``_m_step``. float64 data take the one-pass sweep (x read once), float32 the centred
+    block updates.
 
     Args:
       state: :class:`BGMMState`; x: [N, D]; prior: :class:`BGMMPrior`.
+      mesh: optional ``jax.sharding.Mesh`` (float64 only): the rows of x are split over all
+        its devices with ``jax.shard_map`` (as in :func:`vijax.em.step`, docs/em.md section 4);
+        each device streams its rows, the statistics and the ELBO's q(Z) terms are summed with
+        one ``psum``, the returned responsibilities stay split over the devices by rows (when
+        N is a multiple of the device count; otherwise they are gathered), the rest of the
+        state is replicated. Any N works (padding rows carry weight 0). The result equals the
+        one-device step up to summation order.
     Returns:
-      ``(state, BGMMInfo(elbo=[]))``.
+      ``(state, BGMMInfo(elbo=[]))``; the ELBO is in nats (PRML 10.70), not negated.
     Raises:
-      ValueError/TypeError: invalid ``x``, ``prior`` or ``state`` (checked before tracing).
+      ValueError/TypeError: invalid ``x``, ``prior`` or ``state`` (checked before tracing);
+      TypeError if ``mesh`` is not a Mesh; ValueError for ``mesh`` with float32 ``x``.
     """
     x, prior = _checked(x, prior)
     state = _check_state(state, x)
+    em._check_mesh(mesh)
+    if mesh is not None:
+        return _step_on_mesh(state, x, prior, mesh)
     if x.dtype == jnp.float64:  # one read of x; float32 keeps the centred two-pass sweep
         return _one_pass_step(state, x, prior)
     state = sweep(UPDATE_FNS, state, (x, prior))
     return state, BGMMInfo(elbo=_elbo(state, x, prior))
+
+
+def _step_on_mesh(state: BGMMState, x: Array, prior: BGMMPrior, mesh
+                  ) -> tuple[BGMMState, BGMMInfo]:
+    if x.dtype != jnp.float64:
+        raise ValueError(
+            "`mesh` needs float64 x: the sharded CAVI step is the one-pass sweep, whose "
+            "uncentred scatter sums lose too much precision in float32; got x of dtype "
+            f"{x.dtype}. Use float64 (jax.config.update('jax_enable_x64', True)) or mesh=None.")
+    n = x.shape[0]
+    replicated = jax.sharding.PartitionSpec()
+    rows = em._row_spec(mesh)
+
+    def body(args, x_local, weights, shards, chunk_size):
+        params, prior = args
+        return _one_pass_step(params, x_local, prior, chunk_size, weights, shards)
+
+    out_specs = (BGMMState(rows, *([replicated] * 5)), BGMMInfo(replicated))
+    params = state._replace(responsibilities=None)  # recomputed from the parameters
+    new, info = em._on_mesh(body, mesh, (params, prior), x, None,
+                            num_components=state.loc.shape[0], out_specs=out_specs)
+    resp = new.responsibilities
+    if resp.shape[0] != n:  # drop the padding rows (the result is no longer split evenly)
+        if all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+            resp = jax.reshard(resp, jax.sharding.NamedSharding(mesh, replicated))
+        new = new._replace(responsibilities=resp[:n])
+    return new, info
 
 
 def fit(state: BGMMState, x, prior: BGMMPrior, *, tol: float = 1e-8, max_iter: int = 500
