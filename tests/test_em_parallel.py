@@ -97,7 +97,14 @@ SCRIPT = textwrap.dedent(
         hlo = jax.jit(lambda s, x: bg.step(s, x, prior, mesh=auto_mesh)).lower(
             state, x).compile().as_text()
         assert "all-reduce" in hlo and "lapack" not in hlo.lower(), (n, d)
-        print("bgmm case ok", n, d, float(two[1].elbo), flush=True)
+        # the whole CAVI loop on the mesh: same iterations, ELBO trace and state as the
+        # one-device fit (block updates)
+        fit_1 = bg.fit(state, x, prior, tol=1e-8, max_iter=40)
+        fit_4 = jax.jit(lambda s, x: bg.fit(s, x, prior, tol=1e-8, max_iter=40,
+                                            mesh=explicit_mesh))(state, x)
+        assert int(fit_4[1].num_iter) == int(fit_1[1].num_iter)
+        assert_close(fit_4, fit_1, 1e-9, 1e-9)
+        print("bgmm case ok", n, d, float(two[1].elbo), int(fit_1[1].num_iter), flush=True)
     print("BGMM-MESH-OK")
     """
 )
@@ -132,3 +139,7 @@ def test_bgmm_mesh_errors(x64):
     state32 = bg.init(jax.random.key(0), x32, 3, bg.default_prior(x32, 3))
     with pytest.raises(ValueError, match="`mesh` needs float64"):
         bg.step(state32, x32, bg.default_prior(x32, 3), mesh=mesh)
+    with pytest.raises(ValueError, match="`mesh` needs float64"):
+        bg.fit(state32, x32, bg.default_prior(x32, 3), mesh=mesh)
+    with pytest.raises(TypeError, match="`mesh`"):
+        bg.fit(state, x, prior, mesh="cpu")

@@ -513,9 +513,11 @@ def _with_weights(x: Array, weights: Array | None) -> tuple:
 
 
 def _on_mesh(body: Callable, mesh, state, x: Array, chunk_size: int | None, *,
-             num_components: int | None = None, out_specs=PartitionSpec()):
-    """Run ``body(state, x_local, weights_local, shards, chunk_size)`` on every device of
-    ``mesh`` with the rows of ``x`` split over all the mesh's axes (``jax.shard_map``).
+             num_components: int | None = None, out_specs=PartitionSpec(),
+             row_args: tuple = ()):
+    """Run ``body(state, x_local, weights_local, shards, chunk_size, *row_args_local)`` on every
+    device of ``mesh`` with the rows of ``x`` (and of each ``[N, ...]`` array in ``row_args``,
+    padded with zeros like ``x``) split over all the mesh's axes (``jax.shard_map``).
 
     ``state`` is replicated. ``body``'s outputs are replicated (its row sums go through
     :func:`_total`) unless ``out_specs`` says otherwise: :func:`_row_spec` marks per-row outputs,
@@ -532,19 +534,21 @@ def _on_mesh(body: Callable, mesh, state, x: Array, chunk_size: int | None, *,
         k = state.means.shape[0] if num_components is None else num_components
         chunk_size = _default_chunk_size(local_rows, k, d)
     rows = _row_spec(mesh)
+    def padded(a):
+        return jnp.concatenate([a, jnp.zeros((pad,) + a.shape[1:], a.dtype)], axis=0)
+
     if pad:
-        x = jnp.concatenate([x, jnp.zeros((pad, d), x.dtype)], axis=0)
-        weights = (jnp.arange(n + pad) < n).astype(x.dtype)
-        args, in_specs = (state, x, weights), (PartitionSpec(), rows, rows)
-    else:
-        args, in_specs = (state, x), (PartitionSpec(), rows)
+        x, row_args = padded(x), tuple(padded(a) for a in row_args)
+    weights = (jnp.arange(n + pad) < n).astype(x.dtype) if pad else None
+    args = (state, x, weights) + tuple(row_args)
+    in_specs = (PartitionSpec(), rows, rows if pad else PartitionSpec()) + (rows,) * len(row_args)
 
     if all(t == AxisType.Explicit for t in mesh.axis_types):  # e.g. from jax.make_mesh
         # shard_map only reshards arguments itself on meshes with automatic axes.
         args = tuple(jax.reshard(a, NamedSharding(mesh, sp)) for a, sp in zip(args, in_specs))
 
-    def local(state, x_local, weights_local=None):
-        return body(state, x_local, weights_local, shards, chunk_size)
+    def local(state, x_local, weights_local, *row_locals):
+        return body(state, x_local, weights_local, shards, chunk_size, *row_locals)
 
     # check_vma=False: the chunk loops start from unsharded zeros; row sums are psum-ed.
     return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs,

@@ -120,6 +120,25 @@ def cavi(
     initial_elbo = jnp.asarray(elbo_fn(state, data))
     if initial_elbo.shape != ():
         raise ValueError(f"elbo_fn must return a scalar, got shape {initial_elbo.shape}")
+
+    def sweep_and_elbo(current):
+        new_state = sweep(update_fns, current, data)
+        return new_state, elbo_fn(new_state, data)
+
+    return cavi_loop(sweep_and_elbo, state, initial_elbo, tol=tol, max_iter=max_iter)
+
+
+def cavi_loop(sweep_and_elbo_fn: Callable[[Any], tuple[Any, Array]], state: Any,
+              initial_elbo: Array, *, tol: float | Array, max_iter: int
+              ) -> tuple[Any, CAVIInfo]:
+    """The loop of :func:`cavi` for a sweep that returns its own ELBO.
+
+    ``sweep_and_elbo_fn(state) -> (state, [] ELBO)`` is one whole CAVI iteration (for models
+    whose fused sweep yields the ELBO as a by-product, e.g. the Bayesian GMM's one-pass step);
+    ``initial_elbo`` is the ELBO of ``state``. Same stopping rule, trace and
+    :class:`CAVIInfo` as :func:`cavi`; unchecked (internal).
+    """
+    initial_elbo = jnp.asarray(initial_elbo)
     dtype = initial_elbo.dtype
     tol = jnp.asarray(tol, dtype)
     trace = jnp.full((max_iter,), jnp.nan, dtype)
@@ -130,8 +149,8 @@ def cavi(
 
     def body_fn(carry):
         current, it, previous_elbo, trace, _, _ = carry
-        new_state = sweep(update_fns, current, data)
-        new_elbo = jnp.asarray(elbo_fn(new_state, data), dtype)
+        new_state, new_elbo = sweep_and_elbo_fn(current)
+        new_elbo = jnp.asarray(new_elbo, dtype)
         trace = trace.at[it].set(new_elbo)
         change = jnp.abs(new_elbo - previous_elbo)
         converged = change <= tol * jnp.maximum(1.0, jnp.abs(new_elbo))

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax.scipy.special import digamma, gammaln
 
 from vijax import _linalg, em
-from vijax.meanfield._cavi import CAVIInfo, cavi, sweep
+from vijax.meanfield._cavi import CAVIInfo, cavi, cavi_loop, sweep
 from vijax.meanfield._common import (
     categorical_elbo_term,
     categorical_update,
@@ -491,13 +491,28 @@ def step(state: BGMMState, x, prior: BGMMPrior, *, mesh=None
     return state, BGMMInfo(elbo=_elbo(state, x, prior))
 
 
-def _step_on_mesh(state: BGMMState, x: Array, prior: BGMMPrior, mesh
-                  ) -> tuple[BGMMState, BGMMInfo]:
+def _require_float64_for_mesh(x: Array) -> None:
     if x.dtype != jnp.float64:
         raise ValueError(
             "`mesh` needs float64 x: the sharded CAVI step is the one-pass sweep, whose "
             "uncentred scatter sums lose too much precision in float32; got x of dtype "
             f"{x.dtype}. Use float64 (jax.config.update('jax_enable_x64', True)) or mesh=None.")
+
+
+def _unpadded_responsibilities(state: BGMMState, n: int, mesh) -> BGMMState:
+    """Drop the padding rows :func:`vijax.em._on_mesh` added (the result is then no longer
+    split evenly: gathered on every device)."""
+    resp = state.responsibilities
+    if resp.shape[0] == n:
+        return state
+    if all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+        resp = jax.reshard(resp, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    return state._replace(responsibilities=resp[:n])
+
+
+def _step_on_mesh(state: BGMMState, x: Array, prior: BGMMPrior, mesh
+                  ) -> tuple[BGMMState, BGMMInfo]:
+    _require_float64_for_mesh(x)
     n = x.shape[0]
     replicated = jax.sharding.PartitionSpec()
     rows = em._row_spec(mesh)
@@ -510,27 +525,69 @@ def _step_on_mesh(state: BGMMState, x: Array, prior: BGMMPrior, mesh
     params = state._replace(responsibilities=None)  # recomputed from the parameters
     new, info = em._on_mesh(body, mesh, (params, prior), x, None,
                             num_components=state.loc.shape[0], out_specs=out_specs)
-    resp = new.responsibilities
-    if resp.shape[0] != n:  # drop the padding rows (the result is no longer split evenly)
-        if all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
-            resp = jax.reshard(resp, jax.sharding.NamedSharding(mesh, replicated))
-        new = new._replace(responsibilities=resp[:n])
-    return new, info
+    return _unpadded_responsibilities(new, n, mesh), info
 
 
-def fit(state: BGMMState, x, prior: BGMMPrior, *, tol: float = 1e-8, max_iter: int = 500
-        ) -> tuple[BGMMState, CAVIInfo]:
+def fit(state: BGMMState, x, prior: BGMMPrior, *, tol: float = 1e-8, max_iter: int = 500,
+        mesh=None) -> tuple[BGMMState, CAVIInfo]:
     """CAVI to convergence with :func:`vijax.meanfield.cavi` (relative ELBO tolerance ``tol``).
 
+    Args:
+      state, x, prior: as in :func:`step`.
+      tol: relative ELBO tolerance (the stopping rule of :func:`vijax.meanfield.cavi`).
+      max_iter: Python int, the maximum number of sweeps and the trace length.
+      mesh: optional ``jax.sharding.Mesh`` (float64 only): the whole loop of one-pass sweeps
+        (:func:`step` with ``mesh=``) runs inside one ``jax.shard_map`` with the rows of x and
+        of the responsibilities split over the devices; same stopping rule and trace.
     Returns:
-      ``(state, info)``; ``info.elbo`` is [max_iter] (NaN after convergence).
+      ``(state, info)``; ``info.elbo`` is [max_iter] ELBO values in nats (NaN after
+      convergence).
     Raises:
-      ValueError/TypeError: invalid ``x``, ``prior`` or ``state``.
+      ValueError/TypeError: invalid ``x``, ``prior`` or ``state``; TypeError if ``mesh`` is
+      not a Mesh; ValueError for ``mesh`` with float32 ``x``.
     """
     x, prior = _checked(x, prior)
     state = _check_state(state, x)
+    em._check_mesh(mesh)
+    if mesh is not None:
+        return _fit_on_mesh(state, x, prior, mesh, tol, max_iter)
     return cavi(UPDATE_FNS, state, (x, prior), elbo_fn=unpack_data(_elbo), tol=tol,
                 max_iter=max_iter)
+
+
+def _elbo_on_rows(state: BGMMState, x: Array, prior: BGMMPrior, shards) -> Array:
+    """:func:`elbo` inside :func:`vijax.em._on_mesh`: this device's rows of ``x`` and of the
+    responsibilities (zero on padding rows, which then add nothing), q(Z) terms psum-ed."""
+    ex = _expectations(state, products_only=True)
+    term_z = em._total(categorical_elbo_term(_log_rho(state, x, ex), state.responsibilities),
+                       shards)
+    return _elbo_given_term_z(state, prior, ex, term_z, products_only=True)
+
+
+def _fit_on_mesh(state: BGMMState, x: Array, prior: BGMMPrior, mesh, tol, max_iter: int
+                 ) -> tuple[BGMMState, CAVIInfo]:
+    _require_float64_for_mesh(x)
+    n = x.shape[0]
+    replicated = jax.sharding.PartitionSpec()
+    rows = em._row_spec(mesh)
+
+    def body(args, x_local, weights, shards, chunk_size, resp_local):
+        params, prior, tol = args
+        local_state = params._replace(responsibilities=resp_local)
+
+        def sweep_and_elbo(s):
+            new, info = _one_pass_step(s, x_local, prior, chunk_size, weights, shards)
+            return new, info.elbo
+
+        initial_elbo = _elbo_on_rows(local_state, x_local, prior, shards)
+        return cavi_loop(sweep_and_elbo, local_state, initial_elbo, tol=tol, max_iter=max_iter)
+
+    out_specs = (BGMMState(rows, *([replicated] * 5)), CAVIInfo(*([replicated] * 4)))
+    params = state._replace(responsibilities=None)
+    new, info = em._on_mesh(body, mesh, (params, prior, jnp.asarray(tol, x.dtype)), x, None,
+                            num_components=state.loc.shape[0], out_specs=out_specs,
+                            row_args=(state.responsibilities,))
+    return _unpadded_responsibilities(new, n, mesh), info
 
 
 # --- summaries ------------------------------------------------------------------------------
