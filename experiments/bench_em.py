@@ -266,6 +266,15 @@ def _ratio(a: float, b: float) -> str:
     return "—" if a != a or b != b else f"{a / b:.1f}×"
 
 
+def _best_vs_best_cells(r: Row, sk: str, vj: str) -> str:
+    """``sk 1 / N threads | vj 1 device / mesh | best / best`` for the fields ``{sk}_ms``,
+    ``{sk}_threads_ms``, ``{vj}_ms`` and ``{vj}_mesh_ms`` of ``r``."""
+    sk_one, sk_threads = getattr(r, f"{sk}_ms"), getattr(r, f"{sk}_threads_ms")
+    vj_one, vj_mesh = getattr(r, f"{vj}_ms"), getattr(r, f"{vj}_mesh_ms")
+    return (f"{_fmt(sk_one)} / {_fmt(sk_threads)} | {_fmt(vj_one)} / {_fmt(vj_mesh)} | "
+            f"{_ratio(min(sk_one, sk_threads), min(vj_one, vj_mesh))}")
+
+
 def mesh_table(rows: list[Row], threads: int, devices: int) -> str:
     """Whole-CPU comparison: each library at its faster thread setting (the first scikit-learn
     column runs with the environment's BLAS threads: 1 under ``OPENBLAS_NUM_THREADS=1``)."""
@@ -277,12 +286,9 @@ def mesh_table(rows: list[Row], threads: int, devices: int) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        sk_best = min(r.sk_gmm_ms, r.sk_gmm_threads_ms)
-        vj_best = min(r.vj_em_ms, r.vj_em_mesh_ms)
         lines.append(
-            f"| {r.dtype} | {r.n:.0e} | {r.d} | {_fmt(r.sk_gmm_ms)} / "
-            f"{_fmt(r.sk_gmm_threads_ms)} | {_fmt(r.vj_em_ms)} / {_fmt(r.vj_em_mesh_ms)} | "
-            f"{_ratio(sk_best, vj_best)} | {_fmt(r.sk_fit_s, 2)} / {_fmt(r.vj_fit_mesh_s, 2)} "
+            f"| {r.dtype} | {r.n:.0e} | {r.d} | {_best_vs_best_cells(r, 'sk_gmm', 'vj_em')} | "
+            f"{_fmt(r.sk_fit_s, 2)} / {_fmt(r.vj_fit_mesh_s, 2)} "
             f"({r.vj_fit_iters}) | {_ratio(r.sk_fit_s, r.vj_fit_mesh_s)} |")
     return "\n".join(lines)
 
@@ -294,15 +300,8 @@ def bgmm_mesh_table(rows: list[Row], threads: int, devices: int) -> str:
         f"vijax BGMM ms/it, 1 device / mesh of {devices} | speed-up, best vs best |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for r in rows:
-        if r.vj_bgmm_mesh_ms != r.vj_bgmm_mesh_ms:
-            continue
-        sk_best = min(r.sk_bgmm_ms, r.sk_bgmm_threads_ms)
-        vj_best = min(r.vj_bgmm_ms, r.vj_bgmm_mesh_ms)
-        lines.append(
-            f"| {r.dtype} | {r.n:.0e} | {r.d} | {_fmt(r.sk_bgmm_ms)} / "
-            f"{_fmt(r.sk_bgmm_threads_ms)} | {_fmt(r.vj_bgmm_ms)} / {_fmt(r.vj_bgmm_mesh_ms)} | "
-            f"{_ratio(sk_best, vj_best)} |")
+    lines += [f"| {r.dtype} | {r.n:.0e} | {r.d} | {_best_vs_best_cells(r, 'sk_bgmm', 'vj_bgmm')} |"
+              for r in rows if r.vj_bgmm_mesh_ms == r.vj_bgmm_mesh_ms]
     return "\n".join(lines)
 
 
