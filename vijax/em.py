@@ -534,6 +534,7 @@ def _on_mesh(body: Callable, mesh, state, x: Array, chunk_size: int | None, *,
         k = state.means.shape[0] if num_components is None else num_components
         chunk_size = _default_chunk_size(local_rows, k, d)
     rows = _row_spec(mesh)
+
     def padded(a):
         return jnp.concatenate([a, jnp.zeros((pad,) + a.shape[1:], a.dtype)], axis=0)
 
