@@ -510,22 +510,28 @@ def _unpadded_responsibilities(state: BGMMState, n: int, mesh) -> BGMMState:
     return state._replace(responsibilities=resp[:n])
 
 
+def _run_on_mesh(body, mesh, state: BGMMState, x: Array, args, info_spec, row_args=()):
+    """:func:`vijax.em._on_mesh` for the CAVI step and fit: ``body((params, *args), x_local,
+    weights, shards, chunk_size, *row_locals) -> (state, info)`` with ``params`` the state
+    without its responsibilities; returns the state with row-split responsibilities (padding
+    dropped) and the replicated ``info``."""
+    _require_float64_for_mesh(x)
+    replicated = jax.sharding.PartitionSpec()
+    out_specs = (BGMMState(em._row_spec(mesh), *([replicated] * 5)), info_spec)
+    params = state._replace(responsibilities=None)
+    new, info = em._on_mesh(body, mesh, (params,) + tuple(args), x, None,
+                            num_components=state.loc.shape[0], out_specs=out_specs,
+                            row_args=row_args)
+    return _unpadded_responsibilities(new, x.shape[0], mesh), info
+
+
 def _step_on_mesh(state: BGMMState, x: Array, prior: BGMMPrior, mesh
                   ) -> tuple[BGMMState, BGMMInfo]:
-    _require_float64_for_mesh(x)
-    n = x.shape[0]
-    replicated = jax.sharding.PartitionSpec()
-    rows = em._row_spec(mesh)
-
     def body(args, x_local, weights, shards, chunk_size):
-        params, prior = args
+        params, prior = args  # responsibilities are recomputed from the parameters
         return _one_pass_step(params, x_local, prior, chunk_size, weights, shards)
 
-    out_specs = (BGMMState(rows, *([replicated] * 5)), BGMMInfo(replicated))
-    params = state._replace(responsibilities=None)  # recomputed from the parameters
-    new, info = em._on_mesh(body, mesh, (params, prior), x, None,
-                            num_components=state.loc.shape[0], out_specs=out_specs)
-    return _unpadded_responsibilities(new, n, mesh), info
+    return _run_on_mesh(body, mesh, state, x, (prior,), BGMMInfo(jax.sharding.PartitionSpec()))
 
 
 def fit(state: BGMMState, x, prior: BGMMPrior, *, tol: float = 1e-8, max_iter: int = 500,
@@ -566,11 +572,6 @@ def _elbo_on_rows(state: BGMMState, x: Array, prior: BGMMPrior, shards) -> Array
 
 def _fit_on_mesh(state: BGMMState, x: Array, prior: BGMMPrior, mesh, tol, max_iter: int
                  ) -> tuple[BGMMState, CAVIInfo]:
-    _require_float64_for_mesh(x)
-    n = x.shape[0]
-    replicated = jax.sharding.PartitionSpec()
-    rows = em._row_spec(mesh)
-
     def body(args, x_local, weights, shards, chunk_size, resp_local):
         params, prior, tol = args
         local_state = params._replace(responsibilities=resp_local)
@@ -582,12 +583,10 @@ def _fit_on_mesh(state: BGMMState, x: Array, prior: BGMMPrior, mesh, tol, max_it
         initial_elbo = _elbo_on_rows(local_state, x_local, prior, shards)
         return cavi_loop(sweep_and_elbo, local_state, initial_elbo, tol=tol, max_iter=max_iter)
 
-    out_specs = (BGMMState(rows, *([replicated] * 5)), CAVIInfo(*([replicated] * 4)))
-    params = state._replace(responsibilities=None)
-    new, info = em._on_mesh(body, mesh, (params, prior, jnp.asarray(tol, x.dtype)), x, None,
-                            num_components=state.loc.shape[0], out_specs=out_specs,
-                            row_args=(state.responsibilities,))
-    return _unpadded_responsibilities(new, n, mesh), info
+    tol = jnp.asarray(tol, x.dtype)
+    return _run_on_mesh(body, mesh, state, x, (prior, tol),
+                        CAVIInfo(*([jax.sharding.PartitionSpec()] * 4)),
+                        row_args=(state.responsibilities,))
 
 
 # --- summaries ------------------------------------------------------------------------------
