@@ -12,7 +12,12 @@ in one run and from the same initial parameters:
   sweep plus its ELBO), both started from the same responsibilities and sklearn's default
   prior;
 * time to convergence of ``GaussianMixture.fit`` and of ``jax.jit(vijax.em.fit_from_state)``
-  with the same ``tol`` and ``max_iter`` (the iteration counts must agree);
+  with the same ``tol`` and ``max_iter`` (both iteration counts are printed: the comparison
+  is only like for like where they agree, as in every recorded run);
+* time to convergence of ``BayesianGaussianMixture.fit`` (started from the same
+  responsibilities) and of ``jax.jit(vijax.meanfield.bayesian_gmm.fit)`` run for as many CAVI
+  sweeps as scikit-learn took (its stopping rule, an absolute change of its bound below
+  ``tol``, is checked on vijax's ELBO trace: column "same stop");
 * XLA compile time, reported separately (never included in the timings above).
 
 Timings are medians over ``--repeats`` runs after a warm-up, interleaving the libraries so
@@ -93,6 +98,12 @@ class Row:
     vj_fit_iters: int = -1
     vj_fit_mesh_s: float = float("nan")
     fit_loglik_rel_diff: float = float("nan")
+    sk_bgmm_fit_s: float = float("nan")
+    bgmm_fit_iters: int = -1  # scikit-learn's count; vijax runs as many sweeps
+    vj_bgmm_fit_s: float = float("nan")
+    vj_bgmm_fit_mesh_s: float = float("nan")  # float64 only
+    bgmm_fit_same_stop: bool = False  # vijax's ELBO trace meets sklearn's rule at the same sweep
+    bgmm_fit_means_max_diff: float = float("nan")  # max |vijax - sklearn| over the final means
 
 
 def make_data(n: int, d: int, k: int, dtype, seed: int = 0) -> np.ndarray:
@@ -165,11 +176,19 @@ def _with_blas_threads(fn: Callable[[], object], threads: int) -> Callable[[], o
     return call
 
 
-def sklearn_bgmm_iteration(x: np.ndarray, resp: np.ndarray) -> Callable[[], object]:
-    """One scikit-learn variational iteration from ``resp`` (its default prior)."""
+def _sklearn_bgmm(x: np.ndarray, resp: np.ndarray, **kwargs) -> BayesianGaussianMixture:
+    """BayesianGaussianMixture (its default prior, PRML's updates: ``reg_covar=0``) whose
+    ``fit`` starts from the responsibilities ``resp`` instead of its own initialisation."""
     bgm = BayesianGaussianMixture(
         n_components=NUM_COMPONENTS, covariance_type="full",
-        weight_concentration_prior_type="dirichlet_distribution", reg_covar=0.0)
+        weight_concentration_prior_type="dirichlet_distribution", reg_covar=0.0, **kwargs)
+    bgm._initialize_parameters = lambda x_, random_state, xp=None: bgm._initialize(x_, resp)
+    return bgm
+
+
+def sklearn_bgmm_iteration(x: np.ndarray, resp: np.ndarray) -> Callable[[], object]:
+    """One scikit-learn variational iteration from ``resp`` (its default prior)."""
+    bgm = _sklearn_bgmm(x, resp)
     bgm._check_parameters(x)
     bgm._initialize(x, resp)
 
@@ -255,7 +274,53 @@ def bench_one(dtype: str, n: int, d: int, args) -> Row:
             assert int(mesh_info.num_iterations) == row.vj_fit_iters
         sk_ll = float(gm.lower_bound_)
         row.fit_loglik_rel_diff = abs(float(state.last_log_likelihood) - sk_ll) / abs(sk_ll)
+    if (bayesian_gmm is not None and not args.skip_bgmm
+            and n * d <= args.bgmm_converge_max_nd):
+        bench_bgmm_fit(row, x_np, x, bg_state, prior, args,
+                       (mesh, bg_all, x_rows) if "vj_bgmm_mesh" in fns else None)
     return row
+
+
+def _first_stop(trace: np.ndarray, tol: float) -> int:
+    """The sweep (1-based) at which scikit-learn's rule |L_t - L_{t-1}| < tol stops on the
+    ELBO trace ``trace`` (its first change is against -inf, so never at t = 1); len+1 if never."""
+    small = np.flatnonzero(np.abs(np.diff(trace)) < tol)
+    return int(small[0]) + 2 if small.size else len(trace) + 1
+
+
+def bench_bgmm_fit(row: Row, x_np, x, bg_state, prior, args, on_mesh) -> None:
+    """Bayesian GMM to convergence: ``BayesianGaussianMixture.fit`` (its rule: the absolute
+    change of its bound < ``tol``, up to ``max_iter``) against ``jax.jit(bayesian_gmm.fit)``
+    from the same responsibilities, run for the same number of sweeps (vijax's own rule is
+    relative, so it gets ``tol=0`` and ``max_iter`` = scikit-learn's count: the same work per
+    sweep, ELBO and convergence test included). ``same_stop`` checks on vijax's ELBO trace,
+    which differs from sklearn's bound by a constant, that sklearn's rule stops at that sweep."""
+    resp = np.asarray(bg_state.responsibilities)
+    for _ in range(args.converge_repeats):
+        bgm = _sklearn_bgmm(x_np, resp, tol=args.tol, max_iter=args.max_iter)
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            bgm.fit(x_np)
+        sk = time.perf_counter() - start
+        row.sk_bgmm_fit_s = min(sk, row.sk_bgmm_fit_s) if row.sk_bgmm_fit_s == row.sk_bgmm_fit_s \
+            else sk
+    row.bgmm_fit_iters = iters = int(bgm.n_iter_)
+    fit, _ = _compile(lambda s, x: bayesian_gmm.fit(s, x, prior, tol=0.0, max_iter=iters),
+                      bg_state, x)
+    jax.block_until_ready(fit(bg_state, x))  # warm-up
+    row.vj_bgmm_fit_s = min(_times(lambda: fit(bg_state, x), args.converge_repeats))
+    state, info = fit(bg_state, x)
+    stop = _first_stop(np.asarray(info.elbo), args.tol)
+    row.bgmm_fit_same_stop = stop == iters or (stop > iters == args.max_iter)
+    row.bgmm_fit_means_max_diff = float(np.max(np.abs(np.asarray(state.loc) - bgm.means_)))
+    if on_mesh is not None:
+        mesh, bg_all, x_rows = on_mesh
+        mesh_fit, _ = _compile(lambda s, x: bayesian_gmm.fit(
+            s, x, prior, tol=0.0, max_iter=iters, mesh=mesh), bg_all, x_rows)
+        jax.block_until_ready(mesh_fit(bg_all, x_rows))
+        row.vj_bgmm_fit_mesh_s = min(_times(lambda: mesh_fit(bg_all, x_rows),
+                                            args.converge_repeats))
 
 
 def _fmt(value: float, digits: int = 1) -> str:
@@ -337,6 +402,22 @@ def convergence_table(rows: list[Row], tol: float, max_iter: int) -> str:
     return "\n".join(lines)
 
 
+def bgmm_convergence_table(rows: list[Row], tol: float, max_iter: int, devices: int) -> str:
+    lines = [
+        f"| dtype | N | D | sklearn BGMM fit s (iters) | vijax fit s | speed-up | "
+        f"vijax mesh of {devices} s | speed-up | same stop | max abs diff of means |  "
+        f"(tol={tol:g}, max_iter={max_iter})",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    lines += [
+        f"| {r.dtype} | {r.n:.0e} | {r.d} | {_fmt(r.sk_bgmm_fit_s, 2)} ({r.bgmm_fit_iters}) | "
+        f"{_fmt(r.vj_bgmm_fit_s, 2)} | {_ratio(r.sk_bgmm_fit_s, r.vj_bgmm_fit_s)} | "
+        f"{_fmt(r.vj_bgmm_fit_mesh_s, 2)} | {_ratio(r.sk_bgmm_fit_s, r.vj_bgmm_fit_mesh_s)} | "
+        f"{'yes' if r.bgmm_fit_same_stop else 'NO'} | {r.bgmm_fit_means_max_diff:.1e} |"
+        for r in rows if r.bgmm_fit_iters >= 0]
+    return "\n".join(lines)
+
+
 def environment() -> dict:
     try:
         from threadpoolctl import threadpool_info
@@ -363,6 +444,8 @@ def main(argv=None) -> list[Row]:
     parser.add_argument("--converge-max-nd", type=float, default=1e7,
                         help="time to convergence only where N * D <= this")
     parser.add_argument("--converge-repeats", type=int, default=1)
+    parser.add_argument("--bgmm-converge-max-nd", type=float, default=4e6,
+                        help="Bayesian GMM time to convergence only where N * D <= this")
     parser.add_argument("--skip-bgmm", action="store_true", help="leave out the BGMM columns")
     parser.add_argument("--sklearn-threads", type=int, default=0,
                         help="also time scikit-learn's EM with this many BLAS threads")
@@ -380,6 +463,9 @@ def main(argv=None) -> list[Row]:
                 print(json.dumps(dataclasses.asdict(row)), flush=True)
     print("\nPer iteration (median):\n" + per_iteration_table(rows))
     print("\nTo convergence:\n" + convergence_table(rows, args.tol, args.max_iter))
+    if any(r.bgmm_fit_iters >= 0 for r in rows):
+        print("\nBayesian GMM to convergence (sklearn: one run):\n" + bgmm_convergence_table(
+            rows, args.tol, args.max_iter, jax.device_count()))
     if jax.device_count() > 1 or args.sklearn_threads:
         print("\nWhole CPU (sklearn fit timed at the environment's threads):\n"
               + mesh_table(rows, args.sklearn_threads, jax.device_count()))

@@ -39,28 +39,29 @@ from vijax import vae_train as vt
 ESTIMATORS = {
     "pathwise": velbo.Pathwise,
     "score": velbo.ScoreFunction,
+    # score function with the leave-one-out baseline (VIMCO for iwae; needs --num-samples >= 2)
+    "score-loo": lambda: velbo.ScoreFunction(baseline=velbo.LeaveOneOut()),
     "stl": velbo.StickingTheLanding,
     "dreg": velbo.DReG,
 }
 OBJECTIVES = {
     # name: (class, estimators it supports)
-    "elbo": (vae.ELBOAnalyticKL, ("pathwise", "score")),
-    "elbo-mc": (vae.ELBOMonteCarlo, ("pathwise", "score", "stl")),
-    "iwae": (vae.IWAE, ("pathwise", "score", "stl", "dreg")),
+    "elbo": (vae.ELBOAnalyticKL, ("pathwise", "score", "score-loo")),
+    "elbo-mc": (vae.ELBOMonteCarlo, ("pathwise", "score", "score-loo", "stl")),
+    "iwae": (vae.IWAE, ("pathwise", "score", "score-loo", "stl", "dreg")),
 }
 SCHEDULES = {"constant": vt.ConstantLR, "iwae": vt.IwaeLR, "cosine": vt.CosineLR}
 IWAE_PAPER_EPOCHS = int(vt.IwaeLR().stage_ends()[-1])  # 3280
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     # Numeric flags default to None: only the flags given override the base configuration
     # (Config() or, with --quick, quick_config()); the effective values go to config.json.
     p.add_argument("--quick", action="store_true",
                    help="small demo configuration (minutes on 2 CPU cores)")
-    p.add_argument("--dataset", choices=("mnist", "digits"), default="mnist")
+    p.add_argument("--dataset", choices=("mnist", "digits"), default="mnist",
+                   help="mnist (default) or scikit-learn's 8x8 digits (offline demo)")
     p.add_argument("--data-dir", default=None,
                    help="folder with the four MNIST IDX files (else $VIJAX_DATA_DIR, "
                         "../shared/data/mnist, or TensorFlow Datasets)")
@@ -70,12 +71,15 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden-sizes", type=int, nargs="+", default=None,
                    help="encoder hidden widths, decoder reversed (default 200 200)")
     p.add_argument("--objective", choices=tuple(OBJECTIVES), default="elbo",
-                   help="elbo: analytic-KL ELBO; elbo-mc: Monte Carlo ELBO; iwae: IWAE bound")
+                   help="elbo (default): analytic-KL ELBO; elbo-mc: Monte Carlo ELBO; iwae: "
+                        "IWAE bound")
     p.add_argument("--num-samples", type=int, default=None,
                    help="K samples per example in the objective (default 1; 5 for iwae)")
     p.add_argument("--estimator", choices=tuple(ESTIMATORS), default="pathwise",
-                   help="gradient estimator")
-    p.add_argument("--binarization", choices=("dynamic", "fixed"), default="dynamic")
+                   help="gradient estimator (default pathwise; score-loo: score function with "
+                        "the leave-one-out baseline, VIMCO for iwae, K >= 2)")
+    p.add_argument("--binarization", choices=("dynamic", "fixed"), default="dynamic",
+                   help="dynamic (default): a fresh Bernoulli draw per epoch; fixed: one draw")
     p.add_argument("--epochs", type=int, default=None,
                    help=f"epochs (default 200; 10 with --quick; {IWAE_PAPER_EPOCHS} with "
                         "--lr-schedule iwae)")
@@ -85,13 +89,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-schedule", choices=tuple(SCHEDULES), default=None,
                    help="cosine (default): decay to lr/10 over the run; constant; iwae: Burda "
                         "et al.'s 3^i epochs at lr*10^(-i/7), i = 0..7 (3280 epochs)")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="default 0")
     p.add_argument("--eval-num-samples", type=int, default=None,
                    help="k of the final importance-sampling log p(x) (default 5000)")
     p.add_argument("--eval-num-test", type=int, default=None,
                    help="estimate log p(x) on the first N test images only (default all)")
     p.add_argument("--workdir", "--output-dir", dest="workdir", default="outputs/vae",
-                   help="output folder (metrics, checkpoints, PNGs)")
+                   help="output folder (metrics, checkpoints, PNGs; default outputs/vae)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the last checkpoint in --workdir")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -146,8 +150,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(err))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
-    final = vt.train_and_evaluate(config, args.workdir, resume=args.resume,
-                                  progress=args.progress)
+    try:
+        final = vt.train_and_evaluate(config, args.workdir, resume=args.resume,
+                                      progress=args.progress)
+    except (FileExistsError, FileNotFoundError, ValueError) as err:
+        # input problems (an existing run without --resume, a resume with another
+        # configuration, missing data, --num-train too large): one line, not a traceback
+        logging.debug("train_and_evaluate failed", exc_info=True)
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     summary = {k: final[k] for k in ("test_elbo", "test_nll", "test_nll_se", "eval_num_samples",
                                      "eval_num_test", "active_units", "epochs", "train_time_s",
                                      "train_cpu_time_s",

@@ -213,6 +213,19 @@ def test_missing_data_error_names_both_ways(tmp_path, monkeypatch):
         data.load_mnist(tmp_path)
 
 
+def test_named_folder_that_does_not_exist_is_an_error_not_a_download(tmp_path, monkeypatch):
+    def no_download():
+        raise AssertionError("TFDS must not be tried for a mistyped folder")
+
+    monkeypatch.setattr(data, "_load_mnist_tfds", no_download)
+    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+    with pytest.raises(FileNotFoundError, match=r"does not exist.*data_dir"):
+        data.load_mnist(tmp_path / "typo")
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path / "typo"))
+    with pytest.raises(FileNotFoundError, match=r"\$VIJAX_DATA_DIR\) does not exist"):
+        data.load_mnist()
+
+
 def test_tfds_fallback_converts_to_unit_floats(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     train = rng.integers(0, 256, size=(6, 28, 28, 1), dtype=np.uint8)
@@ -376,3 +389,16 @@ def test_load_old_faithful_matches_the_published_table(old_faithful_csv, tmp_pat
     bad.write_text("a,b,c\n1,2,3\n")
     with pytest.raises(ValueError, match="two finite numeric columns"):
         data.load_old_faithful(bad)
+
+
+def test_missing_real_data_fails_under_ci_and_skips_elsewhere(monkeypatch):
+    """The rule of conftest's data fixtures: absent ../shared data skips a test with a reason,
+    except under CI=true, where it fails."""
+    import conftest
+
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI must have it"):
+        conftest._shared_path("no-such-folder")
+    monkeypatch.setenv("CI", "false")
+    with pytest.raises(pytest.skip.Exception, match="real data not found"):
+        conftest._shared_path("no-such-folder")

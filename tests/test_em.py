@@ -302,6 +302,47 @@ def test_jit_does_not_retrace(x64):
         size = fn._cache_size()
         fn(*args(s2), **kwargs)
         assert fn._cache_size() == size
+    # the whole fit, jitted as docs/em.md section 3 recommends: one compilation for new data
+    fit = jax.jit(em.fit, static_argnames=("num_components", "covariance_type", "init_method",
+                                           "max_iter", "chunk_size"))
+    for key, data in ((jax.random.key(1), x), (jax.random.key(2), x * 1.5 - 0.3)):
+        fitted, _ = fit(key, data, num_components=K, max_iter=ITERS, chunk_size=CHUNK)
+        assert fitted.means.shape == (K, DIM)
+    assert fit._cache_size() == 1
+
+
+_BATCHED = {  # name: f(state, x, q, key) for a single member; run vmapped over 3 states
+    "m_step": lambda s, x, q, key: em.m_step(s, x, q, chunk_size=CHUNK).means,
+    "elbo": lambda s, x, q, key: em.elbo(s, x, q),
+    "log_joint": lambda s, x, q, key: em.log_joint(s, x),
+    "dense_covariances": lambda s, x, q, key: em.dense_covariances(s),
+    "state_from_parameters": lambda s, x, q, key: em.state_from_parameters(
+        s.weights, s.means, s.covariances).precision_cholesky,
+    "sample": lambda s, x, q, key: em.sample(key, s, 5)[0],
+    "init": lambda s, x, q, key: em.init(key, x + s.means[0, 0], K, chunk_size=CHUNK).means,
+}
+
+
+@pytest.mark.parametrize("name", sorted(_BATCHED))
+def test_public_functions_jit_vmap_match_unbatched_and_do_not_retrace(x64, name):
+    """Each public function under ``jit(vmap)`` over three states (and keys) equals the
+    unbatched calls member by member; a second call with new values does not recompile."""
+    fn = _BATCHED[name]
+    x = jnp.asarray(_blobs(12))
+    keys = jax.random.split(jax.random.key(3), 3)
+    states = jax.vmap(lambda key: _init(key, x))(keys)
+    qs = jax.vmap(lambda s: em.predict_proba(s, x))(states)
+    batched = jax.jit(jax.vmap(fn, (0, None, 0, 0)))
+    with _strict():
+        out = batched(states, x, qs, keys)
+    for b in range(3):
+        member = jax.tree.map(lambda v: v[b], (states, qs, keys))
+        single = fn(member[0], x, member[1], member[2])
+        assert out[b].shape == single.shape and out[b].dtype == single.dtype
+        np.testing.assert_allclose(out[b], single, rtol=1e-9, atol=1e-12)
+    with _strict():
+        batched(states, x + 0.5, qs, jax.random.split(jax.random.key(4), 3))
+    assert batched._cache_size() == 1
 
 
 def test_vmap_over_restarts_equals_loop(x64):
@@ -480,8 +521,11 @@ def test_bad_input_raises_naming_the_argument():
         em.init(key, x[:, 0], 2)
     with pytest.raises(ValueError, match="`x`.*2-D"):
         em.init(key, x[None], 2)
-    with pytest.raises(TypeError, match="`x`.*floating"):
-        em.init(key, np.ones((5, 2), np.int32), 2)
+    for dtype in (np.int32, np.bool_, np.float16, jnp.bfloat16):
+        with pytest.raises(TypeError, match="`x`.*float32 or float64"):
+            em.init(key, np.ones((5, 2), dtype), 2)
+    with pytest.raises(ValueError, match="`x`.*no columns"):
+        em.fit(key, np.ones((20, 0), np.float32), 2)
     with pytest.raises(TypeError, match="`covariance_type`"):
         em.init(key, x, 2, covariance_type="full")
     with pytest.raises(TypeError, match="`init_method`"):
@@ -500,6 +544,15 @@ def test_bad_input_raises_naming_the_argument():
         em.fit_from_state(state, x, tol=-1.0)
     with pytest.raises(ValueError, match="`responsibilities`"):
         em.elbo(state, x, np.ones((20, 3), np.float32) / 3)
+    for bad, match in ((np.full((20, 2), 0.3), "sum to 1"), (np.tile([1.5, -0.5], (20, 1)),
+                                                             "non-negative")):
+        for fn in (em.m_step, em.elbo):
+            with pytest.raises(ValueError, match=f"`responsibilities`.*{match}"):
+                fn(state, x, bad.astype(np.float32))
+    # float64 responsibilities with a float32 state: results stay float32 (no dtype mixing)
+    q64 = np.asarray(em.predict_proba(state, x), np.float64)
+    assert em.m_step(state, x, q64).means.dtype == jnp.float32
+    assert em.elbo(state, x, q64).dtype == jnp.float32
     with pytest.raises(ValueError, match="`num_samples`"):
         em.sample(key, state, 0)
     with pytest.raises(ValueError, match="`covariances`"):

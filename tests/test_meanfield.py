@@ -428,6 +428,54 @@ def test_bgmm_matches_sklearn(x64, prior_kind):
         np.testing.assert_allclose(float(info.elbo), lower_bound + offset, rtol=1e-12)
 
 
+def test_bgmm_fit_matches_sklearn_fit(x64):
+    """``fit`` against ``BayesianGaussianMixture.fit`` from the same responsibilities and
+    priors: sklearn stops at its own rule (|change of its bound| < tol); run for that many
+    sweeps, our final state equals sklearn's fitted parameters, our ELBO trace equals its
+    ``lower_bounds_`` plus the constant offset, so the trace's changes give its stopping
+    point."""
+    x = _mixture_data()
+    n, dim = x.shape
+    prior = bg.BGMMPrior(**_SK_PRIOR)
+    r0 = np.random.default_rng(7).dirichlet(np.ones(_K), size=n)
+    sk = _sklearn_bgmm(prior, _K).set_params(tol=1e-6, max_iter=500)
+    sk._initialize_parameters = lambda x_, random_state, xp=None: sk._initialize(x_, r0)
+    sk.fit(x)
+    assert sk.converged_ and 10 < sk.n_iter_ < 500
+    state, info = jax.jit(bg.fit, static_argnames="max_iter")(
+        _bg_init_resp(x, r0, prior), x, prior, tol=0.0, max_iter=sk.n_iter_)
+    assert int(info.num_iter) == sk.n_iter_ and not bool(info.converged)
+    trace = np.asarray(info.elbo)
+    np.testing.assert_allclose(trace, np.asarray(sk.lower_bounds_)
+                               + _sklearn_offset(prior, n, dim, _K), rtol=1e-12)
+    assert np.abs(np.diff(trace))[-1] < 1e-6 <= np.abs(np.diff(trace))[:-1].min()
+    np.testing.assert_allclose(state.concentration, sk.weight_concentration_, rtol=1e-10)
+    np.testing.assert_allclose(state.loc, sk.means_, rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(state.dof, sk.degrees_of_freedom_, rtol=1e-10)
+    np.testing.assert_allclose(bg.expected_covariances(state), sk.covariances_,
+                               rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("dim", [2, 32])
+def test_bgmm_fit_float64_one_pass_equals_block_cavi(x64, dim):
+    """float64 ``fit`` loops the one-pass sweep; it must take the same sweeps, states and ELBO
+    trace as :func:`vijax.meanfield.cavi` over the three block updates and the full ELBO."""
+    rng = np.random.default_rng(9)
+    k, n = 4, 500
+    x = jnp.asarray(rng.normal(size=(k, dim))[rng.integers(0, k, n)] * 3.0
+                    + rng.normal(size=(n, dim)))
+    prior = bg.check_prior(bg.default_prior(x, k), dim, jnp.float64)
+    state = _bg_init(jax.random.key(1), x, k, prior)
+    got, got_info = jax.jit(bg.fit)(state, x, prior, tol=1e-9)
+    want, want_info = jax.jit(lambda s: meanfield.cavi(
+        bg.UPDATE_FNS, s, (x, prior), elbo_fn=lambda s_, d: bg.elbo(s_, *d), tol=1e-9,
+        max_iter=500))(state)
+    assert bool(got_info.converged) and int(got_info.num_iter) == int(want_info.num_iter) > 3
+    np.testing.assert_allclose(got_info.elbo, want_info.elbo, rtol=1e-12)  # NaN tails equal
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-11)
+
+
 def _bgmm_state_off_optimum(x, prior, seed=0):
     """A valid state that is not a fixed point: a few sweeps, then random perturbations."""
     state = _bg_init(jax.random.key(seed), x, _K, prior)
@@ -747,6 +795,64 @@ def test_dirac_delta_cavi_reproduces_em_trajectory(x64):
                                em_state.covariances, rtol=1e-8, atol=1e-10)
 
 
+def _map_em_reference_step(x, weights, means, covs, prior):
+    """One MAP-EM iteration in numpy from the stationarity conditions of
+    log p(X | theta) + log p(theta) (Dirichlet x Gaussian-Wishart prior), written directly
+    rather than as the mode of a conjugate posterior:
+    pi_k ∝ N_k + alpha_0 - 1, mu_k = (beta_0 m_0 + sum_n r_nk x_n) / (beta_0 + N_k),
+    Sigma_k = [W_0^-1 + beta_0 (mu_k - m_0)(mu_k - m_0)^T + sum_n r_nk (x_n - mu_k)(...)^T]
+              / (nu_0 - D + N_k)."""
+    n, dim = x.shape
+    k = len(weights)
+    log_rho = np.stack([np.log(weights[j]) + stats.multivariate_normal.logpdf(x, means[j], covs[j])
+                        for j in range(k)], axis=1)
+    log_lik = special.logsumexp(log_rho, axis=1).sum()
+    r = np.exp(log_rho - special.logsumexp(log_rho, axis=1, keepdims=True))
+    a0, b0, m0 = float(prior.concentration), float(prior.mean_precision), np.asarray(prior.loc)
+    nu0, w0_inv = float(prior.dof), np.asarray(prior.scale_inv)
+    counts = r.sum(0)
+    new_weights = (counts + a0 - 1.0) / (n + k * (a0 - 1.0))
+    new_means = (b0 * m0 + r.T @ x) / (b0 + counts)[:, None]
+    new_covs = np.empty((k, dim, dim))
+    for j in range(k):
+        diff = x - new_means[j]
+        dm = new_means[j] - m0
+        new_covs[j] = ((w0_inv + b0 * np.outer(dm, dm) + (r[:, j, None] * diff).T @ diff)
+                       / (nu0 - dim + counts[j]))
+    return new_weights, new_means, new_covs, log_lik
+
+
+def test_dirac_delta_cavi_reproduces_map_em_trajectory_with_a_proper_prior(x64):
+    """With a proper Dirichlet / Gaussian-Wishart prior the Dirac-delta CAVI sweep is the MAP-EM
+    step (lecture 3, "EM algorithm (special case)"): 12 iterations against the numpy MAP-EM
+    above, and the restricted ELBO after the E-step equals log p(X | theta_0) + log p~(theta_0),
+    the MAP objective, which never decreases."""
+    x = _mixture_data()
+    prior = bg.BGMMPrior(concentration=3.0, mean_precision=0.5, loc=np.array([1.0, 1.0]),
+                         dof=4.0, scale_inv=np.array([[2.0, 0.3], [0.3, 1.5]]))
+    r0 = np.random.default_rng(4).dirichlet(np.ones(3), size=x.shape[0])
+    state = jax.jit(dirac_em.init_from_responsibilities)(x, r0, prior)
+    weights, means = np.asarray(state.weights), np.asarray(state.loc)
+    covs = np.asarray(dirac_em.covariances(state))
+    objective = []
+    for _ in range(12):
+        after_e_step = float(_de_elbo(_de_update_q_z(state, x, prior), x, prior))
+        log_prior = (2.0 * np.sum(np.log(weights))  # (alpha_0 - 1) sum log pi
+                     + sum(0.5 * (4.0 - 2) * -np.linalg.slogdet(c)[1]
+                           - 0.25 * (means[j] - 1.0) @ np.linalg.solve(c, means[j] - 1.0)
+                           - 0.5 * np.trace(np.asarray(prior.scale_inv) @ np.linalg.inv(c))
+                           for j, c in enumerate(covs)))
+        weights, means, covs, log_lik = _map_em_reference_step(x, weights, means, covs, prior)
+        state, _ = _de_step(state, x, prior)
+        np.testing.assert_allclose(after_e_step, log_lik + log_prior, rtol=1e-11)
+        np.testing.assert_allclose(state.weights, weights, rtol=1e-10)
+        np.testing.assert_allclose(state.loc, means, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(dirac_em.covariances(state), covs, rtol=1e-9, atol=1e-12)
+        objective.append(after_e_step)
+    assert np.all(np.diff(objective) > -1e-9 * np.abs(objective[1:]))
+    assert objective[-1] - objective[0] > 1.0  # it moved: the comparison is not at a fixed point
+
+
 def infos_ok(info, num_iter):
     """Both batch members ran exactly num_iter sweeps with a non-decreasing ELBO trace."""
     trace = np.asarray(info.elbo)
@@ -832,6 +938,76 @@ _INITS = {
 def test_mixtures_reject_bad_data(model, bad, k, pattern):
     with pytest.raises(ValueError, match=pattern):
         _INITS[model](bad, k)
+
+
+_FITTERS = {  # (module, prior, init) for the step / fit bad-input checks
+    "bgmm": (bg, _BG_PRIOR, lambda x: bg.init(jax.random.key(0), x, 2, _BG_PRIOR)),
+    "kv": (kv, _KV_PRIOR, lambda x: kv.init(jax.random.key(0), x, 2, _KV_PRIOR)),
+    "dirac": (dirac_em, dirac_em.flat_prior(2),
+              lambda x: dirac_em.init(jax.random.key(0), x, 2, dirac_em.flat_prior(2))),
+}
+
+
+@pytest.mark.parametrize("model", sorted(_FITTERS))
+@pytest.mark.parametrize("call", ["step", "fit"])
+def test_step_and_fit_reject_bad_data(model, call):
+    module, prior, init = _FITTERS[model]
+    state = init(_X_OK)
+    fn = getattr(module, call)
+    for bad, error, pattern in (
+        (_with_row(np.nan), ValueError, r"x has non-finite.*rows \[3\]"),
+        (_with_row(-np.inf), ValueError, r"x has non-finite.*rows \[3\]"),
+        (_X_OK[:, 0], ValueError, r"x must have shape \[num_points, dim\]"),
+        (np.zeros((10, 3)), ValueError, r"D=3|dim|shape"),
+        (_X_OK.astype(np.float16), TypeError, "x must be a float32 or float64 array"),
+        (_X_OK.astype(np.int32), TypeError, "x must be a float32 or float64 array"),
+        (_X_OK > 0, TypeError, "x must be a float32 or float64 array"),
+    ):
+        with pytest.raises(error, match=pattern):
+            fn(state, bad, prior)
+    if call == "fit":
+        for kwargs, pattern in (({"max_iter": 0}, "max_iter"), ({"tol": -1.0}, "tol"),
+                                ({"tol": float("nan")}, "tol")):
+            with pytest.raises(ValueError, match=pattern):
+                fn(state, _X_OK, prior, **kwargs)
+
+
+_MF_BATCHED = {  # name: (model in _FITTERS, f(state, x) for one member)
+    "bgmm.step": ("bgmm", lambda s, x: bg.step(s, x, _BG_PRIOR)),
+    "bgmm.elbo": ("bgmm", lambda s, x: bg.elbo(s, x, _BG_PRIOR)),
+    "bgmm.init_from_responsibilities": (
+        "bgmm", lambda s, x: bg.init_from_responsibilities(x, s.responsibilities, _BG_PRIOR)),
+    "bgmm.expected_covariances": ("bgmm", lambda s, x: bg.expected_covariances(s)),
+    "bgmm.predict_responsibilities": ("bgmm", lambda s, x: bg.predict_responsibilities(s, x)),
+    "kv.step": ("kv", lambda s, x: kv.step(s, x, _KV_PRIOR)),
+    "kv.elbo": ("kv", lambda s, x: kv.elbo(s, x, _KV_PRIOR)),
+    "dirac_em.step": ("dirac", lambda s, x: dirac_em.step(s, x, dirac_em.flat_prior(2))),
+    "dirac_em.elbo": ("dirac", lambda s, x: dirac_em.elbo(s, x, dirac_em.flat_prior(2))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_MF_BATCHED))
+def test_mixture_functions_jit_vmap_match_unbatched_and_do_not_retrace(x64, name):
+    """``jit(vmap)`` over three states equals the unbatched calls; new values, no recompile."""
+    model, fn = _MF_BATCHED[name]
+    module, prior, init = _FITTERS[model]
+    x = jnp.asarray(_mixture_data())
+    states = [init(x)]
+    for _ in range(2):  # three different states: the initial one, after one and two sweeps
+        states.append(module.step(states[-1], x, prior)[0])
+    stacked = jax.tree.map(lambda *v: jnp.stack(v), *states)
+    batched = jax.jit(jax.vmap(fn, (0, None)))
+    with _rank_strict():
+        out = batched(stacked, x)
+    for b, state in enumerate(states):
+        single = fn(state, x)
+        got = jax.tree.map(lambda v: v[b], out)
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(single)):
+            assert g.shape == w.shape and g.dtype == w.dtype
+            np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-12)
+    with _rank_strict():
+        batched(stacked, x + 0.25)
+    assert batched._cache_size() == 1
 
 
 def test_bad_priors_states_and_dimensions():

@@ -115,6 +115,12 @@ def test_pixel_mean_logit_float64_and_errors(x64):
         vnn.pixel_mean_logit(np.zeros((3,)))
     with pytest.raises(ValueError, match="eps"):
         vnn.pixel_mean_logit(images, eps=0.7)
+    with pytest.raises(ValueError, match="train_images contains NaN"):
+        vnn.pixel_mean_logit(np.where(np.eye(3, 2) > 0, np.nan, images))
+    with pytest.raises(ValueError, match=r"train_images must be pixels in \[0, 1\]"):
+        vnn.pixel_mean_logit(images * 255.0)
+    # under jit values are not inspected; the result is the same logit
+    np.testing.assert_allclose(jax.jit(vnn.pixel_mean_logit)(images), out, rtol=1e-12)
     with pytest.raises(ValueError, match="output_bias_init"):
         vnn.BernoulliDecoder((2,), 4, output_bias_init=np.zeros(5)).init(
             jax.random.key(0), jnp.zeros((1, 2)))

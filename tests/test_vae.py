@@ -293,6 +293,10 @@ def test_active_units_constructed_case(x64):
     assert int(count) == 2
     count_jit, _ = jax.jit(lambda p, x: vae.active_units(p, model, x, threshold=0.001))(params, x)
     assert int(count_jit) == 3
+    assert int(vae.active_units(params, model, x, threshold=np.float32(0.001))[0]) == 3
+    for bad in (float("nan"), -0.1, "0.01", True):
+        with pytest.raises(ValueError, match="threshold"):
+            vae.active_units(params, model, x, threshold=bad)
 
 
 def test_reconstruct_and_sample_images_shapes():

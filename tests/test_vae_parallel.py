@@ -76,3 +76,42 @@ SCRIPT = textwrap.dedent(
 
 def test_data_parallel_equals_single_device_on_4_host_devices(run_on_host_devices):
     assert "DATA-PARALLEL-OK" in run_on_host_devices(SCRIPT, num_devices=4)
+
+
+DRIVER_SCRIPT = textwrap.dedent(
+    """
+    import dataclasses, tempfile, pathlib
+    import jax, numpy as np
+    from vijax import vae_train as vt
+
+    assert jax.device_count() == 4, jax.devices()
+    config = vt.Config(dataset=vt.Digits(), latent_dim=2, hidden_sizes=(16,), epochs=2,
+                       batch_size=100, learning_rate=3e-3, eval_num_samples=20)
+    root = pathlib.Path(tempfile.mkdtemp())
+    finals = {}
+    for parallel in (False, True):
+        finals[parallel] = vt.train_and_evaluate(config, root / str(parallel), progress=False,
+                                                 data_parallel=parallel)
+    one, _ = vt.restore_checkpoint(root / "False", config)
+    four, _ = vt.restore_checkpoint(root / "True", config)
+    for u, v in zip(jax.tree.leaves(one.params), jax.tree.leaves(four.params)):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(finals[True]["test_elbo"], finals[False]["test_elbo"], rtol=1e-4)
+    assert int(four.step) == int(one.step) == 2 * (1500 // 100), (int(four.step), int(one.step))
+    try:  # a batch of 50 cannot be split over 4 devices
+        vt.train_and_evaluate(dataclasses.replace(config, batch_size=50), root / "bad",
+                              progress=False, data_parallel=True)
+    except ValueError as err:
+        assert "divisible" in str(err), err
+    else:
+        raise AssertionError("no error for batch 50 on 4 devices")
+    print("DRIVER-PARALLEL-OK")
+    """
+)
+
+
+def test_train_and_evaluate_data_parallel_equals_one_device(run_on_host_devices):
+    """The experiment's driver (``train_and_evaluate(data_parallel=True)``, batches split over
+    4 host devices) ends two epochs on the digits with the parameters and test ELBO of the
+    one-device run, and rejects a batch size the devices do not divide."""
+    assert "DRIVER-PARALLEL-OK" in run_on_host_devices(DRIVER_SCRIPT, num_devices=4)

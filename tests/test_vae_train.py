@@ -198,6 +198,18 @@ def test_resume_config_checks(tiny_runs, tmp_path):
         vt.restore_checkpoint(tmp_path, config)
 
 
+def test_cli_reports_input_problems_in_one_line(tiny_runs, capsys):
+    """Re-running a finished command without --resume, or resuming with another architecture:
+    exit status 2 and a one-line message naming the fix, no traceback."""
+    argv = TINY + ["--epochs", "2", "--workdir", str(tiny_runs["straight"])]
+    for extra, needle in (([], "--resume"), (["--resume", "--latent-dim", "3"], "latent_dim")):
+        with pytest.raises(SystemExit) as info:
+            cli.main(argv + extra)
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert "error:" in err and needle in err and "Traceback" not in err
+
+
 # ----------------------------------------------------------------------------------------------
 # Schedules, configuration, command line
 # ----------------------------------------------------------------------------------------------
@@ -255,6 +267,8 @@ def test_cli_maps_flags_to_config():
     assert digits.dataset == vt.Digits() and digits.latent_dim == 2
     with pytest.raises(ValueError, match="dreg"):
         cli.config_from_args(parse(["--objective", "elbo", "--estimator", "dreg"]))
+    vimco = cli.config_from_args(parse(["--objective", "iwae", "--estimator", "score-loo"]))
+    assert vimco.objective.estimator == velbo.ScoreFunction(baseline=velbo.LeaveOneOut())
     with pytest.raises(SystemExit):
         cli.main(["--epochs", "0", "--workdir", "/nonexistent"])  # Config's ValueError -> usage
 

@@ -231,8 +231,8 @@ def load_mnist(data_dir: str | os.PathLike | None = None) -> Dataset:
        rejects a train-images file rebuilt from another copy, such as the one in
        ``../shared/data``) and checked against MNIST's sizes (60000/10000 examples, 28x28,
        labels 0..9).
-    2. TensorFlow Datasets, ``tfds.load("mnist")``, when the folder holds none of the four files
-       (or no folder was named). TFDS downloads the data on first use and needs internet; its
+    2. TensorFlow Datasets, ``tfds.load("mnist")``, when the folder exists but holds none of
+       the four files (or no folder was named). TFDS downloads the data on first use and needs internet; its
        ``tfds.load`` route also needs TensorFlow installed.
 
     Args:
@@ -244,12 +244,19 @@ def load_mnist(data_dir: str | os.PathLike | None = None) -> Dataset:
       ``test_labels`` [10000].
 
     Raises:
-      FileNotFoundError: the folder holds some but not all four files; or no local files and TFDS
+      FileNotFoundError: ``data_dir`` (or ``VIJAX_DATA_DIR``) names a folder that does not
+        exist; the folder holds some but not all four files; or no local files and TFDS
         failed (offline, or TFDS/TensorFlow not installed). The message names both ways to get
         the data: a folder via ``data_dir``/``VIJAX_DATA_DIR``, or internet for TFDS.
       ValueError: a local file is corrupt or does not have MNIST's sizes (see :func:`read_idx`).
     """
     folder, origin = _candidate_folder(data_dir)
+    if folder is not None and not folder.is_dir() and origin != "no local folder given":
+        # a named folder that does not exist is a typo, not a request to download
+        raise FileNotFoundError(
+            f"MNIST folder {folder} ({origin}) does not exist. Pass the folder holding the "
+            f"four IDX files ({', '.join(MNIST_FILES.values())}), or name no folder "
+            f"(data_dir=None, {DATA_DIR_ENV} unset) to fall back to TensorFlow Datasets.")
     if folder is not None:
         present = [name for name in MNIST_FILES.values() if _find_file(folder, name) is not None]
         if len(present) == len(MNIST_FILES):

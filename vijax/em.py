@@ -385,9 +385,31 @@ def _is_concrete(value) -> bool:
 
 def _check_float_array(x, name: str) -> Array:
     x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"`{name}` must be a floating-point array; got dtype {x.dtype}")
+    if x.dtype not in (jnp.float32, jnp.float64):
+        raise TypeError(f"`{name}` must be a float32 or float64 array; got dtype {x.dtype}"
+                        + ("" if jnp.issubdtype(x.dtype, jnp.floating) else
+                           f" (cast it first, e.g. {name}.astype(float))"))
     return x
+
+
+def _check_responsibilities(q, state: GMMState, x: Array) -> Array:
+    """``q`` as the state's dtype after checking it is ``[N, K]`` and, when concrete, a
+    row-stochastic matrix (finite, >= 0, rows summing to 1)."""
+    q = _check_float_array(q, "responsibilities")
+    if q.shape != (x.shape[0], state.means.shape[0]):
+        raise ValueError(
+            f"`responsibilities` must have shape {(x.shape[0], state.means.shape[0])}; "
+            f"got {q.shape}"
+        )
+    if _is_concrete(q):
+        value = np.asarray(q, dtype=np.float64)
+        if not np.isfinite(value).all() or (value < 0).any():
+            raise ValueError("`responsibilities` must be finite and non-negative")
+        deviation = np.max(np.abs(value.sum(axis=1) - 1.0))
+        if deviation > 1e-4:
+            raise ValueError(f"`responsibilities` rows must sum to 1 (max deviation "
+                             f"{deviation:.3g})")
+    return q.astype(state.means.dtype)
 
 
 def _check_finite_rows(x, name: str) -> None:
@@ -415,6 +437,8 @@ def _check_data(x, name: str = "x", dim: int | None = None, *, matrix: bool = Tr
         )
     if x.shape[0] == 0 and matrix:
         raise ValueError(f"`{name}` has no rows")
+    if x.shape[-1] == 0:
+        raise ValueError(f"`{name}` has no columns (dim 0); got shape {x.shape}")
     _check_finite_rows(x, name)
     return x
 
@@ -1008,14 +1032,12 @@ def m_step(state: GMMState, x: Array, responsibilities: Array, *,
     """The closed-form M-step alone: argmax_theta of the ELBO L(q, theta) for
     q = ``responsibilities`` ``[N, K]`` (PRML eqs. 9.24-9.27; "lecture 3", "EM-algorithm
     (M-step)"). Returns ``state`` with new weights, means and covariances (the counters are
-    unchanged). Raises ``ValueError`` naming ``x`` or ``responsibilities`` on shape errors."""
+    unchanged; ``responsibilities`` are cast to the state's dtype). Raises ``ValueError`` naming
+    ``x`` or ``responsibilities`` on shape errors or (concrete arrays) responsibilities that are
+    negative, non-finite or whose rows do not sum to 1; ``TypeError`` for non-float32/64
+    arrays."""
     x = _check_state(state, x)
-    resp = _check_float_array(responsibilities, "responsibilities")
-    if resp.shape != (x.shape[0], state.means.shape[0]):
-        raise ValueError(
-            f"`responsibilities` must have shape {(x.shape[0], state.means.shape[0])}; "
-            f"got {resp.shape}"
-        )
+    resp = _check_responsibilities(responsibilities, state, x)
     params = _m_step(state.covariance_type, x, resp, jnp.sum(resp, axis=0), resp.T @ x,
                      state.reg_covar, _chunk(state, x.shape[0], _check_chunk_size(chunk_size)))
     return _with_parameters(state, params)
@@ -1161,15 +1183,12 @@ def elbo(state: GMMState, x: Array, responsibilities: Array) -> Array:
     the mean KL(q_n || p(z_n | x_n)) >= 0, zero at q = :func:`predict_proba` ("LVM blog
     post", "Expectation Maximization", Eq. 2; PRML eqs. 9.70-9.72).
 
-    Raises ``ValueError`` naming ``x`` or ``responsibilities`` on shape errors.
+    Raises ``ValueError`` naming ``x`` or ``responsibilities`` on shape errors or (concrete
+    arrays) responsibilities that are not row-stochastic; ``TypeError`` for non-float32/64
+    arrays. The result has the state's dtype.
     """
     x = _check_state(state, x)
-    q = _check_float_array(responsibilities, "responsibilities")
-    if q.shape != (x.shape[0], state.means.shape[0]):
-        raise ValueError(
-            f"`responsibilities` must have shape {(x.shape[0], state.means.shape[0])}; "
-            f"got {q.shape}"
-        )
+    q = _check_responsibilities(responsibilities, state, x)
     per_point = jnp.sum(q * _rows_log_joint(state, x) - jax.scipy.special.xlogy(q, q), axis=-1)
     return jnp.mean(per_point)
 

@@ -119,7 +119,8 @@ def pixel_mean_logit(train_images, *, eps: float = 1e-3) -> jax.Array:
 
     Raises:
       TypeError: ``train_images`` is not floating.
-      ValueError: wrong rank, empty, or ``eps`` outside (0, 0.5).
+      ValueError: wrong rank, empty, ``eps`` outside (0, 0.5), or (concrete arrays) NaN/inf
+        values or values outside [0, 1].
     """
     train_images = jnp.asarray(train_images)
     if not jnp.issubdtype(train_images.dtype, jnp.floating):
@@ -130,6 +131,13 @@ def pixel_mean_logit(train_images, *, eps: float = 1e-3) -> jax.Array:
             f"train_images must have shape [N, D] with N > 0, got {train_images.shape}")
     if not 0.0 < eps < 0.5:
         raise ValueError(f"eps must be in (0, 0.5), got {eps}")
+    if not isinstance(train_images, jax.core.Tracer):  # values: concrete arrays only
+        values = np.asarray(train_images)
+        if not np.all(np.isfinite(values)):
+            raise ValueError("train_images contains NaN or infinite values")
+        if values.min() < 0.0 or values.max() > 1.0:
+            raise ValueError(f"train_images must be pixels in [0, 1], got values in "
+                             f"[{values.min():g}, {values.max():g}] (scale uint8 by 1/255)")
     mean = jnp.clip(jnp.mean(train_images, axis=0), eps, 1.0 - eps)
     return jnp.log(mean) - jnp.log1p(-mean)
 

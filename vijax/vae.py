@@ -34,6 +34,8 @@ state, ``donate_argnums=0``). Typical use::
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -115,6 +117,7 @@ class ELBOAnalyticKL:
 class ELBOMonteCarlo:
     """Monte Carlo ELBO ``mean_s [log p(x, z_s) - log q(z_s | x)]``, :func:`vijax.elbo.elbo`.
 
+    Value per example: ``[batch]``, in nats, the ELBO itself (not its negative).
     ``estimator``: ``Pathwise()`` (default), ``ScoreFunction(...)`` or ``StickingTheLanding()``.
     """
 
@@ -125,6 +128,8 @@ class ELBOMonteCarlo:
         _check_num_samples(self.num_samples)
 
     def value(self, rng_key, log_likelihood_fn, q, prior) -> jax.Array:
+        """``[batch]`` ELBO (nats, not negated) from ``log_likelihood_fn(z [batch, L]) ->
+        [batch]``, ``q`` (batch shape [batch]) and the prior ``p(z)``."""
         return velbo.elbo(rng_key, _log_joint_fn(log_likelihood_fn, prior), q,
                           num_samples=self.num_samples, estimator=self.estimator)
 
@@ -133,8 +138,9 @@ class ELBOMonteCarlo:
 class IWAE:
     """Importance-weighted bound with ``num_samples`` = K particles, :func:`vijax.elbo.iwae_bound`.
 
-    ``estimator``: ``Pathwise()`` (default), ``ScoreFunction()``, ``StickingTheLanding()`` or
-    ``DReG()``. With K = 1 it equals the single-sample Monte Carlo ELBO.
+    Value per example: ``[batch]``, in nats, the bound itself (not its negative; Burda et al.
+    2016). ``estimator``: ``Pathwise()`` (default), ``ScoreFunction()``,
+    ``StickingTheLanding()`` or ``DReG()``. With K = 1 it equals the single-sample Monte Carlo ELBO.
     """
 
     num_samples: int = 5
@@ -144,6 +150,8 @@ class IWAE:
         _check_num_samples(self.num_samples)
 
     def value(self, rng_key, log_likelihood_fn, q, prior) -> jax.Array:
+        """``[batch]`` IWAE-K bound (nats, not negated); arguments as in
+        :meth:`ELBOMonteCarlo.value`."""
         return velbo.iwae_bound(rng_key, _log_joint_fn(log_likelihood_fn, prior), q,
                                 num_samples=self.num_samples, estimator=self.estimator)
 
@@ -243,7 +251,8 @@ def init_train_state(rng_key: jax.Array, model, optimizer: optax.GradientTransfo
 
 
 def make_loss_fn(model, objective: Objective) -> Callable:
-    """``loss_fn(params, x [batch, D], rng_key) -> []``: minus the batch-mean bound (nats)."""
+    """``loss_fn(params, x [batch, D], rng_key) -> []``: minus the batch-mean bound (nats), i.e.
+    the negative ELBO / IWAE bound to minimise. Unchecked (the train step checks ``x``)."""
     def loss_fn(params, x, rng_key):
         return -jnp.mean(objective_value(objective, rng_key, params, model, x))
     return loss_fn
@@ -263,7 +272,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation, objective: O
       mesh: optional 1-D :class:`jax.sharding.Mesh` with axis ``"batch"`` (see
         :func:`make_data_parallel_train_step`); ``None`` for one device.
       with_grad_norm: also report the gradient's global L2 norm (an extra pass over all
-        gradients, about 5% of a 784-200-200-50 step on CPU; off by default).
+        gradients; off by default).
 
     Returns:
       ``train_step``; ``metrics`` is a dict of ``[]`` float scalars:
@@ -590,7 +599,10 @@ def evaluate_bounds(rng_key: jax.Array, params: Params, model, x: jax.Array, *,
 
 
 def encoder_means(params: Params, model, x: jax.Array, *, batch_size: int = 1000) -> jax.Array:
-    """``E_q[z | x]`` (the encoder's ``loc``) for each example: ``[N, L]``."""
+    """``E_q[z | x]`` (the encoder's ``loc``) for each example: ``[N, L]``.
+
+    Raises: TypeError / ValueError for bad ``x`` (:func:`vijax.data.check_images`) or a
+    ``batch_size`` that is not a positive int."""
     _check_eval_args(x, model, batch_size)
     return _map_batches(lambda xb: model.apply(params, xb, method=type(model).encode).loc,
                         x, batch_size)
@@ -610,14 +622,23 @@ def active_units(params: Params, model, x: jax.Array, *, threshold: float = 0.01
       ``(count [] int32, variances [L])``: the number of dimensions whose posterior mean has
       variance over ``x`` (population variance, divisor N) above ``threshold``, and those
       variances.
+
+    Raises:
+      ValueError: ``threshold`` not a finite number >= 0; bad ``x`` or ``batch_size`` (as in
+        :func:`encoder_means`). TypeError: non-floating ``x``.
     """
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) \
+            or not math.isfinite(threshold) or threshold < 0:
+        raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
     means = encoder_means(params, model, x, batch_size=batch_size)
     variances = jnp.var(means, axis=0)
     return jnp.sum(variances > threshold).astype(jnp.int32), variances
 
 
 def reconstruct(params: Params, model, x: jax.Array) -> jax.Array:
-    """``E[x | z = E_q[z | x]]``: ``[N, D]`` reconstructions (pixel probabilities, Bernoulli)."""
+    """``E[x | z = E_q[z | x]]``: ``[N, D]`` reconstructions (pixel probabilities, Bernoulli).
+
+    Raises: TypeError / ValueError for bad ``x`` (:func:`vijax.data.check_images`)."""
     check_images(x, data_dim=model.decoder.data_dim, name="x",
                  unit_interval=_is_bernoulli(model))
     q = model.apply(params, x, method=type(model).encode)
@@ -625,7 +646,9 @@ def reconstruct(params: Params, model, x: jax.Array) -> jax.Array:
 
 
 def sample_images(rng_key: jax.Array, params: Params, model, num_samples: int) -> jax.Array:
-    """``E[x | z]`` for ``z ~ N(0, I)``: ``[num_samples, D]`` (pixel probabilities, Bernoulli)."""
+    """``E[x | z]`` for ``z ~ N(0, I)``: ``[num_samples, D]`` (pixel probabilities, Bernoulli).
+
+    Raises: TypeError / ValueError when ``num_samples`` is not a positive int."""
     _check_num_samples(num_samples)
     z = jax.random.normal(rng_key, (num_samples, model.encoder.latent_dim))
     return model.apply(params, z, method=type(model).decode_mean)

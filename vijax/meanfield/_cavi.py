@@ -50,6 +50,13 @@ def _check_driver_args(update_fns, elbo_fn, tol, max_iter) -> tuple[Callable, ..
             raise TypeError(f"update_fns[{i}] is not callable: {fn!r}")
     if not callable(elbo_fn):
         raise TypeError(f"elbo_fn must be callable (state, data) -> scalar ELBO, got {elbo_fn!r}")
+    check_loop_args(tol, max_iter)
+    return update_fns
+
+
+def check_loop_args(tol, max_iter) -> None:
+    """``max_iter`` a Python int >= 1 (it fixes the trace length) and a concrete ``tol`` >= 0;
+    ValueError otherwise."""
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"max_iter must be a Python int >= 1 (it fixes the trace length), "
                          f"got {max_iter!r}")
@@ -57,7 +64,6 @@ def _check_driver_args(update_fns, elbo_fn, tol, max_iter) -> tuple[Callable, ..
         tol_value = float(tol)
         if not tol_value >= 0.0:  # also rejects NaN
             raise ValueError(f"tol must be >= 0, got {tol!r}")
-    return update_fns
 
 
 def sweep(update_fns: Sequence[Callable[[Any, Any], Any]], state: Any, data: Any) -> Any:

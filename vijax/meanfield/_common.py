@@ -36,14 +36,31 @@ def as_float_array(value, name: str) -> Array:
     return array
 
 
+def check_float_dtype(x, name: str) -> None:
+    """Data must be float32 or float64 (no silent casts: ints, bools and half precision
+    raise; the factorisations have no float16 kernels)."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        try:
+            dtype = jnp.asarray(x).dtype
+        except TypeError as err:
+            raise TypeError(f"{name} must be an array, got {type(x).__name__}") from err
+    if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise TypeError(f"{name} must be a float32 or float64 array, got dtype {dtype}; "
+                        f"cast it first, e.g. {name}.astype(float)")
+
+
 def check_data(x, name: str, *, ndim: int, min_rows: int = 1) -> Array:
-    """Validate a data array: ``ndim`` dims, at least ``min_rows`` rows, all finite.
+    """Validate a data array: float32/float64, ``ndim`` dims, at least ``min_rows`` rows, all
+    finite.
 
     Raises:
+      TypeError: not a float32 or float64 array (ints, bools, float16 are not cast silently).
       ValueError: wrong number of dimensions, too few rows, zero columns, or non-finite rows
         (the message names ``name`` and the first offending rows).
     """
-    x = as_float_array(x, name)
+    check_float_dtype(x, name)
+    x = jnp.asarray(x)
     if x.ndim != ndim:
         expected = "[num_points]" if ndim == 1 else "[num_points, dim]"
         raise ValueError(f"{name} must have shape {expected} ({ndim}-D), got shape {x.shape}")

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax.scipy.special import digamma, gammaln
 
 from vijax import _linalg, em
-from vijax.meanfield._cavi import CAVIInfo, cavi, cavi_loop, sweep
+from vijax.meanfield._cavi import CAVIInfo, cavi, cavi_loop, check_loop_args, sweep
 from vijax.meanfield._common import (
     categorical_elbo_term,
     categorical_update,
@@ -456,6 +456,15 @@ def _one_pass_step(state: BGMMState, x: Array, prior: BGMMPrior,
     return new, BGMMInfo(elbo=_elbo_given_term_z(new, prior, new_ex, term_z, products_only))
 
 
+def _one_pass_sweep_fn(x: Array, prior: BGMMPrior, *args):
+    """``state -> (state, [] ELBO)``: :func:`_one_pass_step` in the form of
+    :func:`vijax.meanfield._cavi.cavi_loop`'s sweep (``args`` as in ``_one_pass_step``)."""
+    def sweep_and_elbo(state):
+        new, info = _one_pass_step(state, x, prior, *args)
+        return new, info.elbo
+    return sweep_and_elbo
+
+
 def step(state: BGMMState, x, prior: BGMMPrior, *, mesh=None
          ) -> tuple[BGMMState, BGMMInfo]:
     """One CAVI iteration: q(Z), then q(pi), then q(mu, Lambda); returns the ELBO after it.
@@ -538,6 +547,10 @@ def fit(state: BGMMState, x, prior: BGMMPrior, *, tol: float = 1e-8, max_iter: i
         mesh=None) -> tuple[BGMMState, CAVIInfo]:
     """CAVI to convergence with :func:`vijax.meanfield.cavi` (relative ELBO tolerance ``tol``).
 
+    Each iteration is :func:`step`: float64 data take the one-pass sweep (x read once per
+    iteration, the ELBO from its sufficient statistics), float32 the three block updates and
+    the full ELBO; both run the loop and stopping rule of :func:`vijax.meanfield.cavi`.
+
     Args:
       state, x, prior: as in :func:`step`.
       tol: relative ELBO tolerance (the stopping rule of :func:`vijax.meanfield.cavi`).
@@ -549,14 +562,19 @@ def fit(state: BGMMState, x, prior: BGMMPrior, *, tol: float = 1e-8, max_iter: i
       ``(state, info)``; ``info.elbo`` is [max_iter] ELBO values in nats (NaN after
       convergence).
     Raises:
-      ValueError/TypeError: invalid ``x``, ``prior`` or ``state``; TypeError if ``mesh`` is
-      not a Mesh; ValueError for ``mesh`` with float32 ``x``.
+      ValueError/TypeError: invalid ``x``, ``prior`` or ``state``; ValueError for ``tol < 0``
+      (or NaN) and ``max_iter`` not an int >= 1; TypeError if ``mesh`` is not a Mesh;
+      ValueError for ``mesh`` with float32 ``x``.
     """
     x, prior = _checked(x, prior)
     state = _check_state(state, x)
+    check_loop_args(tol, max_iter)
     em._check_mesh(mesh)
     if mesh is not None:
         return _fit_on_mesh(state, x, prior, mesh, tol, max_iter)
+    if x.dtype == jnp.float64:  # the one-pass sweep of `step`, which yields its own ELBO
+        return cavi_loop(_one_pass_sweep_fn(x, prior), state, _elbo(state, x, prior), tol=tol,
+                         max_iter=max_iter)
     return cavi(UPDATE_FNS, state, (x, prior), elbo_fn=unpack_data(_elbo), tol=tol,
                 max_iter=max_iter)
 
@@ -576,12 +594,9 @@ def _fit_on_mesh(state: BGMMState, x: Array, prior: BGMMPrior, mesh, tol, max_it
         params, prior, tol = args
         local_state = params._replace(responsibilities=resp_local)
 
-        def sweep_and_elbo(s):
-            new, info = _one_pass_step(s, x_local, prior, chunk_size, weights, shards)
-            return new, info.elbo
-
         initial_elbo = _elbo_on_rows(local_state, x_local, prior, shards)
-        return cavi_loop(sweep_and_elbo, local_state, initial_elbo, tol=tol, max_iter=max_iter)
+        return cavi_loop(_one_pass_sweep_fn(x_local, prior, chunk_size, weights, shards),
+                         local_state, initial_elbo, tol=tol, max_iter=max_iter)
 
     tol = jnp.asarray(tol, x.dtype)
     return _run_on_mesh(body, mesh, state, x, (prior, tol),
