@@ -232,8 +232,9 @@ def load_mnist(data_dir: str | os.PathLike | None = None) -> Dataset:
        ``../shared/data``) and checked against MNIST's sizes (60000/10000 examples, 28x28,
        labels 0..9).
     2. TensorFlow Datasets, ``tfds.load("mnist")``, when the folder exists but holds none of
-       the four files (or no folder was named). TFDS downloads the data on first use and needs internet; its
-       ``tfds.load`` route also needs TensorFlow installed.
+       the four files (or no folder was named). TFDS downloads the data on first use and needs
+       internet; its ``tfds.load`` route also needs TensorFlow installed. A named folder that
+       does not exist is an error, not a reason to download.
 
     Args:
       data_dir: folder with the IDX files, or None.
