@@ -53,6 +53,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from vijax._checks import check_row_stochastic
 from vijax._linalg import cholesky_and_inverse
 
 Array = jax.Array
@@ -401,14 +402,7 @@ def _check_responsibilities(q, state: GMMState, x: Array) -> Array:
             f"`responsibilities` must have shape {(x.shape[0], state.means.shape[0])}; "
             f"got {q.shape}"
         )
-    if _is_concrete(q):
-        value = np.asarray(q, dtype=np.float64)
-        if not np.isfinite(value).all() or (value < 0).any():
-            raise ValueError("`responsibilities` must be finite and non-negative")
-        deviation = np.max(np.abs(value.sum(axis=1) - 1.0))
-        if deviation > 1e-4:
-            raise ValueError(f"`responsibilities` rows must sum to 1 (max deviation "
-                             f"{deviation:.3g})")
+    check_row_stochastic(q, "`responsibilities`")
     return q.astype(state.means.dtype)
 
 

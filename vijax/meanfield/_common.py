@@ -13,6 +13,8 @@ import numpy as np
 from jax.scipy.linalg import solve_triangular
 from jax.scipy.special import logsumexp, xlogy
 
+from vijax._checks import check_row_stochastic
+
 Array = jax.Array
 
 
@@ -100,14 +102,7 @@ def check_responsibilities(responsibilities, num_points: int, dtype, name: str =
         raise ValueError(f"{name} must have shape [num_points={num_points}, num_components], "
                          f"got {r.shape}")
     check_num_components(r.shape[1], num_points)
-    if is_concrete(r):
-        value = np.asarray(r, dtype=np.float64)
-        if not np.isfinite(value).all() or (value < 0).any():
-            raise ValueError(f"{name} must be finite and non-negative")
-        row_sums = value.sum(axis=1)
-        if not np.allclose(row_sums, 1.0, atol=1e-4):
-            raise ValueError(f"{name} rows must sum to 1 (max deviation "
-                             f"{np.max(np.abs(row_sums - 1.0)):.3g})")
+    check_row_stochastic(r, name)
     return r.astype(dtype)
 
 
