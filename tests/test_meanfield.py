@@ -120,6 +120,8 @@ def test_cavi_driver_rejects_bad_arguments():
         meanfield.cavi(_GAUSS_UPDATES, m0, m0, elbo_fn=_gauss_elbo, max_iter=0)
     with pytest.raises(ValueError, match="tol"):
         meanfield.cavi(_GAUSS_UPDATES, m0, m0, elbo_fn=_gauss_elbo, tol=-1.0)
+    with pytest.raises(TypeError, match="tol must be a real number"):
+        meanfield.cavi(_GAUSS_UPDATES, m0, m0, elbo_fn=_gauss_elbo, tol="small")
     with pytest.raises(ValueError, match="scalar"):
         meanfield.cavi(_GAUSS_UPDATES, m0, m0, elbo_fn=lambda s, d: s)
 

@@ -43,6 +43,59 @@ def test_encoder_matches_numpy_forward_and_returns_diag_gaussian():
     assert q.loc.dtype == jnp.float32
 
 
+def _np_relu(x):
+    return np.maximum(x, 0.0)
+
+
+def _np_softplus(x):
+    return np.logaddexp(0.0, x)
+
+
+@pytest.mark.parametrize("activation, np_activation", [(nn.relu, _np_relu),
+                                                       (nn.softplus, _np_softplus)],
+                         ids=["relu", "softplus"])
+def test_activation_option_is_used_in_every_hidden_layer(activation, np_activation):
+    """iwae_mnist_vae(activation=...) passes the activation to both networks, and both apply
+    it after every hidden layer: encoder loc/scale and decoder logits equal a float64 numpy
+    forward pass with that activation; replacing it by tanh in any one layer does not."""
+    model = vnn.iwae_mnist_vae(hidden_sizes=(7, 5), latent_dim=3, data_dim=11,
+                               activation=activation)
+    assert model.encoder.activation is activation and model.decoder.activation is activation
+    x = jax.random.uniform(jax.random.key(0), (4, 11))
+    z = jax.random.normal(jax.random.key(1), (4, 3))
+    params = model.init(jax.random.key(2), x)
+    with jax.numpy_rank_promotion("raise"):
+        q = model.apply(params, x, method=vnn.VAE.encode)
+        logits = model.apply(params, z, method=vnn.VAE.decode)
+    assert q.loc.shape == q.scale_diag.shape == (4, 3) and logits.shape == (4, 11)
+    p = jax.tree.map(lambda v: np.asarray(v, np.float64), params["params"])
+    x64, z64 = np.asarray(x, np.float64), np.asarray(z, np.float64)
+
+    def encoder_out(mlp_out):
+        return _np_dense(p["encoder"]["loc_and_raw_scale"], mlp_out)
+
+    def decoder_out(mlp_out):
+        return _np_dense(p["decoder"]["logits"], mlp_out)
+
+    out = encoder_out(_np_mlp(p["encoder"]["mlp"], x64, 2, np_activation))
+    np.testing.assert_allclose(q.loc, out[:, :3], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(q.scale_diag, np.exp(out[:, 3:]), rtol=1e-5)
+    np.testing.assert_allclose(logits, decoder_out(_np_mlp(p["decoder"]["mlp"], z64, 2,
+                                                           np_activation)),
+                               rtol=1e-5, atol=1e-6)
+    # the check can tell layers apart: tanh in layer i alone moves the outputs far beyond the
+    # tolerance above (so a network that ignored the option in any layer would fail)
+    for name, net_in, net_out, got in (("encoder", x64, encoder_out, q.loc),
+                                       ("decoder", z64, decoder_out, logits)):
+        for layer in range(2):
+            h = net_in
+            for i in range(2):
+                act = np.tanh if i == layer else np_activation
+                h = act(_np_dense(p[name]["mlp"][f"hidden_{i}"], h))
+            swapped = net_out(h)[:, :got.shape[-1]]
+            assert np.max(np.abs(swapped - np.asarray(got, np.float64))) > 1e-3, (name, layer)
+
+
 def test_encoder_scale_positive_for_extreme_inputs_and_softplus_link():
     encoder = vnn.GaussianEncoder(hidden_sizes=(), latent_dim=2, scale_fn=jax.nn.softplus,
                                   min_scale=1e-4)

@@ -308,6 +308,71 @@ def test_reconstruct_and_sample_images_shapes():
     assert bool(jnp.all((rec > 0) & (rec < 1))) and bool(jnp.all((samples > 0) & (samples < 1)))
 
 
+def test_evaluation_functions_jit_vmap_match_per_batch_calls_and_do_not_retrace(x64):
+    """``jit(vmap(.))`` of log_likelihood_is, evaluate_bounds and reconstruct over a leading
+    axis of 3 image batches equals the same function called on each batch alone with the same
+    key; the static arguments (num_samples, batch_size, chunk_size) are closed over, and a
+    second call with new images and keys does not trace again."""
+    num_batches, batch, d = 3, 4, 16
+    model = vnn.iwae_mnist_vae(hidden_sizes=(8,), latent_dim=3, data_dim=d)
+    rng = np.random.default_rng(5)
+    images = jnp.asarray(rng.uniform(size=(num_batches, batch, d)) < 0.4, jnp.float64)
+    new_images = jnp.asarray(rng.uniform(size=(num_batches, batch, d)) < 0.6, jnp.float64)
+    # random float64 weights in the layout model.init creates (eval_shape: no compilation)
+    layout = jax.eval_shape(model.init, jax.random.key(0), images[0])
+    params = jax.tree.map(lambda s: jnp.asarray(rng.normal(scale=0.5, size=s.shape)), layout)
+
+    # log_likelihood_is: batch_size=3 < 4 rows pads each member; chunk_size=3 < 6 samples scans
+    def log_px(key, p, x):
+        return vae.log_likelihood_is(key, p, model, x, num_samples=6, chunk_size=3,
+                                     batch_size=3)
+
+    def bounds(key, p, x):
+        return vae.evaluate_bounds(key, p, model, x, num_samples=(3,), batch_size=4)
+
+    def rec(p, x):
+        return vae.reconstruct(p, model, x)
+
+    traces = {"log_likelihood_is": 0, "evaluate_bounds": 0, "reconstruct": 0}
+
+    def counted(name, fn):
+        def traced(*args):
+            traces[name] += 1  # Python side effect: runs only when jax traces the function
+            return fn(*args)
+        return traced
+
+    # one key shared by the batches (log_likelihood_is), one key per batch (evaluate_bounds)
+    key = jax.random.key(1)
+    keys = jax.random.split(jax.random.key(2), num_batches)
+    log_px_b = jax.jit(jax.vmap(counted("log_likelihood_is", log_px), (None, None, 0)))
+    bounds_b = jax.jit(jax.vmap(counted("evaluate_bounds", bounds), (0, None, 0)))
+    rec_b = jax.jit(jax.vmap(counted("reconstruct", rec), (None, 0)))
+    out_log_px = log_px_b(key, params, images)
+    out_bounds = bounds_b(keys, params, images)
+    out_rec = rec_b(params, images)
+    assert out_log_px.shape == (num_batches, batch) and out_log_px.dtype == jnp.float64
+    assert set(out_bounds) == {"elbo", "kl", "iwae_3"}
+    for value in out_bounds.values():
+        assert value.shape == (num_batches, batch) and value.dtype == jnp.float64
+    assert out_rec.shape == (num_batches, batch, d) and out_rec.dtype == jnp.float64
+    # references: each batch on its own (jitted un-batched, so each program compiles once)
+    log_px_1, bounds_1 = jax.jit(log_px), jax.jit(bounds)
+    for b in range(num_batches):
+        np.testing.assert_allclose(out_log_px[b], log_px_1(key, params, images[b]), rtol=1e-10)
+        for name, value in bounds_1(keys[b], params, images[b]).items():
+            np.testing.assert_allclose(out_bounds[name][b], value, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(out_rec[b], rec(params, images[b]), rtol=1e-10)
+    # the members really differ (different images; for the bounds also different keys)
+    assert not np.allclose(out_log_px[0], out_log_px[1])
+    assert not np.allclose(out_bounds["iwae_3"][0], out_bounds["iwae_3"][1])
+    # second calls with new values: no new trace and no new compilation
+    out2 = log_px_b(jax.random.key(3), params, new_images)
+    bounds_b(jax.random.split(jax.random.key(4), num_batches), params, new_images)
+    rec_b(params, new_images)
+    assert not np.allclose(out2, out_log_px)
+    assert traces == {"log_likelihood_is": 1, "evaluate_bounds": 1, "reconstruct": 1}
+    assert log_px_b._cache_size() == bounds_b._cache_size() == rec_b._cache_size() == 1
+
 # ----------------------------------------------------------------------------- bad input
 
 def test_bad_images_raise_clear_errors():

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
 import pathlib
+import re
 import shutil
 
 import jax
@@ -208,6 +210,99 @@ def test_cli_reports_input_problems_in_one_line(tiny_runs, capsys):
         assert info.value.code == 2
         err = capsys.readouterr().err
         assert "error:" in err and needle in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------------------------
+# Progress within an epoch; fixed binarization end to end
+# ----------------------------------------------------------------------------------------------
+
+
+def _digits_setup(config):
+    dataset = config.dataset.load()
+    model = vt.build_model(config, dataset.train_images)
+    optimizer, _ = vt.build_optimizer(config, dataset.train_images.shape[0] // config.batch_size)
+    return dataset, model, optimizer
+
+
+def test_train_epoch_progress_fn_reports_steps_and_leaves_the_updates_unchanged():
+    config = vt.Config(dataset=vt.Digits(), latent_dim=2, hidden_sizes=(16,), batch_size=100,
+                       epochs=2)
+    dataset, model, optimizer = _digits_setup(config)
+    images = jax.numpy.asarray(dataset.train_images)  # 1500 images: 15 steps per epoch
+    state0 = vae.init_train_state(jax.random.key(0), model, optimizer, images)
+    make = functools.partial(vae.make_train_epoch, model, optimizer, config.objective,
+                             batch_size=100, binarize=True)
+    seen = []
+    plain = jax.jit(make())
+    reporting = jax.jit(make(progress_fn=lambda step: seen.append(int(step)), progress_every=4))
+    every_step = jax.jit(make(progress_fn=lambda step: seen.append(-int(step))))
+    key = jax.random.key(3)
+    state_plain, metrics_plain = plain(state0, images, key)
+    state_rep, metrics_rep = reporting(state0, images, key)
+    jax.effects_barrier()
+    # Every 4th step and the epoch's last one, as global step counts (the state's step).
+    assert sorted(seen) == [4, 8, 12, 15]
+    for a, b in zip(jax.tree.leaves((state_plain, metrics_plain)),
+                    jax.tree.leaves((state_rep, metrics_rep))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    seen.clear()
+    reporting(state_rep, images, jax.random.key(4))  # second epoch: steps 16..30
+    every_step(state0, images, key)  # default: ~20 reports per epoch, here every step
+    jax.effects_barrier()
+    assert sorted(s for s in seen if s > 0) == [19, 23, 27, 30]
+    assert sorted(-s for s in seen if s < 0) == list(range(1, 16))
+    with pytest.raises(TypeError, match="progress_fn"):
+        make(progress_fn=3)
+    with pytest.raises(ValueError, match="progress_every"):
+        make(progress_fn=print, progress_every=0)
+
+
+def test_fixed_binarization_run_trains_on_the_fixed_images_with_step_bars(tmp_path, capsys):
+    config = vt.Config(dataset=vt.Digits(), latent_dim=2, hidden_sizes=(16,), batch_size=100,
+                       epochs=2, learning_rate=3e-3, eval_num_samples=20, eval_iwae_ks=(1,),
+                       binarization=vt.FixedBinarization(seed=5))
+    reported = []
+    report = vt._StepsBar.report
+
+    def recording_report(self, step, refresh=False):
+        reported.append(int(step))
+        report(self, step, refresh)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(vt._StepsBar, "report", recording_report)
+        vt.train_and_evaluate(config, tmp_path, progress=True)
+    err = capsys.readouterr().err
+    # The bar over epochs, and for each epoch one over its 15 steps that was moved from inside
+    # the jitted epoch after every step (15 // 20 -> every step) and ended full.
+    assert re.search(r"epochs: 100%.*2/2", err), err[-2000:]
+    for epoch in (1, 2):
+        assert re.search(rf"epoch {epoch}/2: 100%.*15/15", err), err[-2000:]
+    assert sorted(set(reported)) == list(range(1, 31))
+    state, epochs_done = vt.restore_checkpoint(tmp_path, config)
+    assert epochs_done == 2 and int(state.step) == 30
+
+    # Independent replay with the library alone: binarize the training set once with the
+    # configured seed, train two epochs on those binary images without re-drawing them.
+    dataset, model, optimizer = _digits_setup(config)
+    fixed = data.fixed_binarize(dataset.train_images, seed=5)
+    assert set(np.unique(fixed)) == {0.0, 1.0}
+    init_key, train_key, _ = jax.random.split(jax.random.key(config.seed), 3)
+    replay = vae.init_train_state(init_key, model, optimizer, fixed)
+    epoch_fn = jax.jit(vae.make_train_epoch(model, optimizer, config.objective, batch_size=100,
+                                            binarize=False))
+    for epoch in range(2):
+        replay, _ = epoch_fn(replay, jax.numpy.asarray(fixed), jax.random.fold_in(train_key, epoch))
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(replay.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    # Dynamic binarization from the same keys trains on other images: different parameters.
+    dynamic = vae.init_train_state(init_key, model, optimizer, fixed)
+    dyn_fn = jax.jit(vae.make_train_epoch(model, optimizer, config.objective, batch_size=100,
+                                          binarize=True))
+    for epoch in range(2):
+        dynamic, _ = dyn_fn(dynamic, jax.numpy.asarray(dataset.train_images),
+                            jax.random.fold_in(train_key, epoch))
+    kernel = lambda p: np.asarray(p["params"]["decoder"]["logits"]["kernel"])  # noqa: E731
+    assert np.max(np.abs(kernel(dynamic.params) - kernel(replay.params))) > 1e-3
 
 
 # ----------------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ import math
 import os
 import pathlib
 import sys
+import threading
 import time
 from typing import Any, Sequence
 
@@ -542,6 +543,43 @@ def _progress_enabled(progress: bool | None) -> bool:
     return sys.stderr.isatty()
 
 
+class _StepsBar:
+    """The per-epoch tqdm bar over train steps, moved from inside the jitted epoch.
+
+    :meth:`report` is the epoch's ``progress_fn`` (:func:`vijax.vae.make_train_epoch`): it
+    runs on an XLA runtime thread with the global step count, possibly repeated or out of
+    order, so it only ever moves the current bar forward, and ignores steps outside the
+    current epoch (a late call from the previous one).
+    """
+
+    def __init__(self, steps_per_epoch: int, epochs: int):
+        self.steps_per_epoch, self.epochs = steps_per_epoch, epochs
+        self.bar, self.first_step = None, 0
+        self.lock = threading.Lock()
+
+    def start(self, epoch: int, first_step: int) -> None:
+        from tqdm.auto import tqdm  # noqa: PLC0415
+
+        with self.lock:
+            self.first_step = first_step
+            self.bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.epochs}",
+                            unit="step", leave=False, dynamic_ncols=True)
+
+    def report(self, step, refresh: bool = False) -> None:
+        with self.lock:
+            done = int(step) - self.first_step
+            if self.bar is not None and self.bar.n < done <= self.steps_per_epoch:
+                self.bar.update(done - self.bar.n)
+            if refresh and self.bar is not None:
+                self.bar.refresh()
+
+    def finish(self) -> None:
+        with self.lock:
+            if self.bar is not None:
+                self.bar.close()
+            self.bar = None
+
+
 def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, resume: bool = False,
                        progress: bool | None = None, data_parallel: bool | None = None) -> dict:
     """Train the VAE of ``config`` with per-epoch checkpoints, then evaluate it on the test set.
@@ -554,7 +592,8 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, resume: bo
         ``keep_checkpoints`` may differ, and ``epochs`` too when the schedule does not depend on
         it); without a checkpoint, start from scratch. With ``resume=False`` a
         ``workdir`` that already holds checkpoints is refused rather than overwritten.
-      progress: show a tqdm bar over epochs (None: only when stderr is a terminal).
+      progress: show tqdm bars, one over epochs and one over each epoch's steps (None:
+        only when stderr is a terminal).
       data_parallel: split every batch over all local devices (parameters replicated; see
         :func:`vijax.vae.make_data_parallel_train_step`). None: when there is more than one local
         device and ``batch_size`` is divisible by their number. The result equals the
@@ -636,10 +675,12 @@ def _run(config: Config, workdir: pathlib.Path, manager, *, resume_from: int | N
     place = jax.device_put if mesh is None else (lambda tree: vae.replicate(tree, mesh))
     state = place(_init_state(init_key, model, optimizer, data_dim))
 
+    show_progress = _progress_enabled(progress)
+    steps_bar = _StepsBar(steps_per_epoch, config.epochs) if show_progress else None
     train_epoch = jax.jit(
         vae.make_train_epoch(model, optimizer, config.objective, batch_size=config.batch_size,
                              binarize=isinstance(config.binarization, DynamicBinarization),
-                             mesh=mesh),
+                             mesh=mesh, progress_fn=steps_bar and steps_bar.report),
         donate_argnums=0)
     eval_batch = min(config.eval_batch_size, test_binary.shape[0])
 
@@ -675,14 +716,19 @@ def _run(config: Config, workdir: pathlib.Path, manager, *, resume_from: int | N
     _write_metrics(workdir, rows)
 
     bar = tqdm(total=config.epochs, initial=start_epoch, desc="epochs", unit="epoch",
-               disable=not _progress_enabled(progress), dynamic_ncols=True)
+               disable=not show_progress, dynamic_ncols=True)
     try:
         for epoch in range(start_epoch, config.epochs):
+            if steps_bar is not None:
+                steps_bar.start(epoch, epoch * steps_per_epoch)
             start, start_cpu = time.perf_counter(), time.process_time()
             state, metrics = train_epoch(state, train_device, jax.random.fold_in(train_key, epoch))
             train_objective = float(jnp.mean(metrics["objective"]))  # waits for the epoch
             epoch_time = time.perf_counter() - start
             step = int(state.step)
+            if steps_bar is not None:
+                steps_bar.report(step, refresh=True)  # the epoch is done
+                steps_bar.finish()
             row = {"epoch": epoch + 1, "step": step,
                    "learning_rate": float(schedule(step - 1)),
                    "train_objective": train_objective, "epoch_time_s": epoch_time,
@@ -705,6 +751,8 @@ def _run(config: Config, workdir: pathlib.Path, manager, *, resume_from: int | N
                         epoch + 1, config.epochs, train_objective, row["test_elbo"], epoch_time)
         manager.wait_until_finished()
     finally:
+        if steps_bar is not None:
+            steps_bar.finish()
         bar.close()
 
     final = _final_evaluation(config, model, state, test_device, eval_key)

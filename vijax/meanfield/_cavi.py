@@ -56,12 +56,15 @@ def _check_driver_args(update_fns, elbo_fn, tol, max_iter) -> tuple[Callable, ..
 
 def check_loop_args(tol, max_iter) -> None:
     """``max_iter`` a Python int >= 1 (it fixes the trace length) and a concrete ``tol`` >= 0;
-    ValueError otherwise."""
+    ValueError otherwise (TypeError for a ``tol`` that is not a real number)."""
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"max_iter must be a Python int >= 1 (it fixes the trace length), "
                          f"got {max_iter!r}")
     if not isinstance(tol, jax.core.Tracer):
-        tol_value = float(tol)
+        try:
+            tol_value = float(tol)
+        except (TypeError, ValueError):
+            raise TypeError(f"tol must be a real number >= 0, got {tol!r}") from None
         if not tol_value >= 0.0:  # also rejects NaN
             raise ValueError(f"tol must be >= 0, got {tol!r}")
 

@@ -88,9 +88,13 @@ class BGMMInfo(NamedTuple):
 def check_prior(prior: BGMMPrior, dim: int, dtype) -> BGMMPrior:
     """Validate a :class:`BGMMPrior` for ``dim``-dimensional data and cast it to ``dtype``.
 
+    Returns:
+      The prior with every field cast to ``dtype``.
     Raises:
-      TypeError: ``prior`` is not a BGMMPrior.
-      ValueError: a field has the wrong shape or is out of range (names the field).
+      TypeError: ``prior`` is not a BGMMPrior, or a field is not real array-like.
+      ValueError: a field has the wrong shape or is out of range (names the field): needs
+        concentration > 0, mean_precision > 0, dof > D - 1, loc finite, scale_inv finite,
+        symmetric and positive definite. Range checks run on concrete values only.
     """
     check_prior_dimension(prior, dim)
     return BGMMPrior(
@@ -103,7 +107,12 @@ def check_prior(prior: BGMMPrior, dim: int, dtype) -> BGMMPrior:
 
 
 def check_prior_dimension(prior: BGMMPrior, dim: int) -> None:
-    """Raise unless ``prior`` is a BGMMPrior whose m_0 and W_0^{-1} match the data dimension."""
+    """Raise unless ``prior`` is a BGMMPrior whose m_0 and W_0^{-1} match the data dimension.
+
+    Raises:
+      TypeError: ``prior`` is not a :class:`BGMMPrior`.
+      ValueError: ``prior.loc`` is not [dim] or ``prior.scale_inv`` is not [dim, dim].
+    """
     if not isinstance(prior, BGMMPrior):
         raise TypeError(f"prior must be a BGMMPrior, got {type(prior).__name__}")
     for field, shape in (("loc", (dim,)), ("scale_inv", (dim, dim))):
@@ -141,8 +150,16 @@ def default_prior(x, num_components: int | None = None) -> BGMMPrior:
     """scikit-learn's default prior: alpha_0 = 1/K, beta_0 = 1, m_0 = mean(x), nu_0 = D,
     W_0^{-1} = sample covariance of x (ddof=1). ``num_components`` is needed for alpha_0.
 
+    Args:
+      x: [N, D] data, N >= 2; num_components: K (Python int, 1 <= K <= N).
+    Returns:
+      :class:`BGMMPrior` in the dtype of ``x``: concentration [], mean_precision [], loc [D],
+      dof [], scale_inv [D, D].
     Raises:
-      ValueError: invalid ``x`` (see :func:`fit`) or fewer than 2 rows; TypeError: missing K.
+      TypeError: ``x`` is not a float32/float64 array; ``num_components`` is None or not a
+        Python int.
+      ValueError: ``x`` is not 2-D, has fewer than 2 rows or no columns, or has NaN/inf rows;
+        ``num_components`` < 1 or > N.
     """
     x = check_data(x, "x", ndim=2, min_rows=2)
     if num_components is None:
@@ -378,9 +395,18 @@ def init_from_responsibilities(x, responsibilities, prior: BGMMPrior) -> BGMMSta
 
     Args:
       x: [N, D] data; responsibilities: [N, K] rows summing to 1; prior: :class:`BGMMPrior`.
+    Returns:
+      :class:`BGMMState` in the dtype of ``x`` (responsibilities [N, K], concentration [K],
+      mean_precision [K], loc [K, D], dof [K], scale_inv_tril [K, D, D]).
     Raises:
-      ValueError: NaN/inf rows in ``x``, wrong dimensionality, N < K, bad responsibilities
-        or prior (the message names the argument).
+      TypeError: ``x`` is not a float32/float64 array; ``prior`` is not a :class:`BGMMPrior`
+        or one of its fields is not real array-like; ``responsibilities`` is not real
+        array-like.
+      ValueError: ``x`` is not 2-D, has no rows or no columns, or has NaN/inf rows;
+        ``prior.loc`` / ``prior.scale_inv`` is not [D] / [D, D]; a prior field is out of
+        range (see :func:`check_prior`); ``responsibilities`` is not [N, K] with
+        1 <= K <= N, or has negative or non-finite entries or rows not summing to 1 (within
+        1e-4; concrete values only). The message names the argument.
     """
     x, prior = _checked(x, prior)
     r = check_responsibilities(responsibilities, x.shape[0], x.dtype)
@@ -395,9 +421,14 @@ def init(rng_key: Array, x, num_components: int, prior: BGMMPrior) -> BGMMState:
       rng_key: PRNG key. x: [N, D] data. num_components: K (Python int, 1 <= K <= N).
       prior: :class:`BGMMPrior` (e.g. :func:`default_prior`).
     Returns:
-      :class:`BGMMState` with responsibilities [N, K].
+      :class:`BGMMState` with responsibilities [N, K] (other shapes as in
+      :func:`init_from_responsibilities`), dtype of ``x``.
     Raises:
-      ValueError: NaN/inf rows in ``x``, wrong dimensionality, N < K or a bad prior.
+      TypeError: ``x`` is not a float32/float64 array; ``prior`` is not a :class:`BGMMPrior`
+        or one of its fields is not real array-like; ``num_components`` is not a Python int.
+      ValueError: ``x`` is not 2-D, has no rows or no columns, or has NaN/inf rows;
+        ``prior.loc`` / ``prior.scale_inv`` is not [D] / [D, D]; a prior field is out of
+        range (see :func:`check_prior`); ``num_components`` < 1 or > N.
     """
     x, prior = _checked(x, prior)
     k = check_num_components(num_components, x.shape[0])
@@ -486,8 +517,13 @@ def step(state: BGMMState, x, prior: BGMMPrior, *, mesh=None
     Returns:
       ``(state, BGMMInfo(elbo=[]))``; the ELBO is in nats (PRML 10.70), not negated.
     Raises:
-      ValueError/TypeError: invalid ``x``, ``prior`` or ``state`` (checked before tracing);
-      TypeError if ``mesh`` is not a Mesh; ValueError for ``mesh`` with float32 ``x``.
+      TypeError: ``x`` not float32/float64, ``prior`` not a :class:`BGMMPrior` (or a field not
+        real), ``state`` not a :class:`BGMMState`, ``mesh`` not a Mesh.
+      ValueError: ``x`` not 2-D or empty, N < K, the shapes of ``prior`` or of ``state``'s
+        fields not matching ``x`` (all checked at trace time); NaN/inf rows of ``x`` and prior
+        values out of range (see :func:`check_prior`), checked on concrete arrays only, so
+        not inside ``jax.jit``; ``mesh`` with float32 ``x``. The values held in ``state``
+        are not checked.
     """
     x, prior = _checked(x, prior)
     state = _check_state(state, x)
@@ -562,9 +598,8 @@ def fit(state: BGMMState, x, prior: BGMMPrior, *, tol: float = 1e-8, max_iter: i
       ``(state, info)``; ``info.elbo`` is [max_iter] ELBO values in nats (NaN after
       convergence).
     Raises:
-      ValueError/TypeError: invalid ``x``, ``prior`` or ``state``; ValueError for ``tol < 0``
-      (or NaN) and ``max_iter`` not an int >= 1; TypeError if ``mesh`` is not a Mesh;
-      ValueError for ``mesh`` with float32 ``x``.
+      TypeError / ValueError: as :func:`step`; ValueError for a concrete ``tol < 0`` (or NaN)
+      and ``max_iter`` not a Python int >= 1, TypeError for a ``tol`` that is not a number.
     """
     x, prior = _checked(x, prior)
     state = _check_state(state, x)
@@ -619,7 +654,25 @@ def expected_covariances(state: BGMMState) -> Array:
 
 
 def predict_responsibilities(state: BGMMState, x) -> Array:
-    """q(z) for (new) points ``x`` [M, D] under the current q(pi) q(mu, Lambda): [M, K]."""
+    """q(z) for (new) points ``x`` [M, D] under the current q(pi) q(mu, Lambda): [M, K].
+
+    The q(Z) update of PRML eqs 10.46-10.49 (with 10.64-10.66) applied to ``x``; the
+    responsibilities stored in ``state`` are not used.
+
+    Args:
+      state: :class:`BGMMState` (e.g. from :func:`fit`); its parameters are cast to the dtype
+        of ``x``.
+      x: [M, D] points, float32 or float64.
+    Returns:
+      [M, K] responsibilities r_mk = q(z_m = k), rows summing to 1, dtype of ``x``.
+    Raises:
+      TypeError: ``x`` is not a float32/float64 array.
+      ValueError: ``x`` is not 2-D, has no rows or no columns, or has NaN/inf rows (the
+        NaN/inf check only for concrete ``x``, not under ``jit``); ``x`` has a number of
+        columns other than the state's D.
+    ``state`` itself is not validated: its type, the shapes of its fields and their values
+    are not checked (a non-BGMMState without ``loc`` fails with AttributeError).
+    """
     x = check_data(x, "x", ndim=2)
     if x.shape[1] != state.loc.shape[-1]:
         raise ValueError(f"x has {x.shape[1]} columns, state has dimension {state.loc.shape[-1]}")

@@ -68,7 +68,17 @@ def flat_prior(dim: int, dtype=float) -> BGMMPrior:
     """The improper flat prior p(pi, mu, Lambda) ∝ 1 as a limit of the Dirichlet x
     Gaussian-Wishart family: alpha_0 = 1, beta_0 = 0, m_0 = 0, nu_0 = D, W_0^{-1} = 0
     (the Gaussian's |beta_0 Lambda|^{1/2} and the Wishart's |Lambda|^{(nu_0 - D - 1)/2} cancel).
-    Under it the Dirac-delta updates are maximum-likelihood EM."""
+    Under it the Dirac-delta updates are maximum-likelihood EM.
+
+    Args:
+      dim: D, a Python int >= 1. dtype: float dtype of the fields.
+    Returns:
+      :class:`~vijax.meanfield.bayesian_gmm.BGMMPrior` with scalar concentration,
+      mean_precision and dof, loc [D] and scale_inv [D, D].
+    Raises:
+      ValueError: ``dim`` is not a Python int >= 1.
+      TypeError: ``dtype`` is not a dtype.
+    """
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
         raise ValueError(f"dim must be a Python int >= 1, got {dim!r}")
     dtype = jnp.dtype(jnp.result_type(dtype))
@@ -81,8 +91,16 @@ def check_prior(prior: BGMMPrior, dim: int, dtype) -> BGMMPrior:
     """Validate a MAP prior: like :func:`bayesian_gmm.check_prior` but allowing the flat limit
     (alpha_0 >= 1 so the Dirichlet mode is interior, beta_0 >= 0, nu_0 >= D, W_0^{-1} PSD).
 
+    Args:
+      prior: :class:`~vijax.meanfield.bayesian_gmm.BGMMPrior`; dim: D; dtype: target dtype.
+    Returns:
+      The prior with every field cast to ``dtype``.
     Raises:
-      TypeError: not a BGMMPrior. ValueError: a field out of range (named).
+      TypeError: ``prior`` is not a BGMMPrior, or a field is not real array-like.
+      ValueError: ``loc`` / ``scale_inv`` is not [D] / [D, D]; concentration, mean_precision
+        or dof is not a scalar; concentration < 1, mean_precision < 0, dof < D; loc not
+        finite; scale_inv not finite, not symmetric or not positive semi-definite (the
+        message names the field). Range checks run on concrete values only.
     """
     bayesian_gmm.check_prior_dimension(prior, dim)
     return BGMMPrior(
@@ -132,7 +150,7 @@ def _log_rho(state: DiracEMState, x: Array) -> Array:
 
 def update_q_z(state: DiracEMState, x: Array, prior: BGMMPrior) -> DiracEMState:
     """q(Z) block = E-step: r_nk = p(z_n = k | x_n, theta_0) (lecture 3, "EM-algorithm
-    (E-step)"; PRML 9.23). Unchecked."""
+    (E-step)"; PRML 9.23). Returns ``state`` with new responsibilities [N, K]. Unchecked."""
     del prior
     return state._replace(responsibilities=categorical_update(_log_rho(state, x)))
 
@@ -142,7 +160,8 @@ def update_theta(state: DiracEMState, x: Array, prior: BGMMPrior) -> DiracEMStat
 
     q* is the Bayesian GMM's conjugate update (PRML 10.58-10.63); its joint mode in
     (pi, mu, Lambda) is pi_k = (alpha_k - 1)/(sum_j alpha_j - K), mu_k = m_k,
-    Sigma_k = W_k^{-1} / (nu_k - D). Unchecked.
+    Sigma_k = W_k^{-1} / (nu_k - D). Returns ``state`` with new weights [K], loc [K, D] and
+    covariance_tril [K, D, D]. Unchecked.
     """
     upd = bayesian_gmm.conjugate_update(bayesian_gmm.statistics(state.responsibilities, x),
                                         prior)
@@ -188,8 +207,13 @@ def elbo(state: DiracEMState, x, prior: BGMMPrior) -> Array:
     log p(X | theta_0) + log p~(theta_0), the MAP-EM objective (for :func:`flat_prior`,
     the log-likelihood). Never decreases along :func:`fit`.
 
+    Args:
+      state: :class:`DiracEMState`; x: [N, D]; prior: BGMMPrior (e.g. :func:`flat_prior`).
+    Returns:
+      [] the restricted ELBO (not its negative) in nats, up to the additive constants above,
+      dtype of ``x``.
     Raises:
-      ValueError/TypeError: invalid ``x``, ``prior`` or ``state``.
+      As :func:`step`.
     """
     x, prior = _checked(x, prior)
     return _elbo(_check_state(state, x), x, prior)
@@ -205,8 +229,21 @@ def _from_responsibilities(r: Array, x: Array, prior: BGMMPrior) -> DiracEMState
 def init_from_responsibilities(x, responsibilities, prior: BGMMPrior) -> DiracEMState:
     """theta_0 = MAP M-step of the given q(Z) [N, K] (as EM initialised from responsibilities).
 
+    Args:
+      x: [N, D]; responsibilities: [N, K], rows summing to 1; prior: BGMMPrior.
+    Returns:
+      :class:`DiracEMState` (responsibilities [N, K], weights [K], loc [K, D],
+      covariance_tril [K, D, D], dtype of ``x``).
     Raises:
-      ValueError: NaN/inf rows, wrong dimensionality, N < K, bad responsibilities or prior.
+      TypeError: ``x`` is not a float32/float64 array; ``prior`` is not a
+        :class:`~vijax.meanfield.bayesian_gmm.BGMMPrior` or one of its fields is not real
+        array-like; ``responsibilities`` is not real array-like.
+      ValueError: ``x`` is not 2-D, has no rows or no columns, or has NaN/inf rows;
+        ``prior.loc`` / ``prior.scale_inv`` is not [D] / [D, D]; ``prior.concentration``,
+        ``mean_precision`` or ``dof`` is not a scalar; a prior field is out of range (see
+        :func:`check_prior`);
+        ``responsibilities`` is not [N, K] with 1 <= K <= N, or has negative or non-finite
+        entries or rows not summing to 1 (within 1e-4; concrete values only).
     """
     x, prior = _checked(x, prior)
     r = check_responsibilities(responsibilities, x.shape[0], x.dtype)
@@ -216,8 +253,20 @@ def init_from_responsibilities(x, responsibilities, prior: BGMMPrior) -> DiracEM
 def init(rng_key: Array, x, num_components: int, prior: BGMMPrior) -> DiracEMState:
     """Random start: nearest of K random data points (one-hot q(Z)), then the M-step.
 
+    Args:
+      rng_key: PRNG key; x: [N, D]; num_components: K (Python int, 1 <= K <= N);
+      prior: BGMMPrior.
+    Returns:
+      :class:`DiracEMState` (shapes as in :func:`init_from_responsibilities`).
     Raises:
-      ValueError: NaN/inf rows, wrong dimensionality, N < K or a bad prior.
+      TypeError: ``x`` is not a float32/float64 array; ``prior`` is not a
+        :class:`~vijax.meanfield.bayesian_gmm.BGMMPrior` or one of its fields is not real
+        array-like; ``num_components`` is not a Python int.
+      ValueError: ``x`` is not 2-D, has no rows or no columns, or has NaN/inf rows;
+        ``prior.loc`` / ``prior.scale_inv`` is not [D] / [D, D]; ``prior.concentration``,
+        ``mean_precision`` or ``dof`` is not a scalar; a prior field is out of range (see
+        :func:`check_prior`);
+        ``num_components`` < 1 or > N.
     """
     x, prior = _checked(x, prior)
     k = check_num_components(num_components, x.shape[0])
@@ -228,8 +277,29 @@ def step(state: DiracEMState, x, prior: BGMMPrior) -> tuple[DiracEMState, DiracE
     """One Dirac-delta CAVI sweep = one (MAP-)EM iteration: :func:`update_q_z` then
     :func:`update_theta`; returns the restricted ELBO after it.
 
+    Args:
+      state: :class:`DiracEMState` (cast to the dtype of ``x``); x: [N, D];
+      prior: BGMMPrior (e.g. :func:`flat_prior`).
+    Returns:
+      ``(state, info)``: the updated :class:`DiracEMState` (responsibilities [N, K],
+      weights [K], loc [K, D], covariance_tril [K, D, D], dtype of ``x``) and a
+      :class:`DiracEMInfo` whose ``elbo`` [] is the restricted ELBO of :func:`elbo` at the
+      returned state (this sweep's q(Z), the new theta_0), in nats, up to an additive
+      constant independent of theta_0; it is the ELBO, not its negative. It lies between the
+      MAP-EM objective log p(X | theta_0) + log p~(theta_0) at the old and the new theta_0.
     Raises:
-      ValueError/TypeError: invalid ``x``, ``prior`` or ``state``.
+      TypeError: ``x`` is not a float32/float64 array; ``prior`` is not a
+        :class:`~vijax.meanfield.bayesian_gmm.BGMMPrior` or one of its fields is not real
+        array-like; ``state`` is not a :class:`DiracEMState`.
+      ValueError: ``x`` is not 2-D, has no rows or no columns, or has NaN/inf rows;
+        ``prior.loc`` / ``prior.scale_inv`` is not [D] / [D, D]; ``prior.concentration``,
+        ``mean_precision`` or ``dof`` is not a scalar; a prior field is out of range (see
+        :func:`check_prior`);
+        ``state`` fields are not responsibilities [N, K] (1 <= K <= N), weights [K],
+        loc [K, D], covariance_tril [K, D, D].
+    Value checks (finiteness, ranges, definiteness) run on concrete inputs only, not on
+    traced ones under ``jit``; shapes and types are always checked. The values in ``state``
+    are not checked.
     """
     x, prior = _checked(x, prior)
     state = sweep(UPDATE_FNS, _check_state(state, x), (x, prior))
@@ -240,8 +310,33 @@ def fit(state: DiracEMState, x, prior: BGMMPrior, *, tol: float = 1e-8, max_iter
         ) -> tuple[DiracEMState, CAVIInfo]:
     """(MAP-)EM through the generic :func:`vijax.meanfield.cavi` driver.
 
+    Stops after sweep t when ``|L_t - L_{t-1}| <= tol * max(1, |L_t|)`` or after ``max_iter``
+    sweeps.
+
+    Args:
+      state: starting :class:`DiracEMState` (e.g. from :func:`init`); x: [N, D];
+      prior: BGMMPrior. tol: relative ELBO tolerance, >= 0. max_iter: Python int >= 1, the
+      maximum number of sweeps and the trace length.
+    Returns:
+      ``(state, info)``: the final :class:`DiracEMState` (shapes as in :func:`step`) and a
+      :class:`vijax.meanfield.CAVIInfo` with ``elbo`` [max_iter], the restricted ELBO of
+      :func:`elbo` after each sweep in nats (the ELBO, not its negative; up to an additive
+      constant; NaN after the last sweep), ``initial_elbo`` [] (nats, of the input state),
+      ``num_iter`` [] int32 and ``converged`` [] bool.
     Raises:
-      ValueError/TypeError: invalid ``x``, ``prior`` or ``state``.
+      TypeError: ``x`` is not a float32/float64 array; ``prior`` is not a
+        :class:`~vijax.meanfield.bayesian_gmm.BGMMPrior` or one of its fields is not real
+        array-like; ``state`` is not a :class:`DiracEMState`.
+      ValueError: ``x`` is not 2-D, has no rows or no columns, or has NaN/inf rows;
+        ``prior.loc`` / ``prior.scale_inv`` is not [D] / [D, D]; ``prior.concentration``,
+        ``mean_precision`` or ``dof`` is not a scalar; a prior field is out of range (see
+        :func:`check_prior`);
+        ``state`` fields are not responsibilities [N, K] (1 <= K <= N), weights [K],
+        loc [K, D], covariance_tril [K, D, D];
+        ``max_iter`` is not a Python int >= 1; ``tol`` is negative or NaN.
+    Value checks (finiteness, ranges, definiteness) run on concrete inputs only, not on
+    traced ones under ``jit``; shapes and types are always checked. The values in ``state``
+    are not checked.
     """
     x, prior = _checked(x, prior)
     state = _check_state(state, x)
@@ -250,7 +345,7 @@ def fit(state: DiracEMState, x, prior: BGMMPrior, *, tol: float = 1e-8, max_iter
 
 
 def covariances(state: DiracEMState) -> Array:
-    """Sigma_k = C_k C_k^T, [K, D, D]."""
+    """Sigma_k = C_k C_k^T, [K, D, D] (squared data units). Unchecked."""
     tril = state.covariance_tril
     return tril @ jnp.swapaxes(tril, -1, -2)
 

@@ -104,7 +104,10 @@ def _log_rho(state: KnownVarianceGMMState, x: Array, prior: KnownVarianceGMMPrio
 
 def update_responsibilities(state: KnownVarianceGMMState, x: Array,
                             prior: KnownVarianceGMMPrior) -> KnownVarianceGMMState:
-    """q(c_i) block: phi_ik ∝ exp{E[mu_k].x_i / s_x^2 - E[|mu_k|^2] / (2 s_x^2)} (eq. 17)."""
+    """q(c_i) block: phi_ik ∝ exp{E[mu_k].x_i / s_x^2 - E[|mu_k|^2] / (2 s_x^2)} (eq. 17).
+
+    Returns ``state`` with new responsibilities [N, K]. Unchecked (used inside the CAVI loop).
+    """
     return state._replace(responsibilities=categorical_update(_log_rho(state, x, prior)))
 
 
@@ -113,6 +116,9 @@ def update_q_mu(state: KnownVarianceGMMState, x: Array,
     """q(mu_k) block (eqs 19-20 with noise variance s_x^2)::
 
         s_k^2 = 1 / (1/sigma^2 + N_k / s_x^2),   m_k = s_k^2 sum_i phi_ik x_i / s_x^2.
+
+    Returns ``state`` with new ``loc`` [K, D] and ``variance`` [K]. Unchecked (used inside
+    the CAVI loop).
     """
     counts = jnp.sum(state.responsibilities, axis=0)
     variance = 1.0 / (1.0 / prior.prior_variance + counts / prior.noise_variance)
@@ -142,8 +148,12 @@ def elbo(state: KnownVarianceGMMState, x, prior: KnownVarianceGMMPrior) -> Array
     ``sum_k E[log p(mu_k)] + sum_i (E[log p(c_i)] + E[log p(x_i | c_i, mu)])
     - sum_i E[log q(c_i)] - sum_k E[log q(mu_k)]``.
 
+    Args:
+      state: :class:`KnownVarianceGMMState`; x: [N, D]; prior: :class:`KnownVarianceGMMPrior`.
+    Returns:
+      [] the ELBO (not its negative) in nats, dtype of ``x``.
     Raises:
-      ValueError/TypeError: invalid ``x``, ``prior`` or ``state``.
+      As :func:`step`.
     """
     x, prior = _checked(x, prior)
     return _elbo(_check_state(state, x), x, prior)
@@ -157,8 +167,16 @@ def init(rng_key: Array, x, num_components: int, prior: KnownVarianceGMMPrior
     Args:
       rng_key: PRNG key; x: [N, D]; num_components: K (Python int, K <= N);
       prior: :class:`KnownVarianceGMMPrior`.
+    Returns:
+      :class:`KnownVarianceGMMState`: responsibilities [N, K], loc [K, D], variance [K], in
+      the dtype of ``x``.
     Raises:
-      ValueError: NaN/inf rows in ``x``, wrong dimensionality, N < K, bad prior.
+      TypeError: ``x`` is not a float32/float64 array; ``prior`` is not a
+        :class:`KnownVarianceGMMPrior` or one of its fields is not a real number;
+        ``num_components`` is not a Python int.
+      ValueError: ``x`` is not 2-D, has no rows or no columns, or has NaN/inf rows;
+        ``prior.prior_variance`` or ``prior.noise_variance`` is not a scalar, finite and > 0;
+        ``num_components`` < 1 or > N.
     """
     x, prior = _checked(x, prior)
     k = check_num_components(num_components, x.shape[0])
@@ -170,10 +188,22 @@ def init(rng_key: Array, x, num_components: int, prior: KnownVarianceGMMPrior
 
 def init_from_responsibilities(x, responsibilities, prior: KnownVarianceGMMPrior
                                ) -> KnownVarianceGMMState:
-    """State with the given q(c) and the optimal q(mu) for it.
+    """State with the given q(c) and the optimal q(mu) for it (:func:`update_q_mu`).
 
+    Args:
+      x: [N, D]; responsibilities: [N, K] q(c), rows summing to 1;
+      prior: :class:`KnownVarianceGMMPrior`.
+    Returns:
+      :class:`KnownVarianceGMMState`: responsibilities [N, K], loc [K, D], variance [K], in
+      the dtype of ``x``.
     Raises:
-      ValueError: invalid ``x``, ``responsibilities`` or ``prior`` (names the argument).
+      TypeError: ``x`` is not a float32/float64 array; ``prior`` is not a
+        :class:`KnownVarianceGMMPrior` or one of its fields is not a real number;
+        ``responsibilities`` is not real array-like.
+      ValueError: ``x`` is not 2-D, has no rows or no columns, or has NaN/inf rows;
+        ``prior.prior_variance`` or ``prior.noise_variance`` is not a scalar, finite and > 0;
+        ``responsibilities`` is not [N, K] with 1 <= K <= N, or has negative or
+        non-finite entries or rows not summing to 1 (within 1e-4; concrete values only).
     """
     x, prior = _checked(x, prior)
     r = check_responsibilities(responsibilities, x.shape[0], x.dtype)
@@ -186,8 +216,24 @@ def step(state: KnownVarianceGMMState, x, prior: KnownVarianceGMMPrior
          ) -> tuple[KnownVarianceGMMState, KnownVarianceGMMInfo]:
     """One pass of Algorithm 2 (all q(c_i), then all q(mu_k)); returns the ELBO after it.
 
+    Args:
+      state: :class:`KnownVarianceGMMState` (any dtype; cast to that of ``x``); x: [N, D];
+      prior: :class:`KnownVarianceGMMPrior`.
+    Returns:
+      ``(state, info)``: the updated :class:`KnownVarianceGMMState` (responsibilities [N, K],
+      loc [K, D], variance [K], dtype of ``x``) and a :class:`KnownVarianceGMMInfo` whose
+      ``elbo`` [] is the ELBO of eq. 21 (all constants kept, :func:`elbo`) at the returned
+      state, in nats; it is the ELBO itself, not its negative.
     Raises:
-      ValueError/TypeError: invalid ``x``, ``prior`` or ``state``.
+      TypeError: ``x`` is not a float32/float64 array; ``prior`` is not a
+        :class:`KnownVarianceGMMPrior` or one of its fields is not a real number; ``state`` is
+        not a :class:`KnownVarianceGMMState`.
+      ValueError: ``x`` is not 2-D, has no rows or no columns, or has NaN/inf rows;
+        ``prior.prior_variance`` or ``prior.noise_variance`` is not a scalar, finite and > 0;
+        ``state.responsibilities`` is not [N, K] with 1 <= K <= N, or ``state.loc`` /
+        ``state.variance`` is not [K, D] / [K].
+    Value checks (finiteness, ranges) run on concrete inputs only, not on traced ones under
+    ``jit``; shapes and types are always checked. The values in ``state`` are not checked.
     """
     x, prior = _checked(x, prior)
     state = sweep(UPDATE_FNS, _check_state(state, x), (x, prior))
@@ -198,8 +244,31 @@ def fit(state: KnownVarianceGMMState, x, prior: KnownVarianceGMMPrior, *, tol: f
         max_iter: int = 500) -> tuple[KnownVarianceGMMState, CAVIInfo]:
     """Algorithm 2 until the relative ELBO change is below ``tol`` (via :func:`cavi`).
 
+    Stops after sweep t when ``|L_t - L_{t-1}| <= tol * max(1, |L_t|)`` or after ``max_iter``
+    sweeps (the rule of :func:`vijax.meanfield.cavi`).
+
+    Args:
+      state: starting :class:`KnownVarianceGMMState` (e.g. from :func:`init`); x: [N, D];
+      prior: :class:`KnownVarianceGMMPrior`.
+      tol: relative ELBO tolerance, >= 0. max_iter: Python int >= 1, the maximum number of
+        sweeps and the trace length.
+    Returns:
+      ``(state, info)``: the final :class:`KnownVarianceGMMState` (shapes as in :func:`step`)
+      and a :class:`vijax.meanfield.CAVIInfo` with ``elbo`` [max_iter], the ELBO of eq. 21
+      after each sweep in nats (the ELBO, not its negative; NaN after the last sweep),
+      ``initial_elbo`` [] (nats, of the input state), ``num_iter`` [] int32 and
+      ``converged`` [] bool.
     Raises:
-      ValueError/TypeError: invalid ``x``, ``prior`` or ``state``.
+      TypeError: ``x`` is not a float32/float64 array; ``prior`` is not a
+        :class:`KnownVarianceGMMPrior` or one of its fields is not a real number; ``state`` is
+        not a :class:`KnownVarianceGMMState`.
+      ValueError: ``x`` is not 2-D, has no rows or no columns, or has NaN/inf rows;
+        ``prior.prior_variance`` or ``prior.noise_variance`` is not a scalar, finite and > 0;
+        ``state.responsibilities`` is not [N, K] with 1 <= K <= N, or ``state.loc`` /
+        ``state.variance`` is not [K, D] / [K];
+        ``max_iter`` is not a Python int >= 1; ``tol`` is negative or NaN.
+    Value checks (finiteness, ranges) run on concrete inputs only, not on traced ones under
+    ``jit``; shapes and types are always checked. The values in ``state`` are not checked.
     """
     x, prior = _checked(x, prior)
     state = _check_state(state, x)

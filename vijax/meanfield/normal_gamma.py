@@ -118,9 +118,13 @@ def init(x, prior: NormalGammaPrior) -> NormalGammaState:
     Args:
       x: [N] data (float32 or float64; the state takes its dtype).
       prior: :class:`NormalGammaPrior`.
+    Returns:
+      :class:`NormalGammaState`, all fields [] in the dtype of ``x``.
     Raises:
-      ValueError: ``x`` is not 1-D, is empty or has non-finite entries; a prior parameter
-        is out of range (precision_scale, concentration, rate must be > 0).
+      TypeError: ``x`` is not a float32/float64 array; ``prior`` is not a
+        :class:`NormalGammaPrior` or one of its fields is not a real number.
+      ValueError: ``x`` is not 1-D, is empty or has NaN/inf entries; a prior field is not a
+        finite scalar, or ``precision_scale``, ``concentration`` or ``rate`` is not > 0.
     """
     x, prior = _checked(x, prior)
     expected_tau = prior.concentration / prior.rate
@@ -132,7 +136,8 @@ def update_q_mu(state: NormalGammaState, x: Array, prior: NormalGammaPrior) -> N
     """q(mu) block: PRML eqs 10.26-10.27.
 
     ``mu_N = (lambda_0 mu_0 + N xbar) / (lambda_0 + N)``,
-    ``lambda_N = (lambda_0 + N) E_q[tau]``. Unchecked (used inside the CAVI loop).
+    ``lambda_N = (lambda_0 + N) E_q[tau]``. Returns ``state`` with new ``loc`` and
+    ``precision`` ([] each). Unchecked (used inside the CAVI loop).
     """
     n = x.shape[0]
     loc = (prior.precision_scale * prior.loc + jnp.sum(x)) / (prior.precision_scale + n)
@@ -145,7 +150,8 @@ def update_q_tau(state: NormalGammaState, x: Array, prior: NormalGammaPrior) -> 
 
     ``a_N = a_0 + (N + 1) / 2``,
     ``b_N = b_0 + (E_mu[sum (x_n - mu)^2] + lambda_0 E_mu[(mu - mu_0)^2]) / 2``.
-    Unchecked (used inside the CAVI loop).
+    Returns ``state`` with new ``concentration`` and ``rate`` ([] each). Unchecked (used
+    inside the CAVI loop).
     """
     data_term, prior_term = _expected_squares(state, x, prior)
     concentration = prior.concentration + 0.5 * (x.shape[0] + 1)
@@ -191,9 +197,9 @@ def elbo(state: NormalGammaState, x, prior: NormalGammaPrior) -> Array:
     Args:
       state: :class:`NormalGammaState`; x: [N]; prior: :class:`NormalGammaPrior`.
     Returns:
-      [] ELBO in nats, dtype of ``x``.
+      [] the ELBO (not its negative) in nats, dtype of ``x``.
     Raises:
-      ValueError/TypeError: invalid ``x``, ``prior`` or ``state``.
+      As :func:`step`.
     """
     x, prior = _checked(x, prior)
     return _elbo(_check_state(state, x.dtype), x, prior)
@@ -203,8 +209,25 @@ def step(state: NormalGammaState, x, prior: NormalGammaPrior
          ) -> tuple[NormalGammaState, NormalGammaInfo]:
     """One CAVI sweep: :func:`update_q_mu` then :func:`update_q_tau`; returns the ELBO after it.
 
+    PRML eqs 10.26-10.27 then 10.29-10.30.
+
+    Args:
+      state: :class:`NormalGammaState` (e.g. from :func:`init`; cast to the dtype of ``x``);
+      x: [N] data; prior: :class:`NormalGammaPrior`.
+    Returns:
+      ``(state, info)``: the updated :class:`NormalGammaState` (all fields [], dtype of ``x``)
+      and a :class:`NormalGammaInfo` whose ``elbo`` [] is the closed-form ELBO of
+      :func:`elbo` (all constants kept) at the returned state, in nats; it is the ELBO
+      itself, not its negative, and never exceeds :func:`log_marginal_likelihood`.
     Raises:
-      ValueError/TypeError: invalid ``x``, ``prior`` or ``state``.
+      TypeError: ``x`` is not a float32/float64 array; ``prior`` is not a
+        :class:`NormalGammaPrior` or ``state`` not a :class:`NormalGammaState`, or one of
+        their fields is not a real number.
+      ValueError: ``x`` is not 1-D, is empty or has NaN/inf entries; a prior or state field
+        is not a finite scalar; the prior's ``precision_scale``, ``concentration``, ``rate``
+        or the state's ``precision``, ``concentration``, ``rate`` is not > 0.
+    Value checks (finiteness, ranges) run on concrete inputs only, not on traced ones under
+    ``jit``; shapes and types are always checked.
     """
     x, prior = _checked(x, prior)
     state = _check_state(state, x.dtype)
@@ -225,9 +248,20 @@ def fit(state: NormalGammaState, x, prior: NormalGammaPrior, *, tol: float = 1e-
       x: [N] data. prior: :class:`NormalGammaPrior`.
       tol: relative ELBO tolerance; max_iter: maximum number of sweeps (static).
     Returns:
-      ``(state, info)`` with ``info.elbo`` of shape [max_iter] (NaN-padded).
+      ``(state, info)``: the final :class:`NormalGammaState` (fields [], dtype of ``x``) and a
+      :class:`vijax.meanfield.CAVIInfo` with ``elbo`` [max_iter], the ELBO of :func:`elbo`
+      after each sweep in nats (the ELBO, not its negative; NaN after the last sweep),
+      ``initial_elbo`` [] (nats), ``num_iter`` [] int32 and ``converged`` [] bool.
     Raises:
-      ValueError/TypeError: invalid ``x``, ``prior`` or ``state``.
+      TypeError: ``x`` is not a float32/float64 array; ``prior`` is not a
+        :class:`NormalGammaPrior` or ``state`` not a :class:`NormalGammaState`, or one of
+        their fields is not a real number.
+      ValueError: ``x`` is not 1-D, is empty or has NaN/inf entries; a prior or state field
+        is not a finite scalar; the prior's ``precision_scale``, ``concentration``, ``rate``
+        or the state's ``precision``, ``concentration``, ``rate`` is not > 0;
+        ``max_iter`` is not a Python int >= 1; ``tol`` is negative or NaN.
+    Value checks (finiteness, ranges) run on concrete inputs only, not on traced ones under
+    ``jit``; shapes and types are always checked.
     """
     x, prior = _checked(x, prior)
     state = _check_state(state, x.dtype)
@@ -238,8 +272,15 @@ def fit(state: NormalGammaState, x, prior: NormalGammaPrior, *, tol: float = 1e-
 def exact_posterior(x, prior: NormalGammaPrior) -> NormalGammaPosterior:
     """The exact conjugate posterior p(mu, tau | x) = NG (PRML exercise 2.44 / eq. 2.154 form).
 
+    Args:
+      x: [N] data; prior: :class:`NormalGammaPrior`.
+    Returns:
+      :class:`NormalGammaPosterior`, all fields [] in the dtype of ``x``.
     Raises:
-      ValueError/TypeError: invalid ``x`` or ``prior``.
+      TypeError: ``x`` is not a float32/float64 array; ``prior`` is not a
+        :class:`NormalGammaPrior` or one of its fields is not a real number.
+      ValueError: ``x`` is not 1-D, is empty or has NaN/inf entries; a prior field is not a
+        finite scalar, or ``precision_scale``, ``concentration`` or ``rate`` is not > 0.
     """
     x, prior = _checked(x, prior)
     n = x.shape[0]
@@ -255,7 +296,10 @@ def exact_posterior(x, prior: NormalGammaPrior) -> NormalGammaPosterior:
 
 
 def exact_mu_marginal(posterior: NormalGammaPosterior) -> StudentT:
-    """Marginal of mu under the exact posterior: Student-t(2a, loc, sqrt(b / (a lambda)))."""
+    """Marginal of mu under the exact posterior: Student-t(2a, loc, sqrt(b / (a lambda))).
+
+    PRML eq. 2.159. Returns a :class:`StudentT` with fields []. Unchecked.
+    """
     df = 2.0 * posterior.concentration
     scale = jnp.sqrt(posterior.rate / (posterior.concentration * posterior.precision_scale))
     return StudentT(df=df, loc=posterior.loc, scale=scale)
@@ -269,8 +313,15 @@ def log_marginal_likelihood(x, prior: NormalGammaPrior) -> Array:
 
     with (a_N, b_N, lambda_N) from :func:`exact_posterior`. Every ELBO is <= this value.
 
+    Args:
+      x: [N] data; prior: :class:`NormalGammaPrior`.
+    Returns:
+      [] log p(x) in nats, dtype of ``x``.
     Raises:
-      ValueError/TypeError: invalid ``x`` or ``prior``.
+      TypeError: ``x`` is not a float32/float64 array; ``prior`` is not a
+        :class:`NormalGammaPrior` or one of its fields is not a real number.
+      ValueError: ``x`` is not 1-D, is empty or has NaN/inf entries; a prior field is not a
+        finite scalar, or ``precision_scale``, ``concentration`` or ``rate`` is not > 0.
     """
     x, prior = _checked(x, prior)
     post = exact_posterior(x, prior)
@@ -291,21 +342,41 @@ def _log_normal_density(value, loc, precision):
 
 
 def log_density_q(state: NormalGammaState, mu, tau) -> Array:
-    """log q(mu) + log q(tau) at (broadcast) points ``mu``, ``tau > 0``; shape of the broadcast."""
+    """log q(mu) + log q(tau) at (broadcast) points ``mu``, ``tau > 0``.
+
+    Returns the log density in nats, shape of the broadcast of ``mu`` and ``tau``. Unchecked
+    (``tau <= 0`` gives NaN or -inf).
+    """
     mu, tau = jnp.asarray(mu), jnp.asarray(tau)
     return (_log_normal_density(mu, state.loc, state.precision)
             + _log_gamma_density(tau, state.concentration, state.rate))
 
 
 def log_density_exact(posterior: NormalGammaPosterior, mu, tau) -> Array:
-    """log p(mu, tau | x) of the exact Normal-Gamma posterior at (broadcast) points."""
+    """log p(mu, tau | x) of the exact Normal-Gamma posterior at (broadcast) points.
+
+    Returns the log density in nats, shape of the broadcast of ``mu`` and ``tau``. Unchecked
+    (``tau <= 0`` gives NaN or -inf).
+    """
     mu, tau = jnp.asarray(mu), jnp.asarray(tau)
     return (_log_normal_density(mu, posterior.loc, posterior.precision_scale * tau)
             + _log_gamma_density(tau, posterior.concentration, posterior.rate))
 
 
 def log_joint(x, prior: NormalGammaPrior, mu, tau) -> Array:
-    """log p(x, mu, tau) at (broadcast) points ``mu``, ``tau``; for Monte Carlo ELBO checks."""
+    """log p(x, mu, tau) at (broadcast) points ``mu``, ``tau``; for Monte Carlo ELBO checks.
+
+    Args:
+      x: [N] data; prior: :class:`NormalGammaPrior`; mu, tau: points (``tau > 0``), any
+        broadcast-compatible shapes; not checked.
+    Returns:
+      log p(x, mu, tau) in nats, shape of the broadcast of ``mu`` and ``tau``, dtype of ``x``.
+    Raises:
+      TypeError: ``x`` is not a float32/float64 array; ``prior`` is not a
+        :class:`NormalGammaPrior` or one of its fields is not a real number.
+      ValueError: ``x`` is not 1-D, is empty or has NaN/inf entries; a prior field is not a
+        finite scalar, or ``precision_scale``, ``concentration`` or ``rate`` is not > 0.
+    """
     x, prior = _checked(x, prior)
     mu, tau = jnp.asarray(mu, x.dtype), jnp.asarray(tau, x.dtype)
     log_lik = jnp.sum(_log_normal_density(x, mu[..., None], tau[..., None]), axis=-1)
