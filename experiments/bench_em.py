@@ -28,8 +28,9 @@ Threads: scikit-learn runs as the environment sets OpenBLAS up (printed at start
 process has several JAX devices (on a CPU: ``XLA_FLAGS=--xla_force_host_platform_device_count=
 <cores>``), ``vijax.em.step`` and ``fit_from_state`` are also timed with ``mesh=`` over all of
 them (rows split over the devices, one per core; columns "mesh"), and so is the Bayesian
-GMM's float64 CAVI step (``bayesian_gmm.step(..., mesh=)``; its own whole-CPU table, with
-scikit-learn's ``BayesianGaussianMixture`` at both thread settings).
+GMM's CAVI step (``bayesian_gmm.step(..., mesh=)``: the one-pass sweep in float64, the
+centred two-pass sweep in float32; its own whole-CPU table, with scikit-learn's
+``BayesianGaussianMixture`` at both thread settings).
 
 Usage::
 
@@ -89,7 +90,7 @@ class Row:
     sk_bgmm_ms: float = float("nan")
     sk_bgmm_threads_ms: float = float("nan")  # with --sklearn-threads BLAS threads
     vj_bgmm_ms: float = float("nan")
-    vj_bgmm_mesh_ms: float = float("nan")  # float64 only
+    vj_bgmm_mesh_ms: float = float("nan")
     compile_step_s: float = float("nan")
     compile_fit_s: float = float("nan")
     sk_fit_s: float = float("nan")
@@ -101,7 +102,7 @@ class Row:
     sk_bgmm_fit_s: float = float("nan")
     bgmm_fit_iters: int = -1  # scikit-learn's count; vijax runs as many sweeps
     vj_bgmm_fit_s: float = float("nan")
-    vj_bgmm_fit_mesh_s: float = float("nan")  # float64 only
+    vj_bgmm_fit_mesh_s: float = float("nan")
     bgmm_fit_same_stop: bool = False  # vijax's ELBO trace meets sklearn's rule at the same sweep
     bgmm_fit_means_max_diff: float = float("nan")  # max |vijax - sklearn| over the final means
 
@@ -236,7 +237,7 @@ def bench_one(dtype: str, n: int, d: int, args) -> Row:
                                           args.sklearn_threads)
             row.sk_bgmm_threads_ms = 1e3 * _interleaved({"sk": threaded}, args.repeats)["sk"]
             time.sleep(1.0)
-        if mesh is not None and dtype == "float64":
+        if mesh is not None:
             # responsibilities split by rows, the rest replicated: as a mesh step leaves it
             bg_specs = bg_state._replace(
                 responsibilities=PartitionSpec("rows"),
@@ -359,7 +360,7 @@ def mesh_table(rows: list[Row], threads: int, devices: int) -> str:
 
 
 def bgmm_mesh_table(rows: list[Row], threads: int, devices: int) -> str:
-    """Bayesian GMM, whole CPU: as :func:`mesh_table`, per CAVI iteration (float64 rows)."""
+    """Bayesian GMM, whole CPU: as :func:`mesh_table`, per CAVI iteration (every dtype)."""
     lines = [
         f"| dtype | N | D | sklearn BGMM ms/it, environment's / {threads} BLAS threads | "
         f"vijax BGMM ms/it, 1 device / mesh of {devices} | speed-up, best vs best |",

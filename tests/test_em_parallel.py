@@ -76,21 +76,25 @@ SCRIPT = textwrap.dedent(
                  em.fit(jax.random.key(1), x, 3), 1e-9, 1e-9)
     print("EM-MESH-OK", flush=True)
 
-    # the Bayesian GMM's CAVI step (float64 one-pass sweep) on the same meshes
+    # the Bayesian GMM's CAVI step on the same meshes: float64 one-pass sweep, float32
+    # centred two-pass sweep (padding rows at N = 1001 and 203)
     from vijax.meanfield import bayesian_gmm as bg
-    for n, d in [(1000, 3), (1001, 30), (203, 5)]:
-        x = blobs(n, d, "float64")
+    for dtype, n, d in [("float64", 1000, 3), ("float64", 1001, 30), ("float64", 203, 5),
+                        ("float32", 1001, 4), ("float32", 203, 3)]:
+        x = blobs(n, d, dtype)
+        tol = 1e-10 if dtype == "float64" else 2e-4
         prior = bg.default_prior(x, 4)
         state = bg.init(jax.random.key(2), x, 4, prior)
         one = jax.jit(bg.step)(state, x, prior)
         two = jax.jit(bg.step)(one[0], x, prior)
+        assert one[1].elbo.dtype == x.dtype
         for mesh in (auto_mesh, explicit_mesh):
             step = jax.jit(lambda s, x: bg.step(s, x, prior, mesh=mesh))
             first = step(state, x)
             assert first[0].responsibilities.shape == (n, 4)
-            assert_close(first, one, 1e-10, 1e-10)
+            assert_close(first, one, tol, tol)
             second = step(first[0], x)  # from a state with row-split responsibilities
-            assert_close(second, two, 1e-10, 1e-10)
+            assert_close(second, two, tol, tol)
             compiled = step._cache_size()  # 2: the input shardings differ from the first call
             step(second[0], x)
             assert step._cache_size() == compiled  # steady state: no recompilation
@@ -98,13 +102,17 @@ SCRIPT = textwrap.dedent(
             state, x).compile().as_text()
         assert "all-reduce" in hlo and "lapack" not in hlo.lower(), (n, d)
         # the whole CAVI loop on the mesh: same iterations, ELBO trace and state as the
-        # one-device fit (block updates)
-        fit_1 = bg.fit(state, x, prior, tol=1e-8, max_iter=40)
-        fit_4 = jax.jit(lambda s, x: bg.fit(s, x, prior, tol=1e-8, max_iter=40,
-                                            mesh=explicit_mesh))(state, x)
+        # one-device fit (float32: a fixed number of sweeps, since summation order could move
+        # a relative-tolerance stop by one sweep)
+        fit_args = dict(tol=1e-8, max_iter=40) if dtype == "float64" else dict(tol=0.0,
+                                                                             max_iter=12)
+        fit_1 = bg.fit(state, x, prior, **fit_args)
+        fit_4 = jax.jit(lambda s, x: bg.fit(s, x, prior, mesh=explicit_mesh, **fit_args))(
+            state, x)
         assert int(fit_4[1].num_iter) == int(fit_1[1].num_iter)
-        assert_close(fit_4, fit_1, 1e-9, 1e-9)
-        print("bgmm case ok", n, d, float(two[1].elbo), int(fit_1[1].num_iter), flush=True)
+        assert_close(fit_4, fit_1, 10 * tol, 10 * tol)
+        print("bgmm case ok", dtype, n, d, float(two[1].elbo), int(fit_1[1].num_iter),
+              flush=True)
     print("BGMM-MESH-OK")
     """
 )
@@ -125,8 +133,6 @@ def test_mesh_must_be_a_mesh(x64):
 
 
 def test_bgmm_mesh_errors(x64):
-    from jax.sharding import Mesh
-
     from vijax.meanfield import bayesian_gmm as bg
 
     x = np.random.default_rng(0).normal(size=(30, 2))
@@ -134,12 +140,5 @@ def test_bgmm_mesh_errors(x64):
     state = bg.init(jax.random.key(0), x, 3, prior)
     with pytest.raises(TypeError, match="`mesh`"):
         bg.step(state, x, prior, mesh=jax.devices())
-    mesh = Mesh(np.asarray(jax.devices()[:1]), ("rows",))
-    x32 = x.astype(np.float32)
-    state32 = bg.init(jax.random.key(0), x32, 3, bg.default_prior(x32, 3))
-    with pytest.raises(ValueError, match="`mesh` needs float64"):
-        bg.step(state32, x32, bg.default_prior(x32, 3), mesh=mesh)
-    with pytest.raises(ValueError, match="`mesh` needs float64"):
-        bg.fit(state32, x32, bg.default_prior(x32, 3), mesh=mesh)
     with pytest.raises(TypeError, match="`mesh`"):
         bg.fit(state, x, prior, mesh="cpu")

@@ -478,6 +478,31 @@ def test_bgmm_fit_float64_one_pass_equals_block_cavi(x64, dim):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-11)
 
 
+def test_bgmm_float32_step_and_fit_equal_the_block_sweep():
+    """float32 ``step``/``fit`` run the centred two-pass sweep (one conjugate update of the new
+    responsibilities' statistics); it must equal the three block updates and the full ELBO."""
+    rng = np.random.default_rng(4)
+    k, n, dim = 4, 400, 3
+    x = jnp.asarray(rng.normal(size=(k, dim))[rng.integers(0, k, n)] * 3.0
+                    + rng.normal(size=(n, dim)), jnp.float32)
+    prior = bg.default_prior(x, k)
+    state = bg.init(jax.random.key(1), x, k, prior)
+    new, info = jax.jit(bg.step)(state, x, prior)
+    swept = meanfield.sweep(bg.UPDATE_FNS, state, (x, prior))
+    assert info.elbo.dtype == jnp.float32 and new.loc.dtype == jnp.float32
+    for a, b in zip(new, swept):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(info.elbo, bg.elbo(swept, x, prior), rtol=1e-6)
+    got, got_info = jax.jit(bg.fit, static_argnames="max_iter")(state, x, prior, tol=0.0,
+                                                                max_iter=8)
+    want, want_info = meanfield.cavi(bg.UPDATE_FNS, state, (x, prior),
+                                     elbo_fn=lambda s_, d: bg.elbo(s_, *d), tol=0.0, max_iter=8)
+    assert int(got_info.num_iter) == int(want_info.num_iter) == 8
+    np.testing.assert_allclose(got_info.elbo, want_info.elbo, rtol=1e-5)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
 def _bgmm_state_off_optimum(x, prior, seed=0):
     """A valid state that is not a fixed point: a few sweeps, then random perturbations."""
     state = _bg_init(jax.random.key(seed), x, _K, prior)

@@ -24,14 +24,14 @@ The per-iteration function for benchmarks is :func:`step` (also exported as
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.scipy.special import digamma, gammaln
 
 from vijax import _linalg, em
-from vijax.meanfield._cavi import CAVIInfo, cavi, cavi_loop, check_loop_args, sweep
+from vijax.meanfield._cavi import CAVIInfo, cavi_loop, check_loop_args
 from vijax.meanfield._common import (
     categorical_elbo_term,
     categorical_update,
@@ -241,9 +241,16 @@ class Statistics(NamedTuple):
 def statistics(responsibilities: Array, x: Array) -> Statistics:
     """Weighted counts, means and scatter matrices of ``x`` [N, D] under ``responsibilities``
     [N, K] (PRML 10.51-10.53). Like scikit-learn, divides by ``N_k + 10 eps`` so empty
-    components give finite values."""
-    counts = jnp.sum(responsibilities, axis=0)
-    weighted_sum = responsibilities.T @ x
+    components give finite values. Unchecked; the fields are in the dtype of ``x``."""
+    return _statistics(responsibilities, x)
+
+
+def _statistics(responsibilities: Array, x: Array, shards=None) -> Statistics:
+    """:func:`statistics`; inside :func:`vijax.em._on_mesh` (``shards`` given) the rows are
+    this device's, the sums are psum-ed over all devices (two all-reduces: the scatter is
+    centred at the global means) and padding rows must have zero responsibilities."""
+    counts = em._total(jnp.sum(responsibilities, axis=0), shards)
+    weighted_sum = em._total(responsibilities.T @ x, shards)
     eps = jnp.finfo(x.dtype).eps
     means = weighted_sum / (counts + 10.0 * eps)[:, None]
 
@@ -253,7 +260,7 @@ def statistics(responsibilities: Array, x: Array) -> Statistics:
         return (diff * r_k[:, None]).T @ diff
 
     # lax.map keeps the working set at [N, D] (a [K, N, D] einsum is ~5x slower on CPU)
-    scatter = jax.lax.map(component_scatter, (responsibilities.T, means))
+    scatter = em._total(jax.lax.map(component_scatter, (responsibilities.T, means)), shards)
     return Statistics(counts, weighted_sum, means, scatter)
 
 
@@ -316,11 +323,16 @@ UPDATE_FNS = (unpack_data(update_responsibilities), unpack_data(update_q_pi),
 
 # --- ELBO -----------------------------------------------------------------------------------
 
-def _elbo(state: BGMMState, x: Array, prior: BGMMPrior) -> Array:
-    ex = _expectations(state)
+def _elbo(state: BGMMState, x: Array, prior: BGMMPrior, shards=None) -> Array:
+    """The full ELBO; inside :func:`vijax.em._on_mesh` (``shards`` given) ``x`` and the
+    responsibilities are this device's rows (zero on padding rows, which then add nothing),
+    the q(Z) terms are psum-ed and the small factorisations use matrix products only."""
+    products_only = shards is not None
+    ex = _expectations(state, products_only)
     # E ln p(X | Z, mu, Lambda) + E ln p(Z | pi) - E ln q(Z)        (10.71, 10.72, 10.75)
-    term_z = categorical_elbo_term(_log_rho(state, x, ex), state.responsibilities)
-    return _elbo_given_term_z(state, prior, ex, term_z)
+    term_z = em._total(categorical_elbo_term(_log_rho(state, x, ex), state.responsibilities),
+                       shards)
+    return _elbo_given_term_z(state, prior, ex, term_z, products_only)
 
 
 def _elbo_given_term_z(state: BGMMState, prior: BGMMPrior, ex: _Expectations,
@@ -487,11 +499,46 @@ def _one_pass_step(state: BGMMState, x: Array, prior: BGMMPrior,
     return new, BGMMInfo(elbo=_elbo_given_term_z(new, prior, new_ex, term_z, products_only))
 
 
-def _one_pass_sweep_fn(x: Array, prior: BGMMPrior, *args):
-    """``state -> (state, [] ELBO)``: :func:`_one_pass_step` in the form of
-    :func:`vijax.meanfield._cavi.cavi_loop`'s sweep (``args`` as in ``_one_pass_step``)."""
+def _two_pass_step(state: BGMMState, x: Array, prior: BGMMPrior,
+                   chunk_size: int | None = None, weights: Array | None = None,
+                   shards=None) -> tuple[BGMMState, BGMMInfo]:
+    """One sweep of the three block updates and the full ELBO after it, centred (float32).
+
+    Equal to ``sweep(UPDATE_FNS, ...)`` then :func:`elbo`: q(pi) and q(mu, Lambda) depend on
+    q(Z) only, so both come from one :func:`conjugate_update` of the new responsibilities'
+    statistics (scatter centred at the new means, as scikit-learn computes it). Inside
+    :func:`vijax.em._on_mesh` (``shards`` given) ``x`` is this device's rows, ``weights``
+    zeroes the padding rows' responsibilities, the statistics and the ELBO's q(Z) terms are
+    psum-ed and the factorisations use matrix products only. ``chunk_size`` is unused.
+    """
+    del chunk_size
+    products_only = shards is not None
+    log_rho = _log_rho(state, x, _expectations(state, products_only))
+    resp = em._masked(categorical_update(log_rho), weights)
+    upd = conjugate_update(_statistics(resp, x, shards), prior)
+    if products_only:
+        scale_inv_tril = _linalg.cholesky_and_inverse(upd.scale_inv)[0]
+    else:
+        scale_inv_tril = jnp.linalg.cholesky(upd.scale_inv)
+    new = BGMMState(responsibilities=resp, concentration=upd.concentration,
+                    mean_precision=upd.mean_precision, loc=upd.loc, dof=upd.dof,
+                    scale_inv_tril=scale_inv_tril)
+    return new, BGMMInfo(elbo=_elbo(new, x, prior, shards))
+
+
+def _step_fn(dtype) -> Callable:
+    """float64: the one-pass sweep (x read once); float32: the centred two-pass sweep, whose
+    scatter does not lose the digits the uncentred sums would."""
+    return _one_pass_step if dtype == jnp.float64 else _two_pass_step
+
+
+def _sweep_fn(x: Array, prior: BGMMPrior, *args):
+    """``state -> (state, [] ELBO)``: the step for ``x``'s dtype in the form of
+    :func:`vijax.meanfield._cavi.cavi_loop`'s sweep (``args`` as in :func:`_one_pass_step`)."""
+    step_fn = _step_fn(x.dtype)
+
     def sweep_and_elbo(state):
-        new, info = _one_pass_step(state, x, prior, *args)
+        new, info = step_fn(state, x, prior, *args)
         return new, info.elbo
     return sweep_and_elbo
 
@@ -503,17 +550,19 @@ def step(state: BGMMState, x, prior: BGMMPrior, *, mesh=None
     Pure and jit-able (``jax.jit(step)``, or ``jax.jit(step, static_argnames="mesh")``); the
     per-iteration unit used by benchmarks and the equivalent of one scikit-learn ``_e_step`` +
     ``_m_step``. float64 data take the one-pass sweep (x read once), float32 the centred
-    block updates.
+    block updates (the E-step, the scatter about the new means and the ELBO each read x).
 
     Args:
       state: :class:`BGMMState`; x: [N, D]; prior: :class:`BGMMPrior`.
-      mesh: optional ``jax.sharding.Mesh`` (float64 only): the rows of x are split over all
-        its devices with ``jax.shard_map`` (as in :func:`vijax.em.step`, docs/em.md section 4);
-        each device streams its rows, the statistics and the ELBO's q(Z) terms are summed with
-        one ``psum``, the returned responsibilities stay split over the devices by rows (when
-        N is a multiple of the device count; otherwise they are gathered), the rest of the
-        state is replicated. Any N works (padding rows carry weight 0). The result equals the
-        one-device step up to summation order.
+      mesh: optional ``jax.sharding.Mesh``: the rows of x are split over all its devices
+        with ``jax.shard_map`` (as in :func:`vijax.em.step`, docs/em.md section 4); each
+        device works on its rows and the statistics and the ELBO's q(Z) terms are summed with
+        ``psum`` (float64: one, after the streamed one-pass sweep; float32: three, for the
+        counts and first moments, the scatter about the new means, and the ELBO). The returned
+        responsibilities stay split over the devices by rows (when N is a multiple of the
+        device count; otherwise they are gathered), the rest of the state is replicated. Any
+        N works (padding rows carry weight 0). The result equals the one-device step up to
+        summation order.
     Returns:
       ``(state, BGMMInfo(elbo=[]))``; the ELBO is in nats (PRML 10.70), not negated.
     Raises:
@@ -522,26 +571,14 @@ def step(state: BGMMState, x, prior: BGMMPrior, *, mesh=None
       ValueError: ``x`` not 2-D or empty, N < K, the shapes of ``prior`` or of ``state``'s
         fields not matching ``x`` (all checked at trace time); NaN/inf rows of ``x`` and prior
         values out of range (see :func:`check_prior`), checked on concrete arrays only, so
-        not inside ``jax.jit``; ``mesh`` with float32 ``x``. The values held in ``state``
-        are not checked.
+        not inside ``jax.jit``. The values held in ``state`` are not checked.
     """
     x, prior = _checked(x, prior)
     state = _check_state(state, x)
     em._check_mesh(mesh)
     if mesh is not None:
         return _step_on_mesh(state, x, prior, mesh)
-    if x.dtype == jnp.float64:  # one read of x; float32 keeps the centred two-pass sweep
-        return _one_pass_step(state, x, prior)
-    state = sweep(UPDATE_FNS, state, (x, prior))
-    return state, BGMMInfo(elbo=_elbo(state, x, prior))
-
-
-def _require_float64_for_mesh(x: Array) -> None:
-    if x.dtype != jnp.float64:
-        raise ValueError(
-            "`mesh` needs float64 x: the sharded CAVI step is the one-pass sweep, whose "
-            "uncentred scatter sums lose too much precision in float32; got x of dtype "
-            f"{x.dtype}. Use float64 (jax.config.update('jax_enable_x64', True)) or mesh=None.")
+    return _step_fn(x.dtype)(state, x, prior)
 
 
 def _unpadded_responsibilities(state: BGMMState, n: int, mesh) -> BGMMState:
@@ -560,7 +597,6 @@ def _run_on_mesh(body, mesh, state: BGMMState, x: Array, args, info_spec, row_ar
     weights, shards, chunk_size, *row_locals) -> (state, info)`` with ``params`` the state
     without its responsibilities; returns the state with row-split responsibilities (padding
     dropped) and the replicated ``info``."""
-    _require_float64_for_mesh(x)
     replicated = jax.sharding.PartitionSpec()
     out_specs = (BGMMState(em._row_spec(mesh), *([replicated] * 5)), info_spec)
     params = state._replace(responsibilities=None)
@@ -574,7 +610,7 @@ def _step_on_mesh(state: BGMMState, x: Array, prior: BGMMPrior, mesh
                   ) -> tuple[BGMMState, BGMMInfo]:
     def body(args, x_local, weights, shards, chunk_size):
         params, prior = args  # responsibilities are recomputed from the parameters
-        return _one_pass_step(params, x_local, prior, chunk_size, weights, shards)
+        return _step_fn(x_local.dtype)(params, x_local, prior, chunk_size, weights, shards)
 
     return _run_on_mesh(body, mesh, state, x, (prior,), BGMMInfo(jax.sharding.PartitionSpec()))
 
@@ -591,9 +627,9 @@ def fit(state: BGMMState, x, prior: BGMMPrior, *, tol: float = 1e-8, max_iter: i
       state, x, prior: as in :func:`step`.
       tol: relative ELBO tolerance (the stopping rule of :func:`vijax.meanfield.cavi`).
       max_iter: Python int, the maximum number of sweeps and the trace length.
-      mesh: optional ``jax.sharding.Mesh`` (float64 only): the whole loop of one-pass sweeps
-        (:func:`step` with ``mesh=``) runs inside one ``jax.shard_map`` with the rows of x and
-        of the responsibilities split over the devices; same stopping rule and trace.
+      mesh: optional ``jax.sharding.Mesh``: the whole loop of sweeps (:func:`step` with
+        ``mesh=``) runs inside one ``jax.shard_map`` with the rows of x and of the
+        responsibilities split over the devices; same stopping rule and trace.
     Returns:
       ``(state, info)``; ``info.elbo`` is [max_iter] ELBO values in nats (NaN after
       convergence).
@@ -607,20 +643,8 @@ def fit(state: BGMMState, x, prior: BGMMPrior, *, tol: float = 1e-8, max_iter: i
     em._check_mesh(mesh)
     if mesh is not None:
         return _fit_on_mesh(state, x, prior, mesh, tol, max_iter)
-    if x.dtype == jnp.float64:  # the one-pass sweep of `step`, which yields its own ELBO
-        return cavi_loop(_one_pass_sweep_fn(x, prior), state, _elbo(state, x, prior), tol=tol,
-                         max_iter=max_iter)
-    return cavi(UPDATE_FNS, state, (x, prior), elbo_fn=unpack_data(_elbo), tol=tol,
-                max_iter=max_iter)
-
-
-def _elbo_on_rows(state: BGMMState, x: Array, prior: BGMMPrior, shards) -> Array:
-    """:func:`elbo` inside :func:`vijax.em._on_mesh`: this device's rows of ``x`` and of the
-    responsibilities (zero on padding rows, which then add nothing), q(Z) terms psum-ed."""
-    ex = _expectations(state, products_only=True)
-    term_z = em._total(categorical_elbo_term(_log_rho(state, x, ex), state.responsibilities),
-                       shards)
-    return _elbo_given_term_z(state, prior, ex, term_z, products_only=True)
+    return cavi_loop(_sweep_fn(x, prior), state, _elbo(state, x, prior), tol=tol,
+                     max_iter=max_iter)
 
 
 def _fit_on_mesh(state: BGMMState, x: Array, prior: BGMMPrior, mesh, tol, max_iter: int
@@ -629,8 +653,8 @@ def _fit_on_mesh(state: BGMMState, x: Array, prior: BGMMPrior, mesh, tol, max_it
         params, prior, tol = args
         local_state = params._replace(responsibilities=resp_local)
 
-        initial_elbo = _elbo_on_rows(local_state, x_local, prior, shards)
-        return cavi_loop(_one_pass_sweep_fn(x_local, prior, chunk_size, weights, shards),
+        initial_elbo = _elbo(local_state, x_local, prior, shards)
+        return cavi_loop(_sweep_fn(x_local, prior, chunk_size, weights, shards),
                          local_state, initial_elbo, tol=tol, max_iter=max_iter)
 
     tol = jnp.asarray(tol, x.dtype)
