@@ -655,17 +655,51 @@ def _e_step(state: GMMState, x: Array, chunk_size: int, weights: Array | None = 
             shards: _Shards | None = None):
     """Responsibilities ``[N, K]`` (zero on masked rows), log p(x_n) ``[N]``, N_k ``[K]`` and
     sum_n r_nk x_n ``[K, D]``, in one streamed pass (sums over all shards)."""
-    log_joint_chunk = _log_joint_fn(state)
+    resp, log_norm, counts, weighted_sum, _ = e_step_sums(
+        _log_joint_fn(state), x, chunk_size, weights=weights, shards=shards)
+    return resp, log_norm, counts, weighted_sum
 
+
+def e_step_sums(log_joint_chunk_fn: Callable[[Array], Array], x: Array, chunk_size: int, *,
+                with_entropy: bool = False, weights: Array | None = None,
+                shards: _Shards | None = None):
+    """The streamed E-step of a mixture for any log-joint: one pass over row chunks of ``x``.
+
+    ``log_joint_chunk_fn(x_chunk [B, D]) -> [B, K]`` gives l_nk (for EM log pi_k +
+    log N(x_n | mu_k, Sigma_k); for the Bayesian GMM ln rho_nk). Returns
+    ``(responsibilities [N, K], logsumexp_k l_nk [N], N_k [K], sum_n r_nk x_n [K, D],
+    sum_nk r_nk ln r_nk [])``; the last is 0 unless ``with_entropy``. Unchecked (internal):
+    rows masked by ``weights`` get zero responsibilities, and inside :func:`_on_mesh` the
+    sums are totals over all devices (``shards``). Used by the two-pass EM step and the
+    Bayesian GMM's float32 CAVI step.
+    """
     def chunk_fn(xb, wb=None):
-        logp = log_joint_chunk(xb)
+        logp = log_joint_chunk_fn(xb)
         log_norm = jax.nn.logsumexp(logp, axis=-1)
-        resp = _masked(jnp.exp(logp - log_norm[:, None]), wb)
-        return (resp, log_norm), (jnp.sum(resp, axis=0), resp.T @ xb)
+        log_resp = logp - log_norm[:, None]
+        resp = _masked(jnp.exp(log_resp), wb)
+        totals = (jnp.sum(resp, axis=0), resp.T @ xb)
+        if with_entropy:
+            totals += (jnp.sum(resp * log_resp),)
+        return (resp, log_norm), totals
 
     (resp, log_norm), totals = _over_chunks(chunk_fn, _with_weights(x, weights), chunk_size)
-    counts, weighted_sum = _total(totals, shards)
-    return resp, log_norm, counts, weighted_sum
+    totals = _total(totals, shards)
+    neg_entropy = totals[2] if with_entropy else jnp.zeros((), x.dtype)
+    return resp, log_norm, totals[0], totals[1], neg_entropy
+
+
+def scatter_sums(covariance_type, x: Array, responsibilities: Array, means: Array,
+                 chunk_size: int, shards: _Shards | None = None) -> Array:
+    """sum_n r_nk (x_n - m_k)(x_n - m_k)^T (its diagonal for ``Diag()``, its mean diagonal for
+    ``Spherical()``) about ``means`` [K, D], in one streamed pass over ``x`` and the
+    ``responsibilities`` [N, K] (totals over all devices inside :func:`_on_mesh`).
+    Unchecked (internal); the M-step's second pass, centred as in scikit-learn."""
+    def chunk_fn(xb, rb):
+        return (), covariance_type._scatter(rb, xb, means)
+
+    _, scatter = _over_chunks(chunk_fn, (x, responsibilities), chunk_size)
+    return _total(scatter, shards)
 
 
 def _m_step(covariance_type, x, resp, counts, weighted_sum, reg_covar, chunk_size,
@@ -675,12 +709,7 @@ def _m_step(covariance_type, x, resp, counts, weighted_sum, reg_covar, chunk_siz
     new means (a second pass over ``x``), as in scikit-learn."""
     counts = counts + 10 * jnp.finfo(x.dtype).eps
     means = weighted_sum / counts[:, None]
-
-    def chunk_fn(xb, rb):
-        return (), covariance_type._scatter(rb, xb, means)
-
-    _, scatter = _over_chunks(chunk_fn, (x, resp), chunk_size)
-    scatter = _total(scatter, shards)
+    scatter = scatter_sums(covariance_type, x, resp, means, chunk_size, shards)
     covariances = covariance_type._covariances(scatter, counts, reg_covar)
     weights = counts / jnp.sum(counts)
     return weights, means, covariances, covariance_type._precision_cholesky(

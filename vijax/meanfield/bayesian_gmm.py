@@ -242,15 +242,8 @@ def statistics(responsibilities: Array, x: Array) -> Statistics:
     """Weighted counts, means and scatter matrices of ``x`` [N, D] under ``responsibilities``
     [N, K] (PRML 10.51-10.53). Like scikit-learn, divides by ``N_k + 10 eps`` so empty
     components give finite values. Unchecked; the fields are in the dtype of ``x``."""
-    return _statistics(responsibilities, x)
-
-
-def _statistics(responsibilities: Array, x: Array, shards=None) -> Statistics:
-    """:func:`statistics`; inside :func:`vijax.em._on_mesh` (``shards`` given) the rows are
-    this device's, the sums are psum-ed over all devices (two all-reduces: the scatter is
-    centred at the global means) and padding rows must have zero responsibilities."""
-    counts = em._total(jnp.sum(responsibilities, axis=0), shards)
-    weighted_sum = em._total(responsibilities.T @ x, shards)
+    counts = jnp.sum(responsibilities, axis=0)
+    weighted_sum = responsibilities.T @ x
     eps = jnp.finfo(x.dtype).eps
     means = weighted_sum / (counts + 10.0 * eps)[:, None]
 
@@ -260,7 +253,7 @@ def _statistics(responsibilities: Array, x: Array, shards=None) -> Statistics:
         return (diff * r_k[:, None]).T @ diff
 
     # lax.map keeps the working set at [N, D] (a [K, N, D] einsum is ~5x slower on CPU)
-    scatter = em._total(jax.lax.map(component_scatter, (responsibilities.T, means)), shards)
+    scatter = jax.lax.map(component_scatter, (responsibilities.T, means))
     return Statistics(counts, weighted_sum, means, scatter)
 
 
@@ -465,65 +458,102 @@ def _one_pass_step(state: BGMMState, x: Array, prior: BGMMPrior,
     masks padding rows, the sums are totals over all devices, the returned responsibilities
     are this device's rows, and the small factorisations use matrix products only.
     """
-    n, dim = x.shape
-    k = state.loc.shape[0]
     products_only = shards is not None
-    ex = _expectations(state, products_only)
-    sqrt_dof = jnp.sqrt(state.dof)[:, None, None]
-    chol = sqrt_dof * jnp.swapaxes(ex.whitening, -1, -2)  # upper triangular U_k
-    log_const = (ex.log_pi + 0.5 * ex.log_lambda - 0.5 * dim * _LOG_2PI
-                 - 0.5 * dim / state.mean_precision)
-    if chunk_size is None:
-        chunk_size = em._default_chunk_size(n, k, dim)
-    sums = em.one_pass_sums(x, log_const, state.loc, chol, chunk_size,
+    log_const, chol = _log_rho_as_gaussian(state, _expectations(state, products_only))
+    sums = em.one_pass_sums(x, log_const, state.loc, chol, _chunk(state, x, chunk_size),
                             keep_responsibilities=True, weights=weights, shards=shards)
     counts, first = sums.counts, sums.first_moment  # first: sum r (x - c)
     eps = jnp.finfo(x.dtype).eps
     means_c = first / (counts + 10.0 * eps)[:, None]
     stats = Statistics(counts, first + counts[:, None] * sums.centre[None, :],
                        means_c + sums.centre[None, :], sums.scatter_about(means_c))
+
+    def quad_about(loc):
+        return sums.scatter_about(loc - sums.centre[None, :])
+
+    return _update_and_elbo(sums.responsibilities, stats, quad_about, sums.neg_entropy, prior,
+                            products_only)
+
+
+def _chunk(state: BGMMState, x: Array, chunk_size: int | None) -> int:
+    n, dim = x.shape
+    return em._default_chunk_size(n, state.loc.shape[0], dim) if chunk_size is None else chunk_size
+
+
+def _log_rho_as_gaussian(state: BGMMState, ex: _Expectations) -> tuple[Array, Array]:
+    """ln rho_nk (PRML 10.46, 10.64-10.66) as a Gaussian form for :mod:`vijax.em`'s kernels:
+    ``log_const_k - 1/2 ||(x_n - m_k)^T U_k||^2`` with U_k = sqrt(nu_k) L_k^{-T} (upper
+    triangular, U_k U_k^T = nu_k W_k). Returns ``(log_const [K], U [K, D, D])``."""
+    dim = state.loc.shape[-1]
+    chol = jnp.sqrt(state.dof)[:, None, None] * jnp.swapaxes(ex.whitening, -1, -2)
+    log_const = (ex.log_pi + 0.5 * ex.log_lambda - 0.5 * dim * _LOG_2PI
+                 - 0.5 * dim / state.mean_precision)
+    return log_const, chol
+
+
+def _update_and_elbo(responsibilities: Array, stats: Statistics, quad_about: Callable,
+                     neg_entropy: Array, prior: BGMMPrior, products_only: bool
+                     ) -> tuple[BGMMState, BGMMInfo]:
+    """q(pi) and q(mu, Lambda) from the statistics of the new q(Z) (one conjugate update), and
+    the ELBO after the sweep without another pass over x: its q(Z) part (PRML 10.71 + 10.72 -
+    10.75) is sum_k N_k [E ln pi_k + E ln|Lambda_k| / 2 - D / (2 beta_k) - D/2 ln 2 pi]
+    - 1/2 sum_k nu_k Tr(W_k Q_k) - sum_nk r_nk ln r_nk, with ``quad_about(m) [K, D, D]`` =
+    Q_k = sum_n r_nk (x_n - m_k)(x_n - m_k)^T at the new m_k and ``neg_entropy`` =
+    sum r ln r (totals over all devices on a mesh)."""
+    dim = stats.means.shape[-1]
     upd = conjugate_update(stats, prior)
     if products_only:
         scale_inv_tril = _linalg.cholesky_and_inverse(upd.scale_inv)[0]
     else:
         scale_inv_tril = jnp.linalg.cholesky(upd.scale_inv)
-    new = BGMMState(responsibilities=sums.responsibilities, concentration=upd.concentration,
+    new = BGMMState(responsibilities=responsibilities, concentration=upd.concentration,
                     mean_precision=upd.mean_precision, loc=upd.loc, dof=upd.dof,
                     scale_inv_tril=scale_inv_tril)
     new_ex = _expectations(new, products_only)
-    quad = sums.scatter_about(new.loc - sums.centre[None, :])  # Q_k
+    quad = quad_about(new.loc)
     trace_wq = jnp.sum((new_ex.whitening @ quad) * new_ex.whitening, axis=(-2, -1))
-    term_z = (jnp.sum(counts * (new_ex.log_pi + 0.5 * new_ex.log_lambda
-                                - 0.5 * dim / new.mean_precision - 0.5 * dim * _LOG_2PI))
-              - 0.5 * jnp.sum(new.dof * trace_wq) - sums.neg_entropy)
+    term_z = (jnp.sum(stats.counts * (new_ex.log_pi + 0.5 * new_ex.log_lambda
+                                      - 0.5 * dim / new.mean_precision - 0.5 * dim * _LOG_2PI))
+              - 0.5 * jnp.sum(new.dof * trace_wq) - neg_entropy)
     return new, BGMMInfo(elbo=_elbo_given_term_z(new, prior, new_ex, term_z, products_only))
 
 
 def _two_pass_step(state: BGMMState, x: Array, prior: BGMMPrior,
                    chunk_size: int | None = None, weights: Array | None = None,
                    shards=None) -> tuple[BGMMState, BGMMInfo]:
-    """One sweep of the three block updates and the full ELBO after it, centred (float32).
+    """One sweep of the three block updates and the ELBO after it in two streamed passes over
+    ``x``, centred (float32).
 
     Equal to ``sweep(UPDATE_FNS, ...)`` then :func:`elbo`: q(pi) and q(mu, Lambda) depend on
     q(Z) only, so both come from one :func:`conjugate_update` of the new responsibilities'
-    statistics (scatter centred at the new means, as scikit-learn computes it). Inside
-    :func:`vijax.em._on_mesh` (``shards`` given) ``x`` is this device's rows, ``weights``
-    zeroes the padding rows' responsibilities, the statistics and the ELBO's q(Z) terms are
-    psum-ed and the factorisations use matrix products only. ``chunk_size`` is unused.
+    statistics. Pass 1 (:func:`vijax.em.e_step_sums`, the EM E-step's kernel with ln rho as
+    its log-joint): responsibilities, N_k, sum r x and sum r ln r; pass 2
+    (:func:`vijax.em.scatter_sums`): the scatter about the new means xbar_k, as scikit-learn
+    computes it. The ELBO follows from these (:func:`_update_and_elbo`, with Q_k = N_k S_k +
+    N_k (xbar_k - m_k)(xbar_k - m_k)^T, no cancellation). Inside :func:`vijax.em._on_mesh`
+    (``shards`` given) ``x`` is this device's rows, ``weights`` zeroes the padding rows'
+    responsibilities, the sums are psum-ed and the factorisations use matrix products only.
     """
-    del chunk_size
     products_only = shards is not None
-    log_rho = _log_rho(state, x, _expectations(state, products_only))
-    resp = em._masked(categorical_update(log_rho), weights)
-    upd = conjugate_update(_statistics(resp, x, shards), prior)
-    if products_only:
-        scale_inv_tril = _linalg.cholesky_and_inverse(upd.scale_inv)[0]
-    else:
-        scale_inv_tril = jnp.linalg.cholesky(upd.scale_inv)
-    new = BGMMState(responsibilities=resp, concentration=upd.concentration,
-                    mean_precision=upd.mean_precision, loc=upd.loc, dof=upd.dof,
-                    scale_inv_tril=scale_inv_tril)
-    return new, BGMMInfo(elbo=_elbo(new, x, prior, shards))
+    log_const, chol = _log_rho_as_gaussian(state, _expectations(state, products_only))
+    full = em.Full()
+    terms = full._mahalanobis_terms(state.loc, chol)
+
+    def log_rho_chunk(xb):
+        return log_const[None, :] - 0.5 * full._sq_mahalanobis(xb, terms)
+
+    chunk = _chunk(state, x, chunk_size)
+    resp, _, counts, weighted_sum, neg_entropy = em.e_step_sums(
+        log_rho_chunk, x, chunk, with_entropy=True, weights=weights, shards=shards)
+    means = weighted_sum / (counts + 10.0 * jnp.finfo(x.dtype).eps)[:, None]
+    scatter = em.scatter_sums(full, x, resp, means, chunk, shards)
+
+    def quad_about(loc):
+        offset = means - loc
+        return scatter + counts[:, None, None] * offset[:, :, None] * offset[:, None, :]
+
+    return _update_and_elbo(resp, Statistics(counts, weighted_sum, means, scatter), quad_about,
+                            neg_entropy, prior, products_only)
 
 
 def _step_fn(dtype) -> Callable:
@@ -550,15 +580,15 @@ def step(state: BGMMState, x, prior: BGMMPrior, *, mesh=None
     Pure and jit-able (``jax.jit(step)``, or ``jax.jit(step, static_argnames="mesh")``); the
     per-iteration unit used by benchmarks and the equivalent of one scikit-learn ``_e_step`` +
     ``_m_step``. float64 data take the one-pass sweep (x read once), float32 the centred
-    block updates (the E-step, the scatter about the new means and the ELBO each read x).
+    two-pass sweep (the E-step, then the scatter about the new means, as scikit-learn); both
+    stream x in row chunks and take the ELBO from the sweep's statistics.
 
     Args:
       state: :class:`BGMMState`; x: [N, D]; prior: :class:`BGMMPrior`.
       mesh: optional ``jax.sharding.Mesh``: the rows of x are split over all its devices
         with ``jax.shard_map`` (as in :func:`vijax.em.step`, docs/em.md section 4); each
-        device works on its rows and the statistics and the ELBO's q(Z) terms are summed with
-        ``psum`` (float64: one, after the streamed one-pass sweep; float32: three, for the
-        counts and first moments, the scatter about the new means, and the ELBO). The returned
+        device streams its rows and the statistics and the ELBO's q(Z) terms are summed with
+        ``psum`` (float64: one per sweep; float32: two, one per pass). The returned
         responsibilities stay split over the devices by rows (when N is a multiple of the
         device count; otherwise they are gathered), the rest of the state is replicated. Any
         N works (padding rows carry weight 0). The result equals the one-device step up to
