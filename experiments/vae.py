@@ -99,7 +99,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue from the last checkpoint in --workdir")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bar (default: when stderr is a terminal)")
+                   help="progress bars over epochs and over each epoch's steps (default: when "
+                        "stderr is a terminal)")
     return p
 
 

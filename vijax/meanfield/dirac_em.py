@@ -324,19 +324,9 @@ def fit(state: DiracEMState, x, prior: BGMMPrior, *, tol: float = 1e-8, max_iter
       constant; NaN after the last sweep), ``initial_elbo`` [] (nats, of the input state),
       ``num_iter`` [] int32 and ``converged`` [] bool.
     Raises:
-      TypeError: ``x`` is not a float32/float64 array; ``prior`` is not a
-        :class:`~vijax.meanfield.bayesian_gmm.BGMMPrior` or one of its fields is not real
-        array-like; ``state`` is not a :class:`DiracEMState`.
-      ValueError: ``x`` is not 2-D, has no rows or no columns, or has NaN/inf rows;
-        ``prior.loc`` / ``prior.scale_inv`` is not [D] / [D, D]; ``prior.concentration``,
-        ``mean_precision`` or ``dof`` is not a scalar; a prior field is out of range (see
-        :func:`check_prior`);
-        ``state`` fields are not responsibilities [N, K] (1 <= K <= N), weights [K],
-        loc [K, D], covariance_tril [K, D, D];
-        ``max_iter`` is not a Python int >= 1; ``tol`` is negative or NaN.
-    Value checks (finiteness, ranges, definiteness) run on concrete inputs only, not on
-    traced ones under ``jit``; shapes and types are always checked. The values in ``state``
-    are not checked.
+      TypeError / ValueError: as :func:`step`; also ValueError for ``max_iter`` not a Python
+      int >= 1 or a concrete ``tol`` that is negative or NaN, TypeError for a non-numeric
+      ``tol``.
     """
     x, prior = _checked(x, prior)
     state = _check_state(state, x)

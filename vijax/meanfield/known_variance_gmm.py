@@ -259,16 +259,9 @@ def fit(state: KnownVarianceGMMState, x, prior: KnownVarianceGMMPrior, *, tol: f
       ``initial_elbo`` [] (nats, of the input state), ``num_iter`` [] int32 and
       ``converged`` [] bool.
     Raises:
-      TypeError: ``x`` is not a float32/float64 array; ``prior`` is not a
-        :class:`KnownVarianceGMMPrior` or one of its fields is not a real number; ``state`` is
-        not a :class:`KnownVarianceGMMState`.
-      ValueError: ``x`` is not 2-D, has no rows or no columns, or has NaN/inf rows;
-        ``prior.prior_variance`` or ``prior.noise_variance`` is not a scalar, finite and > 0;
-        ``state.responsibilities`` is not [N, K] with 1 <= K <= N, or ``state.loc`` /
-        ``state.variance`` is not [K, D] / [K];
-        ``max_iter`` is not a Python int >= 1; ``tol`` is negative or NaN.
-    Value checks (finiteness, ranges) run on concrete inputs only, not on traced ones under
-    ``jit``; shapes and types are always checked. The values in ``state`` are not checked.
+      TypeError / ValueError: as :func:`step`; also ValueError for ``max_iter`` not a Python
+      int >= 1 or a concrete ``tol`` that is negative or NaN, TypeError for a non-numeric
+      ``tol``.
     """
     x, prior = _checked(x, prior)
     state = _check_state(state, x)
