@@ -57,6 +57,18 @@ SCRIPT = textwrap.dedent(
                      jax.random.key(3))
     close(s4.params, s1.params)
     close(m4, m1)
+    # with a progress callback: the same update, and each reported step seen (40 // 8 = 5
+    # steps, a report every 2 and after the last)
+    seen = []
+    epoch_4p = jax.jit(vae.make_train_epoch(model, optimizer, objective, mesh=mesh, **kwargs,
+                                            progress_fn=lambda s: seen.append(int(s)),
+                                            progress_every=2))
+    s4p, m4p = epoch_4p(vae.replicate(state, mesh), vae.replicate(images, mesh),
+                        jax.random.key(3))
+    jax.effects_barrier()
+    assert sorted(set(seen)) == [2, 4, 5], seen
+    close(s4p.params, s4.params)
+    close(m4p, m4)
 
     # --- batch size not divisible by the device count
     for bad in (lambda: step(state_4b, batch[:6], key),
