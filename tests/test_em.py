@@ -401,22 +401,30 @@ def test_chunking_does_not_change_the_step(x64):
                                    rtol=1e-13)
 
 
-@pytest.mark.parametrize("dim", [3, 32])  # packed-feature layout, and the blocked whitened one
-def test_one_pass_float64_step_is_accurate_for_tight_far_clusters(x64, dim):
+# (dim, distance of the cluster centres, whether the one-pass step's accuracy bound admits it)
+@pytest.mark.parametrize("dim, distance, one_pass", [
+    (3, 10.0, True), (32, 5.0, True),  # packed-feature layout, and the blocked whitened one
+    (3, 30.0, False), (32, 30.0, False),  # beyond em._ONE_PASS_MAX_RISK: the centred route
+])
+def test_float64_step_is_accurate_for_tight_far_clusters(x64, dim, distance, one_pass):
     """The float64 full-covariance step reads x once and forms Sigma_k from uncentred sums
     (S_k / N_k - mu mu^T about the data mean), which costs ~||mu_k - c||^2 / lambda_min
     units of roundoff, and the packed quadratic form of the E-step (D <= 28) loses
-    ~||x - c||^2_Lambda units in the squared distances. With clusters of scale 0.05 at
-    distance ~30 (ratio ~4e5) it still matches a centred scipy/numpy E+M step to 1e-8
+    ~||x - c||^2_Lambda units in the squared distances. Where em.one_pass_risk bounds this
+    below em._ONE_PASS_MAX_RISK (clusters of scale 0.05 at distance ~10 or ~5: ratios up to
+    ~4e4) the one-pass result is kept; beyond it (distance ~30) the step is recomputed by the
+    centred two passes. Either way it matches a centred scipy/numpy E+M step to 1e-8
     relative in log-likelihood (the sklearn-agreement tolerance) and 1e-9 in covariances."""
     rng = np.random.default_rng(3)
     k, n = 4, 2000
-    centers = rng.normal(size=(k, dim)) * 30.0
+    centers = rng.normal(size=(k, dim)) * distance
     labels = rng.integers(0, k, size=n)
     x_np = centers[labels] + 0.05 * rng.normal(size=(n, dim)) @ rng.uniform(0.5, 1.5, (dim, dim))
     x = jnp.asarray(x_np)
     state = _init(jax.random.key(0), x, k, chunk_size=CHUNK)
     state, _ = _step(state, x, chunk_size=CHUNK)  # non-initial parameters
+    _, risk = em._one_pass_full(state, x, CHUNK)
+    assert (float(risk) <= em._ONE_PASS_MAX_RISK) == one_pass, float(risk)
     # reference: the textbook E-step with scipy densities and the centred M-step in numpy
     log_joint = _scipy_log_joint(state, x_np)
     log_norm = np.logaddexp.reduce(log_joint, axis=-1)
@@ -432,6 +440,89 @@ def test_one_pass_float64_step_is_accurate_for_tight_far_clusters(x64, dim):
     np.testing.assert_allclose(np.asarray(out.means), means, rtol=1e-11, atol=1e-11)
     scale = np.abs(covs).max(axis=(1, 2), keepdims=True)
     assert np.max(np.abs(np.asarray(out.covariances) - covs) / scale) < 1e-9
+
+
+def _duplicates_far_out(seed: int = 1) -> np.ndarray:
+    """300 points of scale 1e4 plus 30 copies of (1e5, 1e5): a component collapses onto the
+    copies (covariance reg_covar I) at ~1e5 from the data mean, a ratio ~1e16 that no
+    uncentred float64 sum survives."""
+    rng = np.random.default_rng(seed)
+    return np.vstack([rng.normal(size=(300, 2)) * 1e4, np.tile([[1e5, 1e5]], (30, 1))])
+
+
+def test_collapsed_component_far_from_the_mean_takes_the_centred_step(x64):
+    """Regression: the one-pass sums alone give this data an indefinite covariance (NaN
+    parameters after one step); the step detects it (em.one_pass_risk) and recomputes the
+    iteration centred, so EM matches scikit-learn from the same parameters."""
+    x_np = _duplicates_far_out()
+    x = jnp.asarray(x_np)
+    state = _init(jax.random.key(0), x, 2, chunk_size=CHUNK)
+    (_, _, params), risk = em._one_pass_full(state, x, CHUNK)
+    assert float(risk) > em._ONE_PASS_MAX_RISK or np.isnan(float(risk))
+    one_pass_cov = np.asarray(params[2])
+    assert np.min(np.linalg.eigvalsh(one_pass_cov)) < 0.5e-6  # the floor is reg_covar = 1e-6
+
+    gm = _fit_sklearn(_sklearn_from_state(state, "full", max_iter=5, tol=0.0), x_np)
+    with _strict():
+        out, info = _fit_from_state(state, x, max_iter=5, tol=0.0, chunk_size=CHUNK)
+    np.testing.assert_allclose(float(info.log_likelihood[-1]), gm.score(x_np), rtol=1e-8)
+    order, sk_order = np.argsort(np.asarray(out.means)[:, 0]), np.argsort(gm.means_[:, 0])
+    np.testing.assert_allclose(np.asarray(out.means)[order], gm.means_[sk_order], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(out.covariances)[order], gm.covariances_[sk_order],
+                               rtol=1e-6, atol=1e-12)
+    assert np.all(np.linalg.eigvalsh(np.asarray(out.covariances)) >= 1e-6 * (1 - 1e-9))
+
+
+def test_vmapped_restarts_keep_the_accuracy_guard_a_branch(x64):
+    """Under vmap the guard's flag is reduced over the batch (one `cond`, not a select that
+    would run both routes for every restart); restarts equal their unbatched fits whether
+    or not the centred route is taken."""
+    x = jnp.asarray(_duplicates_far_out())
+    keys = jax.random.split(jax.random.key(4), 3)
+
+    def fit(key):
+        return em.fit(key, x, 2, max_iter=8, chunk_size=CHUNK)
+
+    jaxpr = str(jax.make_jaxpr(jax.vmap(lambda s: em.step(s, x, chunk_size=CHUNK)))(
+        jax.vmap(lambda k: em.init(k, x, 2, chunk_size=CHUNK))(keys)))
+    assert " cond[" in jaxpr
+    batched, batched_info = jax.jit(jax.vmap(fit))(keys)
+    for i, key in enumerate(keys):
+        single, single_info = jax.jit(fit)(key)
+        np.testing.assert_allclose(np.asarray(batched.covariances[i]),
+                                   np.asarray(single.covariances), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(np.asarray(batched_info.log_likelihood[i]),
+                                   np.asarray(single_info.log_likelihood), rtol=1e-12)
+    assert np.all(np.isfinite(np.asarray(batched.covariances)))
+
+
+@pytest.mark.parametrize("name", list(COV_TYPES))
+def test_float32_step_is_accurate_for_data_far_from_the_origin(name):
+    """Regression: float32 data at an offset of 1e6 (resolution 0.0625) with two unit
+    clusters 20 apart. The E-step's first moments are summed about the data mean, so a
+    jitted step from the true parameters keeps the means at the data's resolution and the
+    log-likelihood from falling (before: one mean moved by 4.4 and the mean log-likelihood
+    fell from -3.53 to -5.03). Reference: the same step in float64."""
+    rng = np.random.default_rng(0)
+    base = np.vstack([rng.normal(size=(500, 2)), rng.normal(size=(500, 2)) + 20.0])
+    x32 = (base + 1e6).astype(np.float32)
+    x64_np = x32.astype(np.float64)
+    cov = {"full": np.stack([np.eye(2)] * 2), "diag": np.ones((2, 2)),
+           "spherical": np.ones(2)}[name]
+
+    def run(x, dtype):
+        means = (np.array([[0.0, 0.0], [20.0, 20.0]]) + 1e6).astype(dtype)
+        state = em.state_from_parameters(np.array([0.5, 0.5], dtype), means, cov.astype(dtype),
+                                         covariance_type=COV_TYPES[name])
+        return jax.jit(lambda s: em.fit_from_state(s, x, max_iter=4, tol=0.0))(state)
+
+    out32, info32 = run(jnp.asarray(x32), np.float32)
+    with jax.enable_x64(True):
+        out64, info64 = run(jnp.asarray(x64_np), np.float64)
+        means64, trace64 = np.asarray(out64.means), np.asarray(info64.log_likelihood)
+    np.testing.assert_allclose(np.asarray(out32.means), means64, atol=0.07)  # ~1 ulp at 1e6
+    np.testing.assert_allclose(np.asarray(info32.log_likelihood), trace64, atol=0.02)
+    assert np.all(np.diff(np.asarray(info32.log_likelihood)) > -0.01)
 
 
 # ------------------------------------------------------------------------------------------
@@ -567,6 +658,71 @@ def test_bad_input_raises_naming_the_argument():
     with pytest.raises(ValueError, match="`weights`"):
         em.state_from_parameters(np.ones(3) / 3, np.zeros((2, 2)), np.ones(2),
                                  covariance_type=em.Spherical())
+    # arguments of the wrong kind: errors naming them, not numpy's or float()'s
+    for bad in ("small", None, 1j):
+        with pytest.raises(TypeError, match="`tol` must be a real number"):
+            em.fit_from_state(state, x, tol=bad)
+        with pytest.raises(TypeError, match="`reg_covar` must be a real number"):
+            em.init(key, x, 2, reg_covar=bad)
+    with pytest.raises(ValueError, match="`tol` must be a scalar"):
+        em.fit_from_state(state, x, tol=[1e-3])
+    with pytest.raises(ValueError, match=r"`x` \(a single point\) has NaN"):
+        em.predict_proba(state, np.array([np.nan, 0.0], np.float32))
+    with pytest.raises(ValueError, match=r"first at index \[\(0, 1\)\]"):
+        em.log_likelihood(state, np.array([[[0.0, 0.0], [np.inf, 0.0]]], np.float32))
+
+
+def test_weights_normalised_in_float32_are_accepted_in_float64(x64):
+    """Weights normalised in float32 and passed with float64 means (sum off by ~1e-8 for
+    K = 3000) are accepted and renormalised; a real error is refused with its size."""
+    w = (np.ones(3000, np.float32) / 3000).astype(np.float64)
+    assert abs(w.sum() - 1) > 1e-8  # the old tolerance (1e-10) refused this
+    means, covs = np.zeros((3000, 2)), np.ones(3000)
+    state = em.state_from_parameters(w, means, covs, covariance_type=em.Spherical())
+    np.testing.assert_allclose(np.asarray(state.weights), np.full(3000, 1 / 3000), rtol=1e-14)
+    with pytest.raises(ValueError, match=r"`weights`.*sum - 1 = \+(1e-05|9.99e-06)"):
+        em.state_from_parameters(w * (1 + 1e-5), means, covs, covariance_type=em.Spherical())
+
+
+def test_elbo_with_a_zero_weight_component_is_the_log_likelihood(x64):
+    """Regression: with pi_k = 0 the log-joint of component k is -inf and q_nk = 0; the ELBO
+    takes 0 log 0 = 0 there (it was NaN) and still equals the log-likelihood at q = p(z|x)."""
+    x = jnp.asarray(_blobs(2)[:, :2])
+    state = em.state_from_parameters(np.array([1.0, 0.0]), np.array([[0.0, 0.0], [1.0, 1.0]]),
+                                     np.stack([np.eye(2)] * 2))
+    q = em.predict_proba(state, x)
+    np.testing.assert_array_equal(np.asarray(q[:, 1]), 0.0)
+    reference = np.mean(stats.multivariate_normal(np.zeros(2), np.eye(2)).logpdf(np.asarray(x)))
+    np.testing.assert_allclose(float(em.elbo(state, x, q)), reference, rtol=1e-12)
+    np.testing.assert_allclose(float(jnp.mean(em.log_likelihood(state, x))), reference,
+                               rtol=1e-12)
+
+
+def test_kmeans_plus_plus_in_float32_far_from_the_origin():
+    """Regression: the nearest-seed assignment used |x|^2 - 2 x.s + |s|^2, which cancels
+    in float32 at an offset of 1e6 (two clusters of 500 got weights 0.81 / 0.19). Distances
+    are translation invariant, so the partition must be the one found at offset 0."""
+    rng = np.random.default_rng(0)
+    base = np.vstack([rng.normal(size=(500, 2)), rng.normal(size=(500, 2)) + 20.0])
+    for offset in (0.0, 1e6):
+        x = jnp.asarray((base + offset).astype(np.float32))
+        state = em.init(jax.random.key(1), x, 2)
+        np.testing.assert_array_equal(np.sort(np.asarray(state.weights)), [0.5, 0.5])
+        variances = np.diagonal(np.asarray(state.covariances), axis1=1, axis2=2)
+        assert np.all(variances < 1.5), variances
+
+
+def test_full_covariance_sampling_memory_is_linear_in_the_samples(x64):
+    """Regression: the noise L_z eps was formed for every component ([S, K, D]) and the
+    labels by the Gumbel trick ([S, K]); compiled temporaries for S = 1e6, K = 100, D = 10
+    were 8 GB for an 80 MB output. Now O(S D): compile-time memory analysis, nothing run."""
+    k, d, s = 100, 10, 1_000_000
+    state = em.state_from_parameters(np.ones(k) / k, np.zeros((k, d)), np.stack([np.eye(d)] * k))
+    compiled = _sample.lower(jax.random.key(0), state, s).compile()
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        pytest.skip("this backend gives no memory analysis")
+    assert analysis.temp_size_in_bytes < 8 * s * d * 8
 
 
 def test_nan_check_is_skipped_under_tracing_but_shapes_are_not():

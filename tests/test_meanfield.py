@@ -503,6 +503,65 @@ def test_bgmm_float32_step_and_fit_equal_the_block_sweep():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
+def test_bgmm_float64_collapsed_component_far_out_takes_the_centred_sweep(x64):
+    """Regression for the one-pass float64 sweep: 30 copies of (1e5, 1e5) beside 300 points
+    of scale 1e4, with a weak prior (W_0^{-1} = 1e-6 I). Its uncentred sums give the copies'
+    scatter an O(1e-4) indefinite error where the exact one is 0; em.one_pass_risk flags it,
+    the sweep is recomputed centred, and 6 sweeps match scikit-learn from the same
+    responsibilities."""
+    rng = np.random.default_rng(1)
+    x = np.vstack([rng.normal(size=(300, 2)) * 1e4, np.tile([[1e5, 1e5]], (30, 1))])
+    r0 = np.repeat(np.eye(2), [300, 30], axis=0)
+    prior = bg.BGMMPrior(concentration=1.0, mean_precision=1e-3, loc=x.mean(0), dof=2.0,
+                         scale_inv=1e-6 * np.eye(2))
+    state = _bg_init_resp(x, r0, prior)
+    log_const, chol = bg._log_rho_as_gaussian(state, bg._expectations(state, False))
+    sums = em.one_pass_sums(jnp.asarray(x), log_const, state.loc, chol, 128)
+    assert float(em.one_pass_risk(sums, chol)) > em._ONE_PASS_MAX_RISK
+    uncentred = np.asarray(sums.scatter_about(sums.first_moment / sums.counts[:, None]))[1]
+    assert np.linalg.eigvalsh(uncentred).min() < -1e-6  # exact: the zero matrix
+
+    sk = _sklearn_bgmm(prior, 2)
+    sk._check_parameters(x)
+    sk._initialize(x, r0)
+    for _ in range(6):
+        _, log_resp = sk._e_step(x)
+        sk._m_step(x, log_resp)
+        state, info = _bg_step(state, x, prior)
+        np.testing.assert_allclose(state.responsibilities, np.exp(log_resp), atol=1e-12)
+        np.testing.assert_allclose(state.loc, sk.means_, rtol=1e-11)
+        np.testing.assert_allclose(bg.expected_covariances(state), sk.covariances_,
+                                   rtol=1e-9, atol=1e-12)
+        assert np.isfinite(float(info.elbo))
+
+
+def test_bgmm_float32_far_from_the_origin_matches_float64():
+    """Regression: float32 data at an offset of 1e6 (resolution 0.0625), two unit clusters 20
+    apart. The sums behind the means are taken about the data mean (two-pass sweep and the
+    initial statistics), so 8 float32 sweeps give the float64 fit's means to the data's
+    resolution and its covariances to a few percent (before: a mean 4.2 off and a covariance
+    of 20 against 1.4)."""
+    rng = np.random.default_rng(0)
+    x32 = (np.vstack([rng.normal(size=(500, 2)), rng.normal(size=(500, 2)) + 20.0])
+           + 1e6).astype(np.float32)
+    r0 = np.repeat(np.eye(2), 500, axis=0)
+
+    def run(x):
+        prior = bg.default_prior(x, 2)
+        state = bg.init_from_responsibilities(x, r0.astype(x.dtype), prior)
+        out, info = jax.jit(bg.fit, static_argnames="max_iter")(state, x, prior, tol=0.0,
+                                                                max_iter=8)
+        return np.asarray(out.loc), np.asarray(bg.expected_covariances(out)), info
+
+    loc32, cov32, info32 = run(jnp.asarray(x32))
+    with jax.enable_x64(True):
+        loc64, cov64, _ = run(jnp.asarray(x32.astype(np.float64)))
+    np.testing.assert_allclose(loc32, loc64, atol=0.07)  # ~1 ulp at 1e6
+    np.testing.assert_allclose(cov32, cov64, rtol=0.05, atol=0.05)
+    trace = np.asarray(info32.elbo)[:int(info32.num_iter)]
+    assert np.all(np.isfinite(trace)) and np.all(np.diff(trace) > -1e-5 * np.abs(trace[1:]))
+
+
 def _bgmm_state_off_optimum(x, prior, seed=0):
     """A valid state that is not a fixed point: a few sweeps, then random perturbations."""
     state = _bg_init(jax.random.key(seed), x, _K, prior)

@@ -31,8 +31,10 @@ type through ``jax.jit``, ``jax.vmap`` and ``lax.while_loop``.
 Speed: the E-step and the M-step stream over the data in row chunks (``chunk_size``), so that
 the per-chunk intermediates stay in cache. A float64 full-covariance step reads ``x`` once
 (:func:`one_pass_sums`: uncentred sufficient statistics about the data mean, packed
-quadratic features for D <= 28); other steps read it twice (E-step, then the centred
-scatter, as scikit-learn does). ``step``/``fit_from_state``/``fit`` take ``mesh=`` to split
+quadratic features for D <= 28), unless :func:`one_pass_risk` says those statistics would
+lose accuracy (e.g. a component collapsed far from the data mean), in which case the step is
+recomputed centred; other steps read it twice (E-step, then the centred scatter, as
+scikit-learn does), both about the data mean. ``step``/``fit_from_state``/``fit`` take ``mesh=`` to split
 the rows over several devices (``jax.shard_map``, one ``psum`` of the sums per pass); on a
 CPU with ``--xla_force_host_platform_device_count=<cores>`` that uses every core. See
 ``docs/em.md`` for the benchmark against scikit-learn. No function here calls ``jax.jit``:
@@ -144,6 +146,10 @@ class CovarianceType(abc.ABC):
             )
 
 
+# Samples per batch when scaling the noise of full-covariance samples.
+_SAMPLE_BATCH = 4096
+
+
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
 class Full(CovarianceType):
@@ -199,8 +205,9 @@ class Full(CovarianceType):
 
     def _scale_noise(self, covariances, z, eps):
         chol = jnp.linalg.cholesky(covariances)  # [K, D, D]
-        scaled = jnp.einsum("kde,se->skd", chol, eps)  # [S, K, D]
-        return jnp.take_along_axis(scaled, z[:, None, None], axis=1)[:, 0, :]
+        # L_{z_s} eps_s in batches of samples: O(batch D^2) memory, not O(S K D).
+        return lax.map(lambda ze: chol[ze[0]] @ ze[1], (z, eps),
+                       batch_size=min(z.shape[0], _SAMPLE_BATCH))
 
     def _dense(self, covariances, dim):
         return covariances
@@ -306,6 +313,9 @@ class KMeansPlusPlus(InitMethod):
     """
 
     def _responsibilities(self, rng_key, x, num_components):
+        # Distances are translation invariant; centring keeps the expanded squared distances
+        # below from cancelling when the data sit far from the origin (float32 offsets).
+        x = x - jnp.mean(x, axis=0, keepdims=True)
         keys = jax.random.split(rng_key, num_components)
         n = x.shape[0]
         first = x[jax.random.randint(keys[0], (), 0, n)]
@@ -410,7 +420,9 @@ def _check_finite_rows(x, name: str) -> None:
     if _is_concrete(x):
         bad = ~np.all(np.isfinite(np.asarray(x)), axis=-1)
         if np.any(bad):
-            rows = np.argwhere(bad)[:5].tolist()
+            if bad.ndim == 0:
+                raise ValueError(f"`{name}` (a single point) has NaN or inf values")
+            rows = [tuple(i) if len(i) > 1 else i[0] for i in np.argwhere(bad)[:5].tolist()]
             raise ValueError(
                 f"`{name}` has {int(bad.sum())} row(s) with NaN or inf values (first at "
                 f"index {rows}); remove or impute them before fitting"
@@ -455,11 +467,27 @@ def _check_num_components(num_components, num_points: int) -> int:
     return num_components
 
 
+def _concrete_real_scalar(value, name: str) -> float | None:
+    """``float(value)`` for a concrete real scalar, None for a tracer; TypeError naming
+    ``name`` for anything else (strings, None, complex, arrays with more than one element);
+    ValueError for a non-scalar array."""
+    if not _is_concrete(value):
+        return None
+    try:
+        array = np.asarray(value)
+    except Exception:  # noqa: BLE001 - any unconvertible object
+        array = np.asarray(None)
+    if array.dtype.kind not in "biuf" or array.dtype == bool:
+        raise TypeError(f"`{name}` must be a real number; got {value!r}")
+    if array.shape != ():
+        raise ValueError(f"`{name}` must be a scalar; got shape {array.shape}")
+    return float(array)
+
+
 def _check_reg_covar(reg_covar, dtype) -> Array:
-    if _is_concrete(reg_covar):
-        value = np.asarray(reg_covar)
-        if value.shape != () or not np.isfinite(value) or not value > 0:
-            raise ValueError(f"`reg_covar` must be a finite scalar > 0; got {reg_covar!r}")
+    value = _concrete_real_scalar(reg_covar, "reg_covar")
+    if value is not None and not (np.isfinite(value) and value > 0):
+        raise ValueError(f"`reg_covar` must be a finite scalar > 0; got {reg_covar!r}")
     return jnp.asarray(reg_covar, dtype=dtype)
 
 
@@ -653,27 +681,41 @@ def _chunk(state: GMMState, num_points: int, chunk_size: int | None) -> int:
 
 def _e_step(state: GMMState, x: Array, chunk_size: int, weights: Array | None = None,
             shards: _Shards | None = None):
-    """Responsibilities ``[N, K]`` (zero on masked rows), log p(x_n) ``[N]``, N_k ``[K]`` and
-    sum_n r_nk x_n ``[K, D]``, in one streamed pass (sums over all shards)."""
-    resp, log_norm, counts, weighted_sum, _ = e_step_sums(
-        _log_joint_fn(state), x, chunk_size, weights=weights, shards=shards)
-    return resp, log_norm, counts, weighted_sum
+    """Responsibilities ``[N, K]`` (zero on masked rows), log p(x_n) ``[N]``, N_k ``[K]``,
+    sum_n r_nk (x_n - c) ``[K, D]`` and the centre c = mean(x) ``[D]``, in one streamed pass
+    (sums over all shards). The pass works on x - c, with the means shifted alike."""
+    centre = _row_mean(x, shards)
+    shifted = state._replace(means=state.means - centre[None, :])
+    resp, log_norm, counts, first_moment, _ = e_step_sums(
+        _log_joint_fn(shifted), x, chunk_size, weights=weights, shards=shards, centre=centre)
+    return resp, log_norm, counts, first_moment, centre
+
+
+def _moments(x: Array, responsibilities: Array) -> tuple[Array, Array, Array]:
+    """``(N_k [K], sum_n r_nk (x_n - c) [K, D], c [D])`` about c = mean(x), in one block."""
+    centre = jnp.mean(x, axis=0)
+    return (jnp.sum(responsibilities, axis=0), responsibilities.T @ (x - centre[None, :]),
+            centre)
 
 
 def e_step_sums(log_joint_chunk_fn: Callable[[Array], Array], x: Array, chunk_size: int, *,
                 with_entropy: bool = False, weights: Array | None = None,
-                shards: _Shards | None = None):
+                shards: _Shards | None = None, centre: Array | None = None):
     """The streamed E-step of a mixture for any log-joint: one pass over row chunks of ``x``.
 
     ``log_joint_chunk_fn(x_chunk [B, D]) -> [B, K]`` gives l_nk (for EM log pi_k +
-    log N(x_n | mu_k, Sigma_k); for the Bayesian GMM ln rho_nk). Returns
-    ``(responsibilities [N, K], logsumexp_k l_nk [N], N_k [K], sum_n r_nk x_n [K, D],
-    sum_nk r_nk ln r_nk [])``; the last is 0 unless ``with_entropy``. Unchecked (internal):
-    rows masked by ``weights`` get zero responsibilities, and inside :func:`_on_mesh` the
-    sums are totals over all devices (``shards``). Used by the two-pass EM step and the
-    Bayesian GMM's float32 CAVI step.
+    log N(x_n | mu_k, Sigma_k); for the Bayesian GMM ln rho_nk); with ``centre`` c ``[D]``
+    it is called on x - c (so its means must be shifted by -c) and the first moment is taken
+    about c, which keeps float32 sums accurate for data far from the origin. Returns
+    ``(responsibilities [N, K], logsumexp_k l_nk [N], N_k [K], sum_n r_nk (x_n - c) [K, D],
+    sum_nk r_nk ln r_nk [])`` (c = 0 without ``centre``); the last is 0 unless
+    ``with_entropy``. Unchecked (internal): rows masked by ``weights`` get zero
+    responsibilities, and inside :func:`_on_mesh` the sums are totals over all devices
+    (``shards``). Used by the two-pass EM step and the Bayesian GMM's two-pass CAVI step.
     """
     def chunk_fn(xb, wb=None):
+        if centre is not None:
+            xb = xb - centre[None, :]
         logp = log_joint_chunk_fn(xb)
         log_norm = jax.nn.logsumexp(logp, axis=-1)
         log_resp = logp - log_norm[:, None]
@@ -690,29 +732,34 @@ def e_step_sums(log_joint_chunk_fn: Callable[[Array], Array], x: Array, chunk_si
 
 
 def scatter_sums(covariance_type, x: Array, responsibilities: Array, means: Array,
-                 chunk_size: int, shards: _Shards | None = None) -> Array:
+                 chunk_size: int, shards: _Shards | None = None,
+                 centre: Array | None = None) -> Array:
     """sum_n r_nk (x_n - m_k)(x_n - m_k)^T (its diagonal for ``Diag()``, its mean diagonal for
     ``Spherical()``) about ``means`` [K, D], in one streamed pass over ``x`` and the
-    ``responsibilities`` [N, K] (totals over all devices inside :func:`_on_mesh`).
+    ``responsibilities`` [N, K] (totals over all devices inside :func:`_on_mesh`). With
+    ``centre`` c, ``means`` are given about c (m_k - c) and the rows are shifted alike.
     Unchecked (internal); the M-step's second pass, centred as in scikit-learn."""
     def chunk_fn(xb, rb):
+        if centre is not None:
+            xb = xb - centre[None, :]
         return (), covariance_type._scatter(rb, xb, means)
 
     _, scatter = _over_chunks(chunk_fn, (x, responsibilities), chunk_size)
     return _total(scatter, shards)
 
 
-def _m_step(covariance_type, x, resp, counts, weighted_sum, reg_covar, chunk_size,
+def _m_step(covariance_type, x, resp, counts, first_moment, centre, reg_covar, chunk_size,
             shards: _Shards | None = None):
-    """Closed-form M-step (PRML eqs. 9.24-9.27) from the E-step sums; returns the parameters
-    ``(weights, means, covariances, precision_cholesky)``. The covariances are centred at the
-    new means (a second pass over ``x``), as in scikit-learn."""
+    """Closed-form M-step (PRML eqs. 9.24-9.27) from the E-step sums N_k and
+    sum_n r_nk (x_n - c) about ``centre`` c; returns the parameters ``(weights, means,
+    covariances, precision_cholesky)``. The covariances are centred at the new means (a second
+    pass over ``x``), as in scikit-learn."""
     counts = counts + 10 * jnp.finfo(x.dtype).eps
-    means = weighted_sum / counts[:, None]
-    scatter = scatter_sums(covariance_type, x, resp, means, chunk_size, shards)
+    means_c = first_moment / counts[:, None]
+    scatter = scatter_sums(covariance_type, x, resp, means_c, chunk_size, shards, centre)
     covariances = covariance_type._covariances(scatter, counts, reg_covar)
     weights = counts / jnp.sum(counts)
-    return weights, means, covariances, covariance_type._precision_cholesky(
+    return weights, means_c + centre[None, :], covariances, covariance_type._precision_cholesky(
         covariances, products_only=shards is not None)
 
 
@@ -755,6 +802,7 @@ class OnePassSums(NamedTuple):
     counts: Array  # [K] N_k = sum_n r_nk
     first_moment: Array  # [K, D] sum_n r_nk (x_n - c)
     second_moment: Array  # [K, D, D] sum_n r_nk (x_n - c)(x_n - c)^T
+    max_sq_radius: Array  # [] max_n ||x_n - c||^2 (for one_pass_risk)
 
     def scatter_about(self, locs_c: Array) -> Array:
         """``[K, D, D]`` sum_n r_nk (x_n - l_k)(x_n - l_k)^T for l_k = c + ``locs_c[k]``,
@@ -774,9 +822,11 @@ def one_pass_sums(x: Array, log_const: Array, locs: Array, precision_cholesky: A
     row chunk while it is in cache, the *uncentred* sums about c = mean(x): N_k,
     sum r (x - c) and S_k = sum r (x - c)(x - c)^T. Callers form centred scatters as
     S_k - N_k m m^T, which loses about ||m - c||^2 / lambda_min units of roundoff: harmless
-    in float64, which is why only float64 uses this pass. Used by the EM step here and by the
-    Bayesian GMM's CAVI step (:mod:`vijax.meanfield.bayesian_gmm`, where U_k = sqrt(nu_k)
-    L_k^{-T} and log_const carries E ln pi_k, E ln |Lambda_k| / 2 and -D / (2 beta_k)).
+    in float64 for ordinary data, which is why only float64 uses this pass, and bounded by
+    :func:`one_pass_risk` (callers redo the step centred above ``_ONE_PASS_MAX_RISK``).
+    Used by the EM step here and by the Bayesian GMM's CAVI step
+    (:mod:`vijax.meanfield.bayesian_gmm`, where U_k = sqrt(nu_k) L_k^{-T} and log_const
+    carries E ln pi_k, E ln |Lambda_k| / 2 and -D / (2 beta_k)).
 
     Layout: for D <= ``_PACKED_MAX_DIM`` both the squared distances and S_k come from the
     packed features f(x) = (x_i x_j)_{i<=j}: (x - m)^T Lambda (x - m) = f(x) . a(Lambda)
@@ -848,19 +898,55 @@ def one_pass_sums(x: Array, log_const: Array, locs: Array, precision_cholesky: A
         log_norm = jax.nn.logsumexp(logp, axis=-1)
         log_resp = logp - log_norm[:, None]
         resp = _masked(jnp.exp(log_resp), wb)
+        sq_radius = _masked(jnp.sum(xc * xc, axis=-1), wb)
         totals = (jnp.sum(resp, axis=0), resp.T @ xc, scatter(resp, xc, feats))
         if keep_responsibilities:
-            return (log_norm, resp), totals + (jnp.sum(resp * log_resp),)
-        return log_norm, totals
+            return (log_norm, resp, sq_radius), totals + (jnp.sum(resp * log_resp),)
+        return (log_norm, sq_radius), totals
 
     rows, totals = _over_chunks(chunk_fn, _with_weights(x, weights), chunk_size)
     totals = _total(totals, shards)
     if keep_responsibilities:
-        (log_norm, resp), (counts, first, sums, neg_entropy) = rows, totals
+        (log_norm, resp, sq_radius), (counts, first, sums, neg_entropy) = rows, totals
     else:
-        (log_norm, resp), (counts, first, sums) = (rows, None), totals
+        ((log_norm, sq_radius), resp), (counts, first, sums) = (rows, None), totals
         neg_entropy = jnp.zeros((), x.dtype)
-    return OnePassSums(log_norm, resp, neg_entropy, centre, counts, first, finish(sums))
+    max_sq_radius = jnp.max(sq_radius)
+    if shards is not None:
+        max_sq_radius = lax.pmax(max_sq_radius, shards.axes)
+    return OnePassSums(log_norm, resp, neg_entropy, centre, counts, first, finish(sums),
+                       max_sq_radius)
+
+
+# The one-pass step's uncentred sums and quadratic forms lose about
+# eps * max_n ||x_n - c||^2 * lambda_max(Lambda_k) of relative accuracy (Lambda_k the
+# precisions entering or leaving the step). Above this, the step is recomputed by the centred
+# two-pass route: at 1e-7 the one-pass log-likelihood still agrees with scikit-learn to a few
+# 1e-9 relative and a collapsed component's covariance to ~2e-7 relative (docs/em.md, sec. 4).
+_ONE_PASS_MAX_RISK = 1e-7
+
+
+def one_pass_risk(sums: OnePassSums, *precision_cholesky: Array) -> Array:
+    """``[]`` eps * max_n ||x_n - c||^2 * max_k ||U_k||_F^2 over the given ``[K, D, D]``
+    precision factors (||U_k||_F^2 = Tr Lambda_k >= lambda_max): a bound, up to a small
+    factor, on the relative roundoff of :func:`one_pass_sums`' uncentred statistics."""
+    trace = jnp.max(jnp.stack([jnp.max(jnp.sum(u * u, axis=(-2, -1)))
+                               for u in precision_cholesky]))
+    return jnp.finfo(sums.centre.dtype).eps * sums.max_sq_radius * trace
+
+
+@jax.custom_batching.custom_vmap
+def _any_over_batch(flag: Array) -> Array:
+    """``flag`` itself; under ``vmap`` one unbatched ``any`` over the batch, so that a
+    ``lax.cond`` on it stays a branch (taken for every member when any needs it) instead of
+    becoming a select that computes both branches for all."""
+    return flag
+
+
+@_any_over_batch.def_vmap
+def _any_over_batch_rule(axis_size, in_batched, flag):
+    del axis_size
+    return (jnp.any(flag) if in_batched[0] else flag), False
 
 
 def _one_pass_full(state: GMMState, x: Array, chunk_size: int, weights: Array | None = None,
@@ -881,17 +967,29 @@ def _one_pass_full(state: GMMState, x: Array, chunk_size: int, weights: Array | 
     weights = counts / jnp.sum(counts)
     params = (weights, new_means_c + sums.centre[None, :], covariances,
               Full()._precision_cholesky(covariances, products_only=shards is not None))
-    return sums.log_norm, sums.counts, params
+    risk = one_pass_risk(sums, state.precision_cholesky, params[3])
+    return (sums.log_norm, sums.counts, params), risk
+
+
+def _two_pass(state: GMMState, x: Array, chunk_size: int, weights: Array | None = None,
+              shards: _Shards | None = None):
+    """The centred two-pass E + M step: ``(log p(x_n) [N], N_k [K], parameters)``."""
+    resp, log_norm, counts, first_moment, centre = _e_step(state, x, chunk_size, weights,
+                                                           shards)
+    params = _m_step(state.covariance_type, x, resp, counts, first_moment, centre,
+                     state.reg_covar, chunk_size, shards)
+    return log_norm, counts, params
 
 
 def _step(state: GMMState, x: Array, chunk_size: int, weights: Array | None = None,
           shards: _Shards | None = None) -> tuple[GMMState, EMInfo]:
     if isinstance(state.covariance_type, Full) and x.dtype == jnp.float64:
-        log_norm, counts, params = _one_pass_full(state, x, chunk_size, weights, shards)
+        one_pass, risk = _one_pass_full(state, x, chunk_size, weights, shards)
+        log_norm, counts, params = lax.cond(
+            _any_over_batch(~(risk <= _ONE_PASS_MAX_RISK)),  # NaN risk: indefinite result
+            lambda: _two_pass(state, x, chunk_size, weights, shards), lambda: one_pass)
     else:
-        resp, log_norm, counts, weighted_sum = _e_step(state, x, chunk_size, weights, shards)
-        params = _m_step(state.covariance_type, x, resp, counts, weighted_sum,
-                         state.reg_covar, chunk_size, shards)
+        log_norm, counts, params = _two_pass(state, x, chunk_size, weights, shards)
     log_lik = _row_mean(_masked(log_norm, weights), shards)
     new_state = _with_parameters(state, params)._replace(
         iteration=state.iteration + 1, last_log_likelihood=log_lik)
@@ -946,8 +1044,7 @@ def init(
     if chunk_size is None:
         chunk_size = _default_chunk_size(x.shape[0], num_components, x.shape[1])
     resp = init_method._responsibilities(rng_key, x, num_components)
-    params = _m_step(covariance_type, x, resp, jnp.sum(resp, axis=0), resp.T @ x, reg_covar,
-                     chunk_size)
+    params = _m_step(covariance_type, x, resp, *_moments(x, resp), reg_covar, chunk_size)
     return _new_state(params, reg_covar, covariance_type)
 
 
@@ -969,7 +1066,7 @@ def state_from_parameters(
     """A :class:`GMMState` from given mixture parameters (e.g. to start EM from a known point).
 
     Args:
-      weights: ``[K]``, non-negative, summing to one.
+      weights: ``[K]``, non-negative, summing to one within 1e-6 (then renormalised).
       means: ``[K, D]``; its dtype is the state's dtype.
       covariances: shape per ``covariance_type`` (``[K, D, D]``, ``[K, D]`` or ``[K]``),
         positive definite.
@@ -999,9 +1096,11 @@ def state_from_parameters(
         raise ValueError("`means` must be finite")
     if _is_concrete(weights):
         w = np.asarray(weights)
-        atol = 1e-6 if w.dtype == np.float32 else 1e-10
-        if np.any(w < 0) or not abs(w.sum() - 1) <= atol:
-            raise ValueError(f"`weights` must be non-negative and sum to one; got {w}")
+        # Loose enough for weights normalised in float32 (K * 6e-8), then renormalised.
+        if np.any(~(w >= 0)) or not abs(w.sum() - 1) <= 1e-6:
+            raise ValueError("`weights` must be non-negative and sum to one (within 1e-6); "
+                             f"got {w} (sum - 1 = {w.sum() - 1:+.3g})")
+    weights = weights / jnp.sum(weights)
     if _is_concrete(covariances):
         covariance_type._check_covariances(np.asarray(covariances))
     reg_covar = _check_reg_covar(reg_covar, means.dtype)
@@ -1061,8 +1160,8 @@ def m_step(state: GMMState, x: Array, responsibilities: Array, *,
     arrays."""
     x = _check_state(state, x)
     resp = _check_responsibilities(responsibilities, state, x)
-    params = _m_step(state.covariance_type, x, resp, jnp.sum(resp, axis=0), resp.T @ x,
-                     state.reg_covar, _chunk(state, x.shape[0], _check_chunk_size(chunk_size)))
+    params = _m_step(state.covariance_type, x, resp, *_moments(x, resp), state.reg_covar,
+                     _chunk(state, x.shape[0], _check_chunk_size(chunk_size)))
     return _with_parameters(state, params)
 
 
@@ -1101,7 +1200,8 @@ def fit_from_state(
     """
     x = _check_state(state, x)
     max_iter = _check_positive_int(max_iter, "max_iter")
-    if _is_concrete(tol) and not (np.ndim(tol) == 0 and float(tol) >= 0):
+    tol_value = _concrete_real_scalar(tol, "tol")
+    if tol_value is not None and not tol_value >= 0:  # also rejects NaN
         raise ValueError(f"`tol` must be a scalar >= 0; got {tol!r}")
     chunk_size = _check_chunk_size(chunk_size)
     _check_mesh(mesh)
@@ -1212,7 +1312,9 @@ def elbo(state: GMMState, x: Array, responsibilities: Array) -> Array:
     """
     x = _check_state(state, x)
     q = _check_responsibilities(responsibilities, state, x)
-    per_point = jnp.sum(q * _rows_log_joint(state, x) - jax.scipy.special.xlogy(q, q), axis=-1)
+    # q log p with 0 log 0 = 0 also where log p = -inf (a component of weight zero).
+    q_log_joint = jnp.where(q > 0, q * _rows_log_joint(state, x), 0.0)
+    per_point = jnp.sum(q_log_joint - jax.scipy.special.xlogy(q, q), axis=-1)
     return jnp.mean(per_point)
 
 
@@ -1235,7 +1337,8 @@ def sample(rng_key: Array, state: GMMState, num_samples: int) -> tuple[Array, Ar
     num_samples = _check_positive_int(num_samples, "num_samples")
     key_z, key_x = jax.random.split(rng_key)
     dtype = state.means.dtype
-    z = jax.random.categorical(key_z, jnp.log(state.weights), shape=(num_samples,))
+    # Inverse-CDF draw (O(S) memory; categorical's Gumbel trick would hold [S, K] noise).
+    z = jax.random.choice(key_z, state.weights.shape[0], (num_samples,), p=state.weights)
     eps = jax.random.normal(key_x, (num_samples, state.means.shape[-1]), dtype)
     noise = state.covariance_type._scale_noise(state.covariances, z, eps)
     return state.means[z] + noise, z.astype(jnp.int32)

@@ -243,7 +243,10 @@ def statistics(responsibilities: Array, x: Array) -> Statistics:
     [N, K] (PRML 10.51-10.53). Like scikit-learn, divides by ``N_k + 10 eps`` so empty
     components give finite values. Unchecked; the fields are in the dtype of ``x``."""
     counts = jnp.sum(responsibilities, axis=0)
-    weighted_sum = responsibilities.T @ x
+    # sum r x about the data mean c, so float32 sums stay accurate far from the origin.
+    centre = jnp.mean(x, axis=0)
+    weighted_sum = (responsibilities.T @ (x - centre[None, :])
+                    + counts[:, None] * centre[None, :])
     eps = jnp.finfo(x.dtype).eps
     means = weighted_sum / (counts + 10.0 * eps)[:, None]
 
@@ -471,8 +474,14 @@ def _one_pass_step(state: BGMMState, x: Array, prior: BGMMPrior,
     def quad_about(loc):
         return sums.scatter_about(loc - sums.centre[None, :])
 
-    return _update_and_elbo(sums.responsibilities, stats, quad_about, sums.neg_entropy, prior,
-                            products_only)
+    one_pass = _update_and_elbo(sums.responsibilities, stats, quad_about, sums.neg_entropy,
+                                prior, products_only)
+    # Too little accuracy left in the uncentred sums (em.one_pass_risk)? Redo it centred.
+    new_chol = _log_rho_as_gaussian(one_pass[0], _expectations(one_pass[0], products_only))[1]
+    risk = em.one_pass_risk(sums, chol, new_chol)
+    return jax.lax.cond(
+        em._any_over_batch(~(risk <= em._ONE_PASS_MAX_RISK)),
+        lambda: _two_pass_step(state, x, prior, chunk_size, weights, shards), lambda: one_pass)
 
 
 def _chunk(state: BGMMState, x: Array, chunk_size: int | None) -> int:
@@ -522,12 +531,13 @@ def _two_pass_step(state: BGMMState, x: Array, prior: BGMMPrior,
                    chunk_size: int | None = None, weights: Array | None = None,
                    shards=None) -> tuple[BGMMState, BGMMInfo]:
     """One sweep of the three block updates and the ELBO after it in two streamed passes over
-    ``x``, centred (float32).
+    ``x``, centred at the data mean c (float32, and float64 where the one-pass sums would
+    lose accuracy).
 
     Equal to ``sweep(UPDATE_FNS, ...)`` then :func:`elbo`: q(pi) and q(mu, Lambda) depend on
     q(Z) only, so both come from one :func:`conjugate_update` of the new responsibilities'
     statistics. Pass 1 (:func:`vijax.em.e_step_sums`, the EM E-step's kernel with ln rho as
-    its log-joint): responsibilities, N_k, sum r x and sum r ln r; pass 2
+    its log-joint, on x - c): responsibilities, N_k, sum r (x - c) and sum r ln r; pass 2
     (:func:`vijax.em.scatter_sums`): the scatter about the new means xbar_k, as scikit-learn
     computes it. The ELBO follows from these (:func:`_update_and_elbo`, with Q_k = N_k S_k +
     N_k (xbar_k - m_k)(xbar_k - m_k)^T, no cancellation). Inside :func:`vijax.em._on_mesh`
@@ -537,16 +547,20 @@ def _two_pass_step(state: BGMMState, x: Array, prior: BGMMPrior,
     products_only = shards is not None
     log_const, chol = _log_rho_as_gaussian(state, _expectations(state, products_only))
     full = em.Full()
-    terms = full._mahalanobis_terms(state.loc, chol)
+    centre = em._row_mean(x, shards)  # both passes work on x - c
+    terms = full._mahalanobis_terms(state.loc - centre[None, :], chol)
 
     def log_rho_chunk(xb):
         return log_const[None, :] - 0.5 * full._sq_mahalanobis(xb, terms)
 
     chunk = _chunk(state, x, chunk_size)
-    resp, _, counts, weighted_sum, neg_entropy = em.e_step_sums(
-        log_rho_chunk, x, chunk, with_entropy=True, weights=weights, shards=shards)
-    means = weighted_sum / (counts + 10.0 * jnp.finfo(x.dtype).eps)[:, None]
-    scatter = em.scatter_sums(full, x, resp, means, chunk, shards)
+    resp, _, counts, first_moment, neg_entropy = em.e_step_sums(
+        log_rho_chunk, x, chunk, with_entropy=True, weights=weights, shards=shards,
+        centre=centre)
+    means_c = first_moment / (counts + 10.0 * jnp.finfo(x.dtype).eps)[:, None]
+    scatter = em.scatter_sums(full, x, resp, means_c, chunk, shards, centre)
+    means = means_c + centre[None, :]
+    weighted_sum = first_moment + counts[:, None] * centre[None, :]
 
     def quad_about(loc):
         offset = means - loc
@@ -579,8 +593,10 @@ def step(state: BGMMState, x, prior: BGMMPrior, *, mesh=None
 
     Pure and jit-able (``jax.jit(step)``, or ``jax.jit(step, static_argnames="mesh")``); the
     per-iteration unit used by benchmarks and the equivalent of one scikit-learn ``_e_step`` +
-    ``_m_step``. float64 data take the one-pass sweep (x read once), float32 the centred
-    two-pass sweep (the E-step, then the scatter about the new means, as scikit-learn); both
+    ``_m_step``. float64 data take the one-pass sweep (x read once; the centred two-pass
+    sweep instead when :func:`vijax.em.one_pass_risk` says its uncentred sums would lose
+    accuracy), float32 the centred two-pass sweep (the E-step, then the scatter about the new
+    means, as scikit-learn); both
     stream x in row chunks and take the ELBO from the sweep's statistics.
 
     Args:
@@ -650,8 +666,10 @@ def fit(state: BGMMState, x, prior: BGMMPrior, *, tol: float = 1e-8, max_iter: i
     """CAVI to convergence with :func:`vijax.meanfield.cavi` (relative ELBO tolerance ``tol``).
 
     Each iteration is :func:`step`: float64 data take the one-pass sweep (x read once per
-    iteration, the ELBO from its sufficient statistics), float32 the three block updates and
-    the full ELBO; both run the loop and stopping rule of :func:`vijax.meanfield.cavi`.
+    iteration, the ELBO from its sufficient statistics; the centred two-pass sweep instead
+    where the uncentred sums would lose accuracy), float32 the centred two-pass sweep (equal
+    to the three block updates and the full ELBO); both run the loop and stopping rule of
+    :func:`vijax.meanfield.cavi`.
 
     Args:
       state, x, prior: as in :func:`step`.
