@@ -44,12 +44,15 @@ ESTIMATORS = {
     "stl": velbo.StickingTheLanding,
     "dreg": velbo.DReG,
 }
-OBJECTIVES = {
-    # name: (class, estimators it supports)
-    "elbo": (vae.ELBOAnalyticKL, ("pathwise", "score", "score-loo")),
-    "elbo-mc": (vae.ELBOMonteCarlo, ("pathwise", "score", "score-loo", "stl")),
-    "iwae": (vae.IWAE, ("pathwise", "score", "score-loo", "stl", "dreg")),
-}
+OBJECTIVES = {"elbo": vae.ELBOAnalyticKL, "elbo-mc": vae.ELBOMonteCarlo, "iwae": vae.IWAE}
+
+
+def estimator_names(objective_cls) -> tuple[str, ...]:
+    """The --estimator names an objective class accepts (from its ``estimators`` attribute)."""
+    return tuple(name for name, make in ESTIMATORS.items()
+                 if isinstance(make(), objective_cls.estimators))
+
+
 SCHEDULES = {"constant": vt.ConstantLR, "iwae": vt.IwaeLR, "cosine": vt.CosineLR}
 IWAE_PAPER_EPOCHS = int(vt.IwaeLR().stage_ends()[-1])  # 3280
 
@@ -67,28 +70,36 @@ def make_parser() -> argparse.ArgumentParser:
                         "../shared/data/mnist, or TensorFlow Datasets)")
     p.add_argument("--num-train", type=int, default=None,
                    help="use only the first N MNIST training images")
-    p.add_argument("--latent-dim", type=int, default=None, help="L (default 50)")
+    p.add_argument("--latent-dim", type=int, default=None,
+                   help="L (default 50; 2 with --quick --dataset digits)")
     p.add_argument("--hidden-sizes", type=int, nargs="+", default=None,
-                   help="encoder hidden widths, decoder reversed (default 200 200)")
+                   help="encoder hidden widths, decoder reversed (default 200 200; 100 100 with "
+                        "--quick --dataset digits)")
     p.add_argument("--objective", choices=tuple(OBJECTIVES), default="elbo",
                    help="elbo (default): analytic-KL ELBO; elbo-mc: Monte Carlo ELBO; iwae: "
                         "IWAE bound")
     p.add_argument("--num-samples", type=int, default=None,
                    help="K samples per example in the objective (default 1; 5 for iwae)")
     p.add_argument("--estimator", choices=tuple(ESTIMATORS), default="pathwise",
-                   help="gradient estimator (default pathwise; score-loo: score function with "
-                        "the leave-one-out baseline, VIMCO for iwae, K >= 2)")
+                   help="gradient estimator (default pathwise); "
+                        + "; ".join(f"{name} accepts {', '.join(estimator_names(cls))}"
+                                    for name, cls in OBJECTIVES.items())
+                        + ". score-loo: score function with the leave-one-out baseline (VIMCO "
+                          "for iwae), needs --num-samples >= 2")
     p.add_argument("--binarization", choices=("dynamic", "fixed"), default="dynamic",
                    help="dynamic (default): a fresh Bernoulli draw per epoch; fixed: one draw")
     p.add_argument("--epochs", type=int, default=None,
-                   help=f"epochs (default 200; 10 with --quick; {IWAE_PAPER_EPOCHS} with "
-                        "--lr-schedule iwae)")
-    p.add_argument("--batch-size", type=int, default=None, help="default 100")
+                   help=f"epochs (default 200, or {IWAE_PAPER_EPOCHS} with --lr-schedule iwae; "
+                        "with --quick 10 for mnist, 100 for digits, whatever the schedule)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="default 100 (50 with --quick --dataset digits)")
     p.add_argument("--learning-rate", type=float, default=None,
                    help="Adam's (peak) learning rate (default 1e-3)")
     p.add_argument("--lr-schedule", choices=tuple(SCHEDULES), default=None,
                    help="cosine (default): decay to lr/10 over the run; constant; iwae: Burda "
-                        "et al.'s 3^i epochs at lr*10^(-i/7), i = 0..7 (3280 epochs)")
+                        "et al.'s 3^i epochs at lr*10^(-i/7), i = 0..7 (3280 epochs); a shorter "
+                        "run (--epochs, or --quick) follows its first stages (e.g. 10 epochs: "
+                        "1 at lr, 3 at lr*10^(-1/7), 6 at lr*10^(-2/7))")
     p.add_argument("--seed", type=int, default=None, help="default 0")
     p.add_argument("--eval-num-samples", type=int, default=None,
                    help="k of the final importance-sampling log p(x) (default 5000)")
@@ -114,22 +125,28 @@ def config_from_args(args: argparse.Namespace) -> vt.Config:
         dataset = vt.Mnist(data_dir=args.data_dir, num_train=args.num_train)
     base = vt.quick_config(dataset) if args.quick else vt.Config(dataset=dataset)
 
-    objective_cls, allowed = OBJECTIVES[args.objective]
+    objective_cls = OBJECTIVES[args.objective]
+    allowed = estimator_names(objective_cls)
     if args.estimator not in allowed:
         raise ValueError(f"--estimator {args.estimator} does not apply to --objective "
                          f"{args.objective}; choose one of {', '.join(allowed)}")
     objective_kwargs = {"estimator": ESTIMATORS[args.estimator]()}
     if args.num_samples is not None:
         objective_kwargs["num_samples"] = args.num_samples
+    try:
+        objective = objective_cls(**objective_kwargs)
+    except (TypeError, ValueError) as err:  # e.g. score-loo with K = 1
+        raise ValueError(f"--objective {args.objective} --estimator {args.estimator}: {err} "
+                         "(num_samples is --num-samples)") from err
     overrides = {
-        "objective": objective_cls(**objective_kwargs),
+        "objective": objective,
         "binarization": (vt.DynamicBinarization() if args.binarization == "dynamic"
                          else vt.FixedBinarization()),
     }
     if args.lr_schedule is not None:
         overrides["schedule"] = SCHEDULES[args.lr_schedule]()
-        if args.lr_schedule == "iwae" and args.epochs is None:
-            overrides["epochs"] = IWAE_PAPER_EPOCHS
+        if args.lr_schedule == "iwae" and args.epochs is None and not args.quick:
+            overrides["epochs"] = IWAE_PAPER_EPOCHS  # --quick keeps its epochs (a truncated run)
     for flag, field in (("latent_dim", "latent_dim"), ("epochs", "epochs"),
                         ("batch_size", "batch_size"), ("learning_rate", "learning_rate"),
                         ("seed", "seed"), ("eval_num_samples", "eval_num_samples"),

@@ -7,6 +7,7 @@ import gzip
 import pathlib
 import sys
 import types
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -158,6 +159,25 @@ def test_read_idx_rejects_corrupt_files(tmp_path, corruption, match):
     assert str(path) in str(info.value)
 
 
+def test_read_idx_turns_corrupt_deflate_data_into_a_value_error(tmp_path):
+    # A valid gzip header with damaged compressed data: zlib (not gzip) reports it.
+    pixels = (np.arange(3 * 28 * 28) % 7).astype(np.uint8).reshape(3, 28, 28)
+    plain = tmp_path / "good-idx3-ubyte"
+    _write_idx(plain, pixels)
+    good = tmp_path / "good-idx3-ubyte.gz"
+    good.write_bytes(gzip.compress(plain.read_bytes(), mtime=0))  # 10-byte header, no name
+    np.testing.assert_array_equal(data.read_idx(good), pixels)
+    damaged = bytearray(good.read_bytes())
+    for i in range(10, 20):  # the first bytes of the deflate data
+        damaged[i] ^= 0xFF
+    path = tmp_path / "bad-idx3-ubyte.gz"
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(ValueError, match="corrupt gzip stream") as info:
+        data.read_idx(path, expected_magic=2051)
+    assert str(path) in str(info.value)
+    assert isinstance(info.value.__cause__, zlib.error)
+
+
 def test_load_mnist_rejects_folder_with_wrong_sizes(tmp_path):
     for key, name in data.MNIST_FILES.items():
         if key.endswith("images"):
@@ -286,6 +306,16 @@ def test_dynamic_binarize_statistics_and_freshness():
 def test_dynamic_binarize_keeps_float64(x64):
     out = data.dynamic_binarize(jax.random.key(0), _intensities((3, 5), dtype=np.float64))
     assert out.dtype == jnp.float64
+
+
+def test_dynamic_binarize_under_jit_keeps_nan_and_clips_out_of_range_values():
+    # Under jit the values cannot be checked: a NaN pixel must stay NaN (not become 0), and
+    # values outside [0, 1] behave as probabilities clipped to [0, 1].
+    images = jnp.array([[jnp.nan, 0.0, 1.0, 7.0, -3.0, jnp.inf, -jnp.inf, jnp.nan]] * 50)
+    out = np.asarray(jax.jit(data.dynamic_binarize)(jax.random.key(0), images))
+    assert out.shape == images.shape and out.dtype == np.float32
+    assert np.all(np.isnan(out[:, [0, 7]]))
+    np.testing.assert_array_equal(out[:, 1:7], np.tile([0.0, 1.0, 1.0, 0.0, 1.0, 0.0], (50, 1)))
 
 
 def test_fixed_binarize_is_deterministic_and_unbiased():

@@ -124,6 +124,17 @@ def test_modules_under_jit_and_vmap_with_leading_axes():
     np.testing.assert_allclose(probs, jax.nn.sigmoid(logits), rtol=1e-6)
 
 
+@pytest.mark.parametrize("dtype, out_dtype", [(jnp.bfloat16, jnp.float32),
+                                              (jnp.float32, jnp.float32),
+                                              (jnp.float64, jnp.float64)])
+def test_parameters_are_float32_and_outputs_promote_with_the_input(dtype, out_dtype, x64):
+    model = vnn.iwae_mnist_vae(hidden_sizes=(8,), latent_dim=2, data_dim=16)
+    x = jnp.full((1, 16), 0.5, dtype)
+    params = model.init(jax.random.key(0), x)
+    assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+    assert model.apply(params, x).dtype == out_dtype
+
+
 def test_default_architecture_is_iwae_784_200_200_50():
     model = vnn.iwae_mnist_vae()
     params = model.init(jax.random.key(0), jnp.zeros((1, 784)))["params"]

@@ -6,6 +6,7 @@ closed form (float64 numpy), numpy forward passes, and hand-written formulas.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -407,3 +408,65 @@ def test_bad_images_raise_clear_errors():
         vae.IWAE(num_samples=0)
     with pytest.raises(TypeError, match="num_samples"):
         vae.evaluate_bounds(key, state.params, model, images, num_samples=(2.5,))
+
+
+@pytest.mark.parametrize("binarize", [True, False])
+def test_jitted_epoch_with_a_nan_pixel_gives_nan_losses_from_its_batch_on(binarize):
+    # Under jit pixel values are not checked; a NaN pixel must reach the loss (also through the
+    # dynamic binarization), not be trained on silently.
+    model, images = _small_problem(seed=2, n=48)
+    optimizer = optax.adam(1e-2)
+    state = vae.init_train_state(jax.random.key(0), model, optimizer, 16)
+    key = jax.random.key(5)
+    indices, _ = vae.epoch_plan(key, 48, 12)
+    bad_step = 2
+    bad_row = int(indices[bad_step, 4])
+    epoch = jax.jit(vae.make_train_epoch(model, optimizer, vae.ELBOAnalyticKL(), batch_size=12,
+                                         binarize=binarize))
+    _, metrics = epoch(state, images.at[bad_row, 7].set(jnp.nan), key)
+    loss = np.asarray(metrics["loss"])
+    assert loss.shape == (4,)
+    assert np.all(np.isfinite(loss[:bad_step]))
+    assert np.all(np.isnan(loss[bad_step:]))  # the parameters are NaN after the bad step
+
+
+# The estimators each bound of vijax.elbo documents (elbo_analytic_kl, elbo, iwae_bound).
+DOCUMENTED_ESTIMATORS = {
+    vae.ELBOAnalyticKL: (velbo.Pathwise, velbo.ScoreFunction),
+    vae.ELBOMonteCarlo: (velbo.Pathwise, velbo.ScoreFunction, velbo.StickingTheLanding),
+    vae.IWAE: (velbo.Pathwise, velbo.ScoreFunction, velbo.StickingTheLanding, velbo.DReG),
+}
+
+
+@pytest.mark.parametrize("objective_cls", list(DOCUMENTED_ESTIMATORS))
+def test_objectives_accept_exactly_the_estimators_vijax_elbo_accepts(objective_cls):
+    model, images = _small_problem()
+    params = jax.eval_shape(model.init, jax.random.key(0), images)
+    loo = velbo.ScoreFunction(baseline=velbo.LeaveOneOut())
+    estimators = [velbo.Pathwise(), velbo.ScoreFunction(), velbo.StickingTheLanding(),
+                  velbo.DReG(), loo, "pathwise"]
+    for estimator in estimators:
+        for num_samples in (1, 3):
+            documented = (isinstance(estimator, DOCUMENTED_ESTIMATORS[objective_cls])
+                          and not (estimator == loo and num_samples < 2))
+            # What vijax.elbo's bound does with the combination when traced (eval_shape):
+            unchecked = objective_cls(num_samples=num_samples)
+            object.__setattr__(unchecked, "estimator", estimator)  # bypass the construction check
+            try:
+                jax.eval_shape(lambda p: vae.objective_value(  # noqa: B023
+                    unchecked, jax.random.key(1), p, model, images), params)
+                traced = True
+            except (TypeError, ValueError):
+                traced = False
+            assert traced == documented, (estimator, num_samples)
+            if documented:
+                assert objective_cls(num_samples, estimator).estimator == estimator
+            else:  # refused at construction, before any tracing
+                with pytest.raises((TypeError, ValueError), match="estimator"):
+                    objective_cls(num_samples=num_samples, estimator=estimator)
+    with pytest.raises(TypeError, match="`estimator` for ELBOAnalyticKL"):
+        vae.ELBOAnalyticKL(estimator=velbo.DReG())
+    with pytest.raises(ValueError, match=r"`estimator` ScoreFunction\(LeaveOneOut\(\)\).*>= 2"):
+        vae.IWAE(num_samples=1, estimator=loo)
+    with pytest.raises(ValueError, match="num_samples"):
+        dataclasses.replace(vae.ELBOMonteCarlo(num_samples=2, estimator=loo), num_samples=1)

@@ -200,6 +200,14 @@ def test_resume_config_checks(tiny_runs, tmp_path):
         vt.restore_checkpoint(tmp_path, config)
 
 
+def test_restore_checkpoint_of_an_epoch_not_kept_lists_the_kept_ones(tiny_runs):
+    # keep_checkpoints = 2 and 2 epochs: epochs 1 and 2 are kept, no other.
+    for epoch in (0, 3):
+        with pytest.raises(FileNotFoundError,
+                           match=rf"no checkpoint for epoch {epoch} .*epochs kept: \[1, 2\]"):
+            vt.restore_checkpoint(tiny_runs["straight"], tiny_runs["config"], epoch=epoch)
+
+
 def test_cli_reports_input_problems_in_one_line(tiny_runs, capsys):
     """Re-running a finished command without --resume, or resuming with another architecture:
     exit status 2 and a one-line message naming the fix, no traceback."""
@@ -368,6 +376,36 @@ def test_cli_maps_flags_to_config():
         cli.main(["--epochs", "0", "--workdir", "/nonexistent"])  # Config's ValueError -> usage
 
 
+def test_cli_quick_with_the_iwae_schedule_keeps_the_quick_epochs():
+    parse = cli.make_parser().parse_args
+    for dataset, quick_epochs in ((vt.Mnist(), 10), (vt.Digits(), 100)):
+        argv = ["--quick", "--lr-schedule", "iwae", "--dataset", type(dataset).__name__.lower()]
+        config = cli.config_from_args(parse(argv))
+        assert config.epochs == quick_epochs
+        assert config == dataclasses.replace(vt.quick_config(dataset), schedule=vt.IwaeLR())
+        assert cli.config_from_args(parse(argv + ["--epochs", "7"])).epochs == 7
+    assert cli.config_from_args(parse(["--lr-schedule", "iwae"])).epochs == 3280
+
+
+def test_cli_rejects_an_estimator_the_objective_cannot_use_before_writing_anything(tmp_path,
+                                                                                  capsys):
+    # vijax.elbo's documented estimators: elbo_analytic_kl takes Pathwise and ScoreFunction,
+    # elbo adds StickingTheLanding, iwae_bound adds DReG; LeaveOneOut needs K >= 2.
+    assert cli.estimator_names(vae.ELBOAnalyticKL) == ("pathwise", "score", "score-loo")
+    assert cli.estimator_names(vae.ELBOMonteCarlo) == ("pathwise", "score", "score-loo", "stl")
+    assert cli.estimator_names(vae.IWAE) == ("pathwise", "score", "score-loo", "stl", "dreg")
+    for argv in (["--estimator", "score-loo"],  # elbo with K = 1
+                 ["--objective", "iwae", "--num-samples", "1", "--estimator", "score-loo"],
+                 ["--objective", "elbo", "--estimator", "stl"]):
+        workdir = tmp_path / "run"
+        with pytest.raises(SystemExit) as info:
+            cli.main(["--dataset", "digits", "--no-progress", "--workdir", str(workdir)] + argv)
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert "error:" in err and "estimator" in err and "Traceback" not in err
+        assert not workdir.exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad input
 # ----------------------------------------------------------------------------------------------
@@ -406,3 +444,48 @@ def test_plot_helpers_reject_bad_shapes(tmp_path):
         vt.image_grid(np.zeros((5, 16)), num_rows=2, num_cols=3)
     with pytest.raises(ValueError, match=r"\[n, 2\]"):
         vt.plot_latent_scatter(np.zeros((5, 3)), np.zeros(5), tmp_path / "x.png")
+
+
+def test_nan_training_pixels_that_bypass_validation_stop_the_run(monkeypatch, tmp_path):
+    # prepare_data validates the splits once; should a NaN pixel get past it, the jitted epoch
+    # (dynamic binarization inside) must not train on it silently: the driver's finiteness
+    # check stops after the first epoch.
+    original = vt.prepare_data
+
+    def prepare_with_a_nan(config):
+        dataset, train_images, test_binary = original(config)
+        train_images = train_images.copy()
+        train_images[:, 10] = np.nan
+        return dataset, train_images, test_binary
+
+    monkeypatch.setattr(vt, "prepare_data", prepare_with_a_nan)
+    config = vt.Config(dataset=vt.Digits(), latent_dim=2, hidden_sizes=(8,), epochs=3,
+                       eval_num_samples=5)
+    assert isinstance(config.binarization, vt.DynamicBinarization)
+    with pytest.raises(FloatingPointError, match="epoch 1: non-finite objective"):
+        vt.train_and_evaluate(config, tmp_path, progress=False)
+    assert not (tmp_path / "checkpoints" / "1").exists()
+
+
+def test_plot_reconstructions_with_fewer_test_images_than_columns(tmp_path):
+    from matplotlib.image import imread  # noqa: PLC0415
+
+    originals = np.random.default_rng(0).uniform(size=(8, 16)).astype(np.float32)
+    vt.plot_reconstructions(originals, 1.0 - originals, tmp_path / "r.png")
+    image = imread(tmp_path / "r.png")
+    assert image.ndim == 3 and image[..., :3].std() > 0.05
+
+
+def test_training_curves_show_a_single_epoch_train_point(tmp_path):
+    from matplotlib.image import imread  # noqa: PLC0415
+
+    # Two figures with the same axes (y range from -100, -95, -90): the train objective of a
+    # 1-epoch run is a single point, so it must add pixels of its colour (C0) to the figure.
+    def c0_pixels(train_objective):
+        rows = [{"epoch": 0, "train_objective": float("nan"), "test_elbo": -100.0},
+                {"epoch": 1, "train_objective": train_objective, "test_elbo": -90.0}]
+        vt.plot_training_curves(rows, tmp_path / "c.png")
+        rgb = imread(tmp_path / "c.png")[..., :3]
+        return int(np.sum(np.all(np.abs(rgb - np.array([0.122, 0.467, 0.706])) < 0.05, axis=-1)))
+
+    assert c0_pixels(-95.0) > c0_pixels(float("nan")) + 5

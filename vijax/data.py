@@ -27,6 +27,7 @@ from __future__ import annotations
 import gzip
 import os
 import pathlib
+import zlib
 from typing import Any, NamedTuple
 
 import jax
@@ -107,17 +108,18 @@ def read_idx(path: str | os.PathLike, *, expected_magic: int | None = None) -> n
       dtype (``uint8`` for MNIST).
 
     Raises:
-      ValueError: the header is malformed (non-zero leading bytes, unknown type code, wrong
-        magic number) or the payload size does not equal the product of the header's sizes
-        (a truncated or padded file). The message names the file.
-      OSError / FileNotFoundError: the file cannot be read, or its gzip stream is corrupt.
+      ValueError: the gzip stream is corrupt (bad gzip header, corrupt deflate data, CRC
+        mismatch, truncated stream); the header is malformed (non-zero leading bytes, unknown
+        type code, wrong magic number); or the payload size does not equal the product of the
+        header's sizes (a truncated or padded file). The message names the file.
+      OSError / FileNotFoundError: the file cannot be opened or read.
     """
     path = pathlib.Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except (gzip.BadGzipFile, EOFError) as err:
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
         raise ValueError(f"IDX file {path}: corrupt gzip stream ({err})") from err
     if len(raw) < 4:
         raise ValueError(f"IDX file {path}: {len(raw)} bytes, too short for an IDX header")
@@ -400,14 +402,18 @@ def dynamic_binarize(rng_key: jax.Array, images: jax.Array) -> jax.Array:
       images: intensities in [0, 1], any shape, floating dtype.
 
     Returns:
-      An array of ``images``' shape and dtype holding 0.0 / 1.0.
+      An array of ``images``' shape and dtype holding 0.0 / 1.0, and NaN where ``images`` is
+      NaN (so that a NaN pixel reaching a jitted step gives a NaN loss rather than a silent 0).
 
     Raises:
-      TypeError / ValueError: see :func:`validate_images` (values checked when concrete).
+      TypeError / ValueError: see :func:`validate_images`. Values are checked only for concrete
+      arrays; under ``jit`` (tracers) they are not checked: NaN stays NaN, and other values
+      outside [0, 1] act as if clipped to [0, 1] (above 1 always gives 1, below 0 always 0).
     """
     validate_images(images, ndim=None)
     images = jnp.asarray(images)
-    return jax.random.bernoulli(rng_key, images).astype(images.dtype)
+    draw = jax.random.bernoulli(rng_key, images).astype(images.dtype)
+    return jnp.where(jnp.isnan(images), images, draw)
 
 
 def fixed_binarize(images: np.ndarray, *, seed: int = 0) -> np.ndarray:

@@ -134,6 +134,12 @@ def _score_term(signal: Array, log_q: Array) -> Array:
     return jnp.sum(jax.lax.stop_gradient(signal) * (log_q - jax.lax.stop_gradient(log_q)), axis=0)
 
 
+# The estimators each bound accepts (vijax.vae's objectives check against the same tuples).
+ELBO_ESTIMATORS = (Pathwise, ScoreFunction, StickingTheLanding)
+ELBO_ANALYTIC_KL_ESTIMATORS = (Pathwise, ScoreFunction)
+IWAE_ESTIMATORS = (Pathwise, ScoreFunction, StickingTheLanding, DReG)
+
+
 def _check_loo(estimator: Any, num_samples: int) -> None:
     if isinstance(estimator, ScoreFunction) and isinstance(estimator.baseline, LeaveOneOut):
         if num_samples < 2:
@@ -218,7 +224,7 @@ def elbo(
         non-finite concrete parameters of ``q``; ``LeaveOneOut`` baseline with S < 2.
     """
     num_samples = _q.check_num_samples(num_samples)
-    _q.check_estimator(estimator, (Pathwise, ScoreFunction, StickingTheLanding), "elbo")
+    _q.check_estimator(estimator, ELBO_ESTIMATORS, "elbo")
     shape = _q.check_q(q)
     _check_loo(estimator, num_samples)
     is_score = isinstance(estimator, ScoreFunction)
@@ -278,7 +284,7 @@ def elbo_analytic_kl(
       TypeError / ValueError: as ``elbo``; ``ValueError`` if the KL's shape is not ``[batch]``.
     """
     num_samples = _q.check_num_samples(num_samples)
-    _q.check_estimator(estimator, (Pathwise, ScoreFunction), "elbo_analytic_kl")
+    _q.check_estimator(estimator, ELBO_ANALYTIC_KL_ESTIMATORS, "elbo_analytic_kl")
     shape = _q.check_q(q)
     prior_factors = _q.factors(prior, "prior")
     q_factors = _q.factors(q)
@@ -374,7 +380,7 @@ def iwae_bound(
       TypeError / ValueError: as ``elbo``.
     """
     num_samples = _q.check_num_samples(num_samples)
-    _q.check_estimator(estimator, (Pathwise, ScoreFunction, StickingTheLanding, DReG), "iwae_bound")
+    _q.check_estimator(estimator, IWAE_ESTIMATORS, "iwae_bound")
     shape = _q.check_q(q)
     _check_loo(estimator, num_samples)
     p = _iwae_particles(rng_key, log_joint_fn, q, shape, num_samples, estimator)

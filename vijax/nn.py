@@ -12,8 +12,10 @@ pixel mean.
 
 Shapes: ``data_dim`` = D (784 for MNIST), ``latent_dim`` = L. All modules work on any number of
 leading axes (``[..., D]`` in, ``[..., L]`` out), so the same decoder serves ``[batch, L]`` and
-``[num_samples, batch, L]`` latents. Parameters are created in the input's dtype family by Flax
-(float32 by default); outputs keep the parameter/input dtype.
+``[num_samples, batch, L]`` latents. Parameters are float32 whatever the input's dtype (Flax's
+``nn.Dense`` default ``param_dtype``; these modules do not expose ``param_dtype``); outputs have
+the promoted dtype of input and parameters (float32 for float32 or bfloat16 input, float64 for
+float64 input under ``jax_enable_x64``).
 
 Decoder protocol used by :mod:`vijax.vae`: every decoder has
 ``log_likelihood(z [..., L], x [..., D]) -> [...]`` = ``log p(x | z)`` summed over the D pixels,

@@ -36,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +44,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from vijax import _q
 from vijax import data as vdata
 from vijax import elbo as velbo
 from vijax import marginal
@@ -93,19 +94,34 @@ def _check_num_samples(num_samples) -> None:
     _check_positive_int(num_samples, "num_samples")
 
 
+def _check_objective(objective) -> None:
+    """Construction-time checks of an objective, with :mod:`vijax.elbo`'s own rules: ``num_samples``
+    a positive int, ``estimator`` one of ``type(objective).estimators``, and
+    ``ScoreFunction(LeaveOneOut())`` only with ``num_samples >= 2``."""
+    _check_num_samples(objective.num_samples)
+    _q.check_estimator(objective.estimator, objective.estimators, type(objective).__name__)
+    velbo._check_loo(objective.estimator, objective.num_samples)
+
+
 @dataclasses.dataclass(frozen=True)
 class ELBOAnalyticKL:
     """ELBO with closed-form Gaussian KL: ``mean_s log p(x | z_s) - KL(q(z | x) || N(0, I))``.
 
     Value per example = :func:`vijax.elbo.elbo_analytic_kl` (nats, the ELBO itself, not its
-    negative). ``estimator``: ``vijax.elbo.Pathwise()`` (default) or ``ScoreFunction()``.
+    negative). ``estimator``: ``vijax.elbo.Pathwise()`` (default) or ``ScoreFunction(baseline)``
+    (``LeaveOneOut()`` needs ``num_samples >= 2``).
+
+    Raises:
+      TypeError: ``num_samples`` not an int, or ``estimator`` not one of :attr:`estimators`.
+      ValueError: ``num_samples < 1``, or a ``LeaveOneOut`` baseline with ``num_samples < 2``.
     """
 
+    estimators: ClassVar[tuple[type, ...]] = velbo.ELBO_ANALYTIC_KL_ESTIMATORS
     num_samples: int = 1
     estimator: Any = velbo.Pathwise()
 
     def __post_init__(self):
-        _check_num_samples(self.num_samples)
+        _check_objective(self)
 
     def value(self, rng_key, log_likelihood_fn, q, prior) -> jax.Array:
         """``[batch]`` bound from ``log_likelihood_fn(z [batch, L]) -> [batch]`` and ``q``."""
@@ -118,14 +134,19 @@ class ELBOMonteCarlo:
     """Monte Carlo ELBO ``mean_s [log p(x, z_s) - log q(z_s | x)]``, :func:`vijax.elbo.elbo`.
 
     Value per example: ``[batch]``, in nats, the ELBO itself (not its negative).
-    ``estimator``: ``Pathwise()`` (default), ``ScoreFunction(...)`` or ``StickingTheLanding()``.
+    ``estimator``: ``Pathwise()`` (default), ``ScoreFunction(baseline)`` (``LeaveOneOut()``
+    needs ``num_samples >= 2``) or ``StickingTheLanding()``.
+
+    Raises:
+      TypeError / ValueError: as :class:`ELBOAnalyticKL`.
     """
 
+    estimators: ClassVar[tuple[type, ...]] = velbo.ELBO_ESTIMATORS
     num_samples: int = 1
     estimator: Any = velbo.Pathwise()
 
     def __post_init__(self):
-        _check_num_samples(self.num_samples)
+        _check_objective(self)
 
     def value(self, rng_key, log_likelihood_fn, q, prior) -> jax.Array:
         """``[batch]`` ELBO (nats, not negated) from ``log_likelihood_fn(z [batch, L]) ->
@@ -139,15 +160,20 @@ class IWAE:
     """Importance-weighted bound with ``num_samples`` = K particles, :func:`vijax.elbo.iwae_bound`.
 
     Value per example: ``[batch]``, in nats, the bound itself (not its negative; Burda et al.
-    2016). ``estimator``: ``Pathwise()`` (default), ``ScoreFunction()``,
-    ``StickingTheLanding()`` or ``DReG()``. With K = 1 it equals the single-sample Monte Carlo ELBO.
+    2016). ``estimator``: ``Pathwise()`` (default), ``ScoreFunction(baseline)``
+    (``LeaveOneOut()``, i.e. VIMCO, needs K >= 2), ``StickingTheLanding()`` or ``DReG()``.
+    With K = 1 it equals the single-sample Monte Carlo ELBO.
+
+    Raises:
+      TypeError / ValueError: as :class:`ELBOAnalyticKL`.
     """
 
+    estimators: ClassVar[tuple[type, ...]] = velbo.IWAE_ESTIMATORS
     num_samples: int = 5
     estimator: Any = velbo.Pathwise()
 
     def __post_init__(self):
-        _check_num_samples(self.num_samples)
+        _check_objective(self)
 
     def value(self, rng_key, log_likelihood_fn, q, prior) -> jax.Array:
         """``[batch]`` IWAE-K bound (nats, not negated); arguments as in
@@ -252,7 +278,8 @@ def init_train_state(rng_key: jax.Array, model, optimizer: optax.GradientTransfo
 
 def make_loss_fn(model, objective: Objective) -> Callable:
     """``loss_fn(params, x [batch, D], rng_key) -> []``: minus the batch-mean bound (nats), i.e.
-    the negative ELBO / IWAE bound to minimise. Unchecked (the train step checks ``x``)."""
+    the negative ELBO / IWAE bound to minimise. ``x`` is checked as in :func:`objective_value`
+    (:func:`check_images`: static checks always, value checks only for concrete ``x``)."""
     def loss_fn(params, x, rng_key):
         return -jnp.mean(objective_value(objective, rng_key, params, model, x))
     return loss_fn

@@ -476,10 +476,12 @@ def restore_checkpoint(workdir: str | os.PathLike, config: Config,
     Args:
       workdir: the run's work directory.
       config: the :class:`Config` the run used (it fixes the state's structure).
-      epoch: which checkpoint (None: the latest kept).
+      epoch: which checkpoint (None: the latest kept; only the last ``keep_checkpoints``
+        epochs are kept).
 
     Raises:
-      FileNotFoundError: no checkpoint in ``workdir``.
+      FileNotFoundError: no checkpoint in ``workdir``, or none for ``epoch`` (the message
+        lists the epochs kept).
     """
     workdir = pathlib.Path(workdir)
     _, train_images, _ = prepare_data(config)
@@ -495,6 +497,10 @@ def restore_checkpoint(workdir: str | os.PathLike, config: Config,
     try:
         if manager.latest_step() is None:
             raise FileNotFoundError(f"no checkpoint in {workdir / _CHECKPOINT_DIR}")
+        kept = sorted(manager.all_steps())
+        if epoch is not None and epoch not in kept:
+            raise FileNotFoundError(f"no checkpoint for epoch {epoch!r} in "
+                                    f"{workdir / _CHECKPOINT_DIR}; epochs kept: {kept}")
         item = _restore(manager, template, epoch)
     finally:
         manager.close()
@@ -862,8 +868,13 @@ def plot_image_grid(images: np.ndarray, path: str | os.PathLike, *, title: str,
 
 def plot_reconstructions(originals: np.ndarray, reconstructions: np.ndarray,
                          path: str | os.PathLike, *, num_cols: int = 10) -> None:
-    """Save pairs of rows (test image above, its reconstruction below) as a PNG."""
+    """Save pairs of rows (test image above, its reconstruction below) as a PNG.
+
+    ``originals`` and ``reconstructions`` are ``[n, side*side]``; the first
+    ``n - n % num_cols`` pairs are drawn, ``num_cols`` per row (all ``n`` in one row when
+    ``n < num_cols``)."""
     originals, reconstructions = np.asarray(originals), np.asarray(reconstructions)
+    num_cols = min(num_cols, originals.shape[0])
     n = originals.shape[0] - originals.shape[0] % num_cols
     rows = []
     for start in range(0, n, num_cols):
@@ -880,8 +891,10 @@ def plot_training_curves(rows: Sequence[dict], path: str | os.PathLike) -> None:
     ax = fig.add_subplot()
     train = np.array([r["train_objective"] for r in rows], dtype=float)
     test = np.array([r["test_elbo"] for r in rows], dtype=float)
-    ax.plot(epochs[1:], train[1:], label="train objective (minibatch mean during the epoch)")
-    ax.plot(epochs, test, label="test ELBO")
+    # Markers, so that a 1-epoch run (a single train point) still shows its train objective.
+    ax.plot(epochs[1:], train[1:], marker="o", markersize=3,
+            label="train objective (minibatch mean during the epoch)")
+    ax.plot(epochs, test, marker="o", markersize=3, label="test ELBO")
     finite = np.concatenate([train[np.isfinite(train)], test[np.isfinite(test)]])
     if finite.size:
         # Zoom on the informative range: from the 5th-percentile value up to the best.
