@@ -34,10 +34,10 @@ the per-chunk intermediates stay in cache. A float64 full-covariance step reads 
 quadratic features for D <= 28), unless :func:`one_pass_risk` says those statistics would
 lose accuracy (e.g. a component collapsed far from the data mean), in which case the step is
 recomputed centred; other steps read it twice (E-step, then the centred scatter, as
-scikit-learn does), both about the data mean. ``step``/``fit_from_state``/``fit`` take ``mesh=`` to split
-the rows over several devices (``jax.shard_map``, one ``psum`` of the sums per pass); on a
-CPU with ``--xla_force_host_platform_device_count=<cores>`` that uses every core. See
-``docs/em.md`` for the benchmark against scikit-learn. No function here calls ``jax.jit``:
+scikit-learn does), both about the data mean. ``step``/``fit_from_state``/``fit`` take
+``mesh=`` to split the rows over several devices (``jax.shard_map``, one ``psum`` of the
+sums per pass); on a CPU with ``--xla_force_host_platform_device_count=<cores>`` that uses
+every core. See ``docs/em.md`` for the benchmark against scikit-learn. No function here calls ``jax.jit``:
 the caller decides.
 """
 
