@@ -200,6 +200,25 @@ def test_resume_config_checks(tiny_runs, tmp_path):
         vt.restore_checkpoint(tmp_path, config)
 
 
+def test_resume_allows_a_moved_mnist_folder_but_not_another_split():
+    """The MNIST folder may move between sessions (the loader checks the IDX headers); the
+    subsets used, and the digits split, may not."""
+    def differences(saved, current):
+        return vt._config_differences(vt.config_to_dict(saved), vt.config_to_dict(current),
+                                      allow_epochs=False)
+
+    base = vt.Config(dataset=vt.Mnist(data_dir="/old/mnist", num_train=2000))
+    assert differences(base, dataclasses.replace(base, dataset=vt.Mnist(num_train=2000))) == []
+    for dataset in (vt.Mnist(data_dir="/old/mnist", num_train=1000),
+                    vt.Mnist(data_dir="/new", num_train=2000, num_test=500)):
+        assert differences(base, dataclasses.replace(base, dataset=dataset)) == ["dataset"]
+    digits = vt.Config(dataset=vt.Digits(num_test=297))
+    assert differences(digits, dataclasses.replace(digits, dataset=vt.Digits(num_test=300))) == [
+        "dataset"]
+    assert differences(base, dataclasses.replace(base, latent_dim=3, eval_num_samples=7)) == [
+        "latent_dim"]
+
+
 def test_restore_checkpoint_of_an_epoch_not_kept_lists_the_kept_ones(tiny_runs):
     # keep_checkpoints = 2 and 2 epochs: epochs 1 and 2 are kept, no other.
     for epoch in (0, 3):

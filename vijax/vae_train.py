@@ -370,9 +370,24 @@ _EVALUATION_FIELDS = frozenset({"eval_num_samples", "eval_num_test", "eval_iwae_
                                 "eval_chunk_size", "eval_batch_size", "keep_checkpoints"})
 
 
+# Data-set fields that say only where the data are (the loader checks the IDX headers).
+_DATASET_LOCATION_FIELDS = {"Mnist": ("data_dir",)}
+
+
 def _config_differences(saved: dict, current: dict, *, allow_epochs: bool) -> list[str]:
-    """Fields that differ between two ``config_to_dict`` outputs and matter for training."""
+    """Fields that differ between two ``config_to_dict`` outputs and matter for training
+    (the MNIST folder may move between sessions)."""
     free = _EVALUATION_FIELDS | ({"epochs"} if allow_epochs else set())
+
+    def without_location(config_dict):
+        dataset = config_dict.get("dataset")
+        if not isinstance(dataset, dict):
+            return config_dict
+        location = _DATASET_LOCATION_FIELDS.get(dataset.get("type"), ())
+        return {**config_dict,
+                "dataset": {k: v for k, v in dataset.items() if k not in location}}
+
+    saved, current = without_location(saved), without_location(current)
     keys = sorted(set(saved) | set(current))
     return [k for k in keys if saved.get(k) != current.get(k) and k not in free]
 
@@ -594,9 +609,9 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, resume: bo
       config: the run (:class:`Config`).
       workdir: output folder (created). See the module docstring for its contents.
       resume: continue from the latest checkpoint in ``workdir`` (which must have been written
-        with the same configuration, except that the ``eval_*`` fields and
-        ``keep_checkpoints`` may differ, and ``epochs`` too when the schedule does not depend on
-        it); without a checkpoint, start from scratch. With ``resume=False`` a
+        with the same configuration, except that the ``eval_*`` fields,
+        ``keep_checkpoints`` and an MNIST ``data_dir`` may differ, and ``epochs`` too when the
+        schedule does not depend on it); without a checkpoint, start from scratch. With ``resume=False`` a
         ``workdir`` that already holds checkpoints is refused rather than overwritten.
       progress: show tqdm bars, one over epochs and one over each epoch's steps (None:
         only when stderr is a terminal).
@@ -642,7 +657,7 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, resume: bo
                 raise ValueError(
                     f"cannot resume {workdir}: the configuration differs from the saved one in "
                     f"{', '.join(differences)} (only 'epochs', except with CosineLR, and the "
-                    "evaluation settings may change)")
+                    "evaluation settings and the MNIST data_dir may change)")
             if latest > config.epochs:
                 raise ValueError(f"the checkpoint in {workdir} is at epoch {latest}, past "
                                  f"config.epochs = {config.epochs}")
