@@ -508,3 +508,13 @@ def test_training_curves_show_a_single_epoch_train_point(tmp_path):
         return int(np.sum(np.all(np.abs(rgb - np.array([0.122, 0.467, 0.706])) < 0.05, axis=-1)))
 
     assert c0_pixels(-95.0) > c0_pixels(float("nan")) + 5
+
+
+def test_one_device_fallback_for_an_indivisible_batch_is_logged(monkeypatch, caplog):
+    monkeypatch.setattr(jax, "local_device_count", lambda: 4)
+    config = vt.Config(dataset=vt.Digits(), batch_size=50)
+    with caplog.at_level("WARNING", logger="vijax.vae_train"):
+        assert vt._data_parallel_mesh(config, None) is None
+    assert "batch_size 50 is not divisible by the 4 local devices" in caplog.text
+    with pytest.raises(ValueError, match="divisible"):
+        vt._data_parallel_mesh(config, True)

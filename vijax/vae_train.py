@@ -673,6 +673,9 @@ def _data_parallel_mesh(config: Config, data_parallel: bool | None):
     num_devices = jax.local_device_count()
     if data_parallel is None:
         data_parallel = num_devices > 1 and config.batch_size % num_devices == 0
+        if num_devices > 1 and not data_parallel:
+            logger.warning("batch_size %d is not divisible by the %d local devices: training "
+                           "on one device", config.batch_size, num_devices)
     if not data_parallel:
         return None
     if config.batch_size % num_devices:
