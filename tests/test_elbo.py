@@ -261,10 +261,10 @@ def test_bad_input_errors(problem):
     with pytest.raises(ValueError, match="log_likelihood_fn"):
         velbo.elbo_analytic_kl(key, lambda z: fn(z)[:2], q, distrax.MultivariateNormalDiag(jnp.zeros(LATENT), jnp.ones(LATENT)))
     bad_loc = loc.at[0, 0].set(jnp.nan)
-    with pytest.raises(ValueError, match="q"):
+    with pytest.raises(ValueError, match=r"`q \(its loc/scale parameters\)` contains non-finite"):
         velbo.elbo(key, fn, distrax.MultivariateNormalDiag(bad_loc, scale))
     bad_scale = scale.at[1, 2].set(jnp.inf)
-    with pytest.raises(ValueError, match="q"):
+    with pytest.raises(ValueError, match=r"`q \(its loc/scale parameters\)` contains non-finite"):
         velbo.iwae_bound(key, fn, distrax.MultivariateNormalDiag(loc, bad_scale), num_samples=2)
     with pytest.raises(TypeError, match="estimator"):
         velbo.elbo(key, fn, q, estimator=velbo.DReG())
@@ -272,7 +272,189 @@ def test_bad_input_errors(problem):
         velbo.elbo(key, fn, q, estimator="pathwise")
     with pytest.raises(ValueError, match="num_samples"):
         velbo.elbo(key, fn, q, num_samples=1, estimator=velbo.ScoreFunction(velbo.LeaveOneOut()))
-    with pytest.raises(TypeError, match="q"):
+    with pytest.raises(TypeError, match="`q` must be a distrax.Distribution"):
         velbo.elbo(key, fn, (loc, scale))
     with pytest.raises(ValueError, match="baseline"):
         velbo.elbo(key, fn, q, estimator=velbo.ScoreFunction(baseline=jnp.zeros(BATCH + 1)))
+
+
+# ------------------------------------------------------------------ audit regressions
+
+
+def test_saturated_tanh_q_has_finite_values_equal_to_the_forward_log_det():
+    """float32 tanh(eps) is exactly +-1 for some draws (loc 4, scale 2), where log q through the
+    bijector's inverse is atanh(1) = inf. Reference: the same draws' log weights by hand in
+    float64, log q(z) = log N(eps; loc, scale) - sum_i log(1 - tanh(eps_i)^2)."""
+    loc, scale, k = jnp.full((BATCH, 2), 4.0), jnp.full((BATCH, 2), 2.0), 64
+    base = distrax.MultivariateNormalDiag(loc, scale)
+    tanh = distrax.Block(distrax.Tanh(), 1)
+    make_q = lambda l: distrax.Transformed(distrax.MultivariateNormalDiag(l, scale), tanh)
+    log_joint_fn = lambda z: -0.5 * jnp.sum(z**2, -1)
+    key = jax.random.key(0)
+    keys = jax.random.split(key, k)  # sample s uses the s-th split key
+    assert np.any(np.abs(np.asarray(jax.vmap(lambda kk: make_q(loc).sample(seed=kk))(keys))) == 1.0)
+    eps = np.asarray(jax.vmap(lambda kk: base.sample(seed=kk))(keys), np.float64)  # [K, batch, 2]
+    log_r = np.sum(-0.5 * ((eps - 4.0) / 2.0) ** 2 - np.log(2.0) - 0.5 * np.log(2 * np.pi), -1)
+    log_det = np.sum(2.0 * (np.log(2.0) - eps - np.logaddexp(0.0, -2.0 * eps)), -1)
+    log_w = -0.5 * np.sum(np.tanh(eps) ** 2, -1) - (log_r - log_det)
+    expected = {
+        "elbo": log_w.mean(0),
+        "iwae": scipy.special.logsumexp(log_w, axis=0) - np.log(k),
+        "renyi": (scipy.special.logsumexp(0.5 * log_w, axis=0) - np.log(k)) / 0.5,
+    }
+    pathwise = velbo.Pathwise()
+    objectives = {
+        "elbo": lambda l, e=pathwise: velbo.elbo(key, log_joint_fn, make_q(l), num_samples=k, estimator=e),
+        "iwae": lambda l, e=pathwise: velbo.iwae_bound(key, log_joint_fn, make_q(l), num_samples=k, estimator=e),
+        "renyi": lambda l: velbo.renyi_bound(key, log_joint_fn, make_q(l), alpha=0.5, num_samples=k),
+    }
+    for name, f in objectives.items():
+        value = f(loc)
+        assert value.dtype == jnp.float32
+        np.testing.assert_allclose(value, expected[name], atol=1e-4, rtol=0, err_msg=name)
+        assert np.all(np.isfinite(np.asarray(jax.grad(lambda l: jnp.sum(f(l)))(loc)))), name
+    # the value does not depend on the estimator (their gradients use the inverse; documented)
+    for est in (velbo.ScoreFunction(), velbo.StickingTheLanding()):
+        np.testing.assert_array_equal(objectives["elbo"](loc, est), objectives["elbo"](loc))
+    for est in (velbo.ScoreFunction(velbo.LeaveOneOut()), velbo.StickingTheLanding(), velbo.DReG()):
+        np.testing.assert_array_equal(objectives["iwae"](loc, est), objectives["iwae"](loc))
+
+
+def _truncated_log_joint(outside):
+    """log p(x, z) = -|z - 0.3|^2 / 2 where z_0 <= 1.5, plus ``outside`` (-inf: zero weight) beyond."""
+    def log_joint(z):
+        lp = -0.5 * jnp.sum((z - 0.3) ** 2, -1)
+        return jnp.where(z[:, 0] > 1.5, lp + outside, lp)
+    return log_joint
+
+
+def test_zero_weight_particle_keeps_values_and_gradients_finite(x64):
+    """A particle with log p(x, z_k) = -inf adds nothing to the IWAE bound: every estimator
+    returns log (1/K) sum over the finite particles, and its gradient equals the one for a
+    weight of exp(-1e4) (exactly 0 after normalisation). The ELBO is then -inf."""
+    loc = jnp.array([[1.0, 0.0], [0.8, -0.5], [1.2, 0.3], [1.0, 1.0]])
+    scale = jnp.ones_like(loc)
+    q = distrax.MultivariateNormalDiag(loc, scale)
+    key, k = jax.random.key(3), 16
+    fn_inf, fn_tiny = _truncated_log_joint(-jnp.inf), _truncated_log_joint(-1e4)
+    z = jax.vmap(lambda kk: q.sample(seed=kk))(jax.random.split(key, k))  # [K, batch, 2]
+    outside = np.asarray(z[..., 0] > 1.5)
+    assert np.all(outside.any(0)) and np.all((~outside).any(0))  # both kinds in every example
+    log_w = np.asarray(jax.vmap(lambda z_: fn_tiny(z_) - q.log_prob(z_))(z))
+    expected = scipy.special.logsumexp(np.where(outside, -np.inf, log_w), axis=0) - np.log(k)
+    ref = velbo.iwae_bound(key, fn_inf, q, num_samples=k)
+    np.testing.assert_allclose(ref, expected, rtol=1e-12)
+
+    def grad(fn, est):
+        f = lambda l: jnp.sum(velbo.iwae_bound(key, fn, distrax.MultivariateNormalDiag(l, scale),
+                                               num_samples=k, estimator=est))
+        return np.asarray(jax.grad(f)(loc))
+
+    for est in (velbo.Pathwise(), velbo.ScoreFunction(), velbo.ScoreFunction(baseline=1.0),
+                velbo.ScoreFunction(velbo.LeaveOneOut()), velbo.StickingTheLanding(), velbo.DReG()):
+        np.testing.assert_array_equal(velbo.iwae_bound(key, fn_inf, q, num_samples=k, estimator=est), ref)
+        g = grad(fn_inf, est)
+        assert np.all(np.isfinite(g)), est
+        if not isinstance(getattr(est, "baseline", None), velbo.LeaveOneOut):  # its baseline differs
+            np.testing.assert_allclose(g, grad(fn_tiny, est), rtol=1e-9, atol=1e-12, err_msg=repr(est))
+    for est in (velbo.Pathwise(), velbo.ScoreFunction(), velbo.ScoreFunction(velbo.LeaveOneOut()),
+                velbo.StickingTheLanding()):
+        value = velbo.elbo(key, fn_inf, q, num_samples=k, estimator=est)
+        assert np.all(np.asarray(value) == -np.inf), (est, value)
+
+
+def test_discrete_q_with_a_pathwise_estimator_is_refused():
+    """A Bernoulli draw has no path derivative: Pathwise/STL/DReG would be silently wrong."""
+    q = distrax.Independent(distrax.Bernoulli(logits=jnp.array([[0.2, -0.5, 1.0]])), 1)
+    fn = lambda z: z.astype(jnp.float32) @ jnp.array([1.0, -2.0, 0.5]) - 1.0
+    key = jax.random.key(0)
+    calls = [
+        lambda: velbo.elbo(key, fn, q),
+        lambda: velbo.elbo(key, fn, q, estimator=velbo.StickingTheLanding()),
+        lambda: velbo.iwae_bound(key, fn, q, num_samples=3),
+        lambda: velbo.iwae_bound(key, fn, q, num_samples=3, estimator=velbo.DReG()),
+        lambda: velbo.elbo_analytic_kl(key, fn, q, q),
+        lambda: velbo.renyi_bound(key, fn, q, alpha=0.5, num_samples=3),
+    ]
+    for call in calls:
+        with pytest.raises(TypeError, match=r"`q` draws non-floating samples.*`estimator`.*ScoreFunction"):
+            call()
+    # the score function is accepted; its value is the average over the documented draws
+    value = velbo.elbo(key, fn, q, num_samples=4, estimator=velbo.ScoreFunction())
+    draws = [q.sample(seed=kk) for kk in jax.random.split(key, 4)]
+    np.testing.assert_allclose(value, np.mean([fn(z) - q.log_prob(z) for z in draws], 0), rtol=1e-6)
+
+
+def test_renyi_bound_near_alpha_one_is_accurate_in_float32():
+    """logsumexp((1 - alpha) log_w) - log K cancels near alpha = 1 and / (1 - alpha) amplifies
+    the rounding. Reference: the same float32 log weights reduced in float64."""
+    model = lg.random_model(jax.random.key(0), LATENT, DATA)
+    x, _ = lg.sample(jax.random.key(1), model, BATCH)
+    post_loc, _ = lg.posterior(model, x)
+    q = distrax.MultivariateNormalDiag(post_loc + 0.5, jnp.full_like(post_loc, 0.5))
+    log_joint_fn = lambda z: lg.log_joint(model, x, z)
+    key, k = jax.random.key(10), 50
+    _, log_q = jax.vmap(lambda kk: q.sample_and_log_prob(seed=kk))(jax.random.split(key, k))
+    z = jax.vmap(lambda kk: q.sample(seed=kk))(jax.random.split(key, k))
+    log_w = np.asarray(jax.vmap(log_joint_fn)(z) - log_q, np.float64)
+    alphas = (0.0, 0.5, 1 - 1e-6, 1.0, 1 + 1e-6, 2.0)
+    values = {a: velbo.renyi_bound(key, log_joint_fn, q, alpha=a, num_samples=k) for a in alphas}
+    for a in (1 - 1e-6, 1 + 1e-6):
+        assert values[a].dtype == jnp.float32
+        r = 1.0 - a
+        ref = (scipy.special.logsumexp(r * log_w, axis=0) - np.log(k)) / r
+        np.testing.assert_allclose(values[a], ref, atol=1e-3, rtol=0)
+    # non-increasing in alpha for fixed samples, up to float32 rounding (a few ulps at ~10 nats)
+    for a, b in zip(alphas, alphas[1:]):
+        assert np.all(np.asarray(values[b]) <= np.asarray(values[a]) + 1e-5), (a, b)
+
+
+def test_float32_model_keeps_float32_under_x64(x64):
+    model = lg.random_model(jax.random.key(0), LATENT, DATA, dtype=jnp.float32)
+    x, _ = lg.sample(jax.random.key(1), model, BATCH)
+    f32 = jnp.float32
+    q = distrax.MultivariateNormalDiag(jnp.zeros((BATCH, LATENT), f32), jnp.ones((BATCH, LATENT), f32))
+    prior = distrax.MultivariateNormalDiag(jnp.zeros(LATENT, jnp.float32), jnp.ones(LATENT, jnp.float32))
+    fn = lambda z: lg.log_joint(model, x, z)
+    key = jax.random.key(0)
+    assert fn(q.sample(seed=key)).dtype == jnp.float32
+    for est in (velbo.Pathwise(), velbo.StickingTheLanding(), velbo.ScoreFunction(), velbo.ScoreFunction(1.0),
+                velbo.ScoreFunction(np.zeros(BATCH)), velbo.ScoreFunction(velbo.LeaveOneOut())):
+        assert velbo.elbo(key, fn, q, num_samples=2, estimator=est).dtype == jnp.float32, est
+        assert velbo.iwae_bound(key, fn, q, num_samples=2, estimator=est).dtype == jnp.float32, est
+    out = velbo.elbo_analytic_kl(key, lambda z: lg.log_likelihood(model, x, z), q, prior,
+                                 estimator=velbo.ScoreFunction())
+    assert out.dtype == jnp.float32
+
+
+def test_baseline_broadcastable_to_the_batch_is_accepted(problem):
+    model, x, post_loc, _ = problem
+    _, loc, scale = _diag_q(post_loc)
+    fn = lambda z: lg.log_joint(model, x, z)
+
+    def grad(baseline):
+        f = lambda l: jnp.sum(velbo.elbo(jax.random.key(0), fn, distrax.MultivariateNormalDiag(l, scale),
+                                         num_samples=2, estimator=velbo.ScoreFunction(baseline)))
+        return jax.grad(f)(loc)
+
+    ref = grad(1.5)
+    for baseline in (jnp.full((1,), 1.5), jnp.full((BATCH,), 1.5)):
+        np.testing.assert_allclose(grad(baseline), ref, rtol=1e-12)
+    for shape in ((BATCH + 1,), (2, BATCH)):
+        with pytest.raises(ValueError, match="`estimator.baseline` must be a scalar or broadcastable"):
+            grad(jnp.zeros(shape))
+
+
+def test_analytic_kl_prior_broadcast_and_unsupported_pair(problem):
+    model, x, post_loc, _ = problem
+    q, _, _ = _diag_q(post_loc)
+    fn = lambda z: lg.log_likelihood(model, x, z)
+    key = jax.random.key(1)
+    shared = distrax.MultivariateNormalDiag(jnp.zeros(LATENT), jnp.ones(LATENT))  # batch []
+    per_example = distrax.MultivariateNormalDiag(jnp.zeros((BATCH, LATENT)), jnp.ones((BATCH, LATENT)))
+    with jax.numpy_rank_promotion("raise"):
+        value = velbo.elbo_analytic_kl(key, fn, q, shared)
+    np.testing.assert_allclose(value, velbo.elbo_analytic_kl(key, fn, q, per_example), rtol=1e-12)
+    laplace = distrax.Independent(distrax.Laplace(jnp.zeros(LATENT), jnp.ones(LATENT)), 1)
+    with pytest.raises(TypeError, match=r"no closed-form KL for `q` and `prior`"):
+        velbo.elbo_analytic_kl(key, fn, q, laplace)

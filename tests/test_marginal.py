@@ -109,3 +109,19 @@ def test_jit_no_recompile_and_bad_input(problem):
         marginal.importance_sampling(jax.random.key(0), lambda z: fn(z)[None], q, num_samples=5)
     with pytest.raises(TypeError, match="prior"):
         marginal.naive_monte_carlo(jax.random.key(0), fn, "normal", num_samples=5)
+
+
+def test_importance_sampling_with_a_saturated_tanh_proposal_is_finite():
+    """float32 tanh(eps) is exactly +-1 for some draws; log q must come from the forward log-det
+    (the bijector's inverse gives atanh(1) = inf). Equal to iwae_bound, finite, any chunking."""
+    scale = jnp.full((BATCH, 2), 2.0)
+    base = distrax.MultivariateNormalDiag(jnp.full((BATCH, 2), 4.0), scale)
+    q = distrax.Transformed(base, distrax.Block(distrax.Tanh(), 1))
+    fn = lambda z: -0.5 * jnp.sum(z**2, -1)
+    key = jax.random.key(0)
+    keys = jax.random.split(key, 64)
+    assert np.any(np.abs(np.asarray(jax.vmap(lambda k: q.sample(seed=k))(keys))) == 1.0)
+    for chunk in (None, 5):
+        est = marginal.importance_sampling(key, fn, q, num_samples=64, chunk_size=chunk)
+        assert np.all(np.isfinite(np.asarray(est))), chunk
+        np.testing.assert_allclose(est, velbo.iwae_bound(key, fn, q, num_samples=64), rtol=1e-6)

@@ -122,3 +122,30 @@ def test_bad_input():
         reparam.sample_full_gaussian(key, loc, jnp.zeros((2, 3, 3)))
     with pytest.raises(TypeError, match="bijector"):
         reparam.sample_transformed(key, distrax.Normal(0.0, 1.0), "tanh")
+
+
+def test_transformed_rejects_an_elementwise_bijector_on_vector_events():
+    """distrax.Tanh() acts on scalars: on a [2]-event base its log-det is per coordinate, so
+    log q would silently come back [*batch, 2] and wrong; it must be wrapped in distrax.Block."""
+    base = distrax.MultivariateNormalDiag(jnp.zeros((2, 2)), jnp.ones((2, 2)))
+    message = r"`bijector` acts on events of 0 dimension.*distrax\.Block\(bijector, 1\)"
+    with pytest.raises(ValueError, match=message):
+        reparam.sample_transformed(jax.random.key(0), base, distrax.Tanh())
+    # an element-wise bijector on a scalar-event base is fine
+    scalar_base = distrax.Normal(jnp.zeros(3), jnp.ones(3))
+    z, log_q = reparam.sample_transformed(jax.random.key(0), scalar_base, distrax.Tanh(), sample_shape=(2,))
+    assert z.shape == (2, 3) and log_q.shape == (2, 3)
+    np.testing.assert_allclose(log_q, distrax.Transformed(scalar_base, distrax.Tanh()).log_prob(z), rtol=1e-5)
+
+
+def test_sample_transformed_runs_under_strict_rank_promotion():
+    """Callers may run with jax_numpy_rank_promotion="raise"; distrax's own implicit
+    broadcasting inside sample_and_log_prob must not trip it. Reference: distrax.Transformed."""
+    base = distrax.MultivariateNormalDiag(jnp.zeros((3, 2)), jnp.ones((3, 2)))
+    bijector = distrax.Block(distrax.Tanh(), 1)
+    with jax.numpy_rank_promotion("raise"):
+        z, log_q = reparam.sample_transformed(jax.random.key(0), base, bijector,
+                                              sample_shape=(4,))
+    assert z.shape == (4, 3, 2) and log_q.shape == (4, 3)
+    np.testing.assert_allclose(log_q, distrax.Transformed(base, bijector).log_prob(z),
+                               rtol=1e-5, atol=1e-5)

@@ -46,12 +46,31 @@ def batch_shape(q: PyTree, name: str = "q") -> tuple[int, ...]:
     return shapes.pop()
 
 
-def sample(rng_key: Array, q: PyTree) -> PyTree:
-    """One reparameterized draw from ``q`` (a pytree shaped like ``q``)."""
+def _factor_keys(rng_key: Array, q: PyTree):
+    """The factors of ``q``, its treedef and one key per factor (one key: used as is)."""
     leaves, treedef = jax.tree_util.tree_flatten(q, is_leaf=_is_distribution)
     keys = jax.random.split(rng_key, len(leaves)) if len(leaves) > 1 else [rng_key]
-    draws = [d.sample(seed=k) for d, k in zip(leaves, keys)]
-    return jax.tree_util.tree_unflatten(treedef, draws)
+    return leaves, treedef, keys
+
+
+def sample(rng_key: Array, q: PyTree) -> PyTree:
+    """One reparameterized draw from ``q`` (a pytree shaped like ``q``)."""
+    leaves, treedef, keys = _factor_keys(rng_key, q)
+    return jax.tree_util.tree_unflatten(treedef, [d.sample(seed=k) for d, k in zip(leaves, keys)])
+
+
+def sample_and_log_prob(rng_key: Array, q: PyTree) -> tuple[PyTree, Array]:
+    """The draw of ``sample(rng_key, q)`` and log q(z), ``[*batch]`` (nats), from one forward
+    pass: for a transformed q, log q = log r(eps) - log|det J| at the base draw eps, so no
+    bijector inverse is evaluated (a saturated float32 ``Tanh`` sample, exactly +-1, keeps a
+    finite log q)."""
+    leaves, treedef, keys = _factor_keys(rng_key, q)
+    # distrax's sample_and_log_prob broadcasts [n, *batch] draws against [*batch] parameters
+    # implicitly (its sample does not); allow that inside distrax only, so callers may run
+    # under jax.numpy_rank_promotion("raise").
+    with jax.numpy_rank_promotion("allow"):
+        draws, log_qs = zip(*(d.sample_and_log_prob(seed=k) for d, k in zip(leaves, keys)))
+    return jax.tree_util.tree_unflatten(treedef, list(draws)), sum(log_qs[1:], log_qs[0])
 
 
 def log_prob(q: PyTree, z: PyTree) -> Array:

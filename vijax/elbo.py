@@ -12,10 +12,15 @@ Conventions
 * ``log_joint_fn(z) -> [batch]`` returns log p(x, z) for ONE sample ``z`` shaped like a draw of
   ``q`` (``[batch, latent_dim]``); ``log_likelihood_fn(z) -> [batch]`` returns log p(x | z).
   The objectives write the single-sample computation and ``jax.vmap`` it over samples.
+* z and log q(z) come from one forward pass (distrax ``sample_and_log_prob``), never from the
+  bijector's inverse, so the value stays finite for a transformed ``q`` whose float32 sample
+  saturates (``Tanh`` giving exactly +-1). Only ``ScoreFunction``, ``StickingTheLanding`` and
+  ``DReG`` gradients evaluate log q at a fixed z through the inverse; see their notes.
 * The gradient estimator is chosen by a small frozen dataclass (``Pathwise()``,
   ``ScoreFunction(baseline)``, ``StickingTheLanding()``, ``DReG()``). The *value* returned is
-  the same whatever the estimator; only its gradient differs (it is built as a surrogate
-  ``stop_gradient(value) + (s - stop_gradient(s))``).
+  the same whatever the estimator, bit for bit; only its gradient differs (it is built as a
+  surrogate ``stop_gradient(value) + (s - stop_gradient(s))``, and is ``value`` itself where
+  ``s`` is not finite, e.g. with a -inf log weight).
 
 Sources: lecture 3 ("Variational lower bound", "ELBO gradients", "Reparametrization trick");
 CENG796 notes §3.3, §4.2; Burda, Grosse & Salakhutdinov 2016 (IWAE), eq. (8); Li & Turner 2016
@@ -59,15 +64,18 @@ class Pathwise:
     """Reparameterization (pathwise) gradient: differentiate through z = g(eps, phi).
 
     The default. Needs a reparameterizable ``q`` (Gaussian, or any distrax transformed
-    distribution). Lecture 3, "Reparametrization trick"; CENG796 notes §4.2.
+    distribution); a ``q`` with non-floating (discrete) samples raises ``TypeError``, as it does
+    for ``StickingTheLanding`` and ``DReG``. Lecture 3, "Reparametrization trick"; CENG796
+    notes §4.2.
     """
 
 
 @dataclasses.dataclass(frozen=True)
 class LeaveOneOut:
     """Baseline for ``ScoreFunction``: each sample's learning signal minus the mean of the
-    other samples' (needs ``num_samples >= 2``). For ``iwae_bound`` this is VIMCO's
-    per-sample baseline (Mnih & Rezende 2016, eq. 9, geometric-mean variant)."""
+    other samples' finite ones (needs ``num_samples >= 2``). For ``iwae_bound`` this is VIMCO's
+    per-sample baseline (Mnih & Rezende 2016, eq. 9, geometric-mean variant); a zero-weight
+    (-inf) particle is left out of the others' mean, so the baseline stays finite."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +86,10 @@ class ScoreFunction:
     that does not depend on the sample it multiplies. Works for non-reparameterizable ``q``
     (samples are wrapped in ``stop_gradient``). Lecture 3, "ELBO gradients" (the log-derivative
     trick); CENG796 notes §4.1 "Gradient Computation".
+
+    grad log q(z) at the fixed z goes through the bijector's inverse: for a transformed ``q``
+    whose float32 sample saturates (``Tanh`` at exactly +-1) that gradient is not finite,
+    though the value is. Use ``Pathwise()`` there.
 
     Attributes:
       baseline: ``None`` (no control variate), a number or array broadcastable to ``[batch]``
@@ -92,7 +104,9 @@ class StickingTheLanding:
     """Pathwise gradient with the score term of log q dropped (Roeder et al. 2017, eq. 8):
     log q(z) is evaluated with q's parameters under ``stop_gradient`` while z stays
     reparameterized. Unbiased for the ELBO, zero variance when q is the exact posterior; biased
-    for the IWAE bound with K > 1 (Tucker et al. 2019, §3)."""
+    for the IWAE bound with K > 1 (Tucker et al. 2019, §3). d log q / dz goes through the
+    bijector's inverse, so, as for ``ScoreFunction``, a saturated float32 ``Tanh`` sample gives a
+    non-finite gradient (the value stays finite)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +114,8 @@ class DReG:
     """Doubly-reparameterized gradient for the IWAE bound (Tucker et al. 2019, eq. 5):
     the inference-network gradient sum_k w~_k^2 d log w_k / d z_k dz_k/dphi, the model
     gradient the usual sum_k w~_k grad_theta log p(x, z_k). Unbiased; with K = 1 it is
-    ``StickingTheLanding`` (so ``elbo`` takes that instead)."""
+    ``StickingTheLanding`` (so ``elbo`` takes that instead). Same bijector-inverse caveat as
+    ``StickingTheLanding``."""
 
 
 # ------------------------------------------------------------------ shared pieces
@@ -109,17 +124,24 @@ class DReG:
 def _surrogate(value: Array, surrogate: Array) -> Array:
     """``value`` in the forward pass, the gradient of ``surrogate`` (only) in the backward pass.
 
-    ``surrogate - stop_gradient(surrogate)`` is exactly zero, so the value is bit-identical.
+    ``surrogate - stop_gradient(surrogate)`` is exactly zero where ``surrogate`` is finite, so the
+    value is bit-identical; where it is not (inf - inf = NaN, e.g. from a -inf log weight) the
+    entry is ``value`` itself and passes no gradient.
     """
-    return jax.lax.stop_gradient(value) + (surrogate - jax.lax.stop_gradient(surrogate))
+    out = jax.lax.stop_gradient(value) + (surrogate - jax.lax.stop_gradient(surrogate))
+    return jnp.where(jnp.isfinite(surrogate), out, jax.lax.stop_gradient(value))
 
 
-def _constant_baseline(baseline: Any, shape: tuple[int, ...]) -> Array:
-    """The baseline broadcast explicitly to the batch shape ``shape`` (0 if ``None``)."""
+def _constant_baseline(baseline: Any, shape: tuple[int, ...], dtype: Any) -> Array:
+    """The baseline as ``dtype``, broadcast explicitly to the batch shape ``shape`` (0 if ``None``)."""
     if baseline is None:
-        return jnp.zeros(shape)
-    b = jnp.asarray(baseline)
-    if b.ndim > len(shape) or (b.ndim and tuple(b.shape) != tuple(shape[len(shape) - b.ndim :])):
+        return jnp.zeros(shape, dtype)
+    b = jnp.asarray(baseline, dtype)
+    try:
+        broadcastable = np.broadcast_shapes(b.shape, shape) == tuple(shape)
+    except ValueError:
+        broadcastable = False
+    if not broadcastable:
         raise ValueError(
             f"`estimator.baseline` must be a scalar or broadcastable to the batch shape {shape}; "
             f"got shape {tuple(b.shape)}"
@@ -147,14 +169,43 @@ def _check_loo(estimator: Any, num_samples: int) -> None:
 
 
 def _leave_one_out_mean(values: Array) -> Array:
-    """For ``values: [S, batch]``, the mean over the other S - 1 samples, ``[S, batch]``."""
-    s = values.shape[0]
-    return (jnp.sum(values, axis=0, keepdims=True) - values) / (s - 1)
+    """For ``values: [S, batch]``, the mean over the other samples' finite values, ``[S, batch]``
+    (0 where no other value is finite). Skipping non-finite values (a -inf log weight) keeps the
+    baseline finite; it still never depends on the sample it is subtracted from."""
+    finite = jnp.isfinite(values)
+    v = jnp.where(finite, values, 0)
+    count = jnp.sum(finite, axis=0, keepdims=True) - finite
+    mean = (jnp.sum(v, axis=0, keepdims=True) - v) / jnp.maximum(count, 1)
+    return jnp.where(count > 0, mean, 0)
 
 
-def _draw(rng_key: Array, q: PyTree, *, stop_sample: bool) -> PyTree:
-    z = _q.sample(rng_key, q)
-    return jax.lax.stop_gradient(z) if stop_sample else z
+def _draw(rng_key: Array, q: PyTree, *, stop_sample: bool) -> tuple[PyTree, Array]:
+    """z ~ q and log q(z) ``[*batch]`` from one forward pass (``_q.sample_and_log_prob``)."""
+    z, log_q = _q.sample_and_log_prob(rng_key, q)
+    return jax.lax.stop_gradient((z, log_q)) if stop_sample else (z, log_q)
+
+
+def _check_continuous_q(q: PyTree, estimator: Any, function: str) -> None:
+    """``TypeError`` if ``q`` draws non-floating samples (e.g. Bernoulli) and the gradient is not
+    the score function's: a discrete draw has no path derivative, so a pathwise, STL or DReG
+    gradient would be silently wrong. Checked with ``jax.eval_shape`` (nothing is sampled)."""
+    if isinstance(estimator, ScoreFunction):
+        return
+    draw = jax.eval_shape(lambda: _q.sample(jax.random.key(0), q))
+    bad = sorted({str(x.dtype) for x in jax.tree_util.tree_leaves(draw)
+                  if not jnp.issubdtype(x.dtype, jnp.floating)})
+    if bad:
+        how = ("`estimator=ScoreFunction(...)`" if function != "renyi_bound"
+               else "`elbo`/`iwae_bound` with `estimator=ScoreFunction(...)` (renyi_bound is pathwise only)")
+        raise TypeError(
+            f"`q` draws non-floating samples ({', '.join(bad)}), which have no pathwise gradient: "
+            f"`estimator` {estimator!r} would give a wrong gradient in {function}; use {how}"
+        )
+
+
+def _weighted_sum(weights: Array, x: Array) -> Array:
+    """sum_k weights_k * x_k over axis 0, with zero-weight terms dropped (0 * -inf is not NaN)."""
+    return jnp.sum(jnp.where(weights != 0, weights * x, 0), axis=0)
 
 
 def _log_q_fixed_parameters(q: PyTree, z: PyTree, log_q: Array, batch_ndim: int) -> Array:
@@ -219,24 +270,31 @@ def elbo(
 
     Raises:
       TypeError: ``num_samples`` not an int, ``q`` not a distrax distribution (pytree),
-        unsupported ``estimator``.
+        unsupported ``estimator``; ``q`` with non-floating (discrete) samples and an
+        ``estimator`` other than ``ScoreFunction``.
       ValueError: ``num_samples < 1``; ``log_joint_fn`` output not of shape ``[batch]``;
-        non-finite concrete parameters of ``q``; ``LeaveOneOut`` baseline with S < 2.
+        non-finite concrete parameters of ``q``; ``LeaveOneOut`` baseline with S < 2; a
+        ``baseline`` array not broadcastable to ``[batch]``.
     """
     num_samples = _q.check_num_samples(num_samples)
     _q.check_estimator(estimator, ELBO_ESTIMATORS, "elbo")
     shape = _q.check_q(q)
     _check_loo(estimator, num_samples)
+    _check_continuous_q(q, estimator, "elbo")
     is_score = isinstance(estimator, ScoreFunction)
     is_stl = isinstance(estimator, StickingTheLanding)
 
     def one_sample(key):
-        z = _draw(key, q, stop_sample=is_score)
+        z, log_q = _draw(key, q, stop_sample=is_score)
         log_p = _q.call_log_density(log_joint_fn, z, shape, "log_joint_fn")
-        log_q = _q.log_prob(q, z)
         value = log_p - log_q
-        # STL: same value, but log q's parameters are held fixed (score term dropped).
-        surrogate = log_p - _log_q_fixed_parameters(q, z, log_q, len(shape)) if is_stl else value
+        if is_score:  # log q at the fixed z, differentiable in q's parameters (bijector inverse)
+            log_q = _q.log_prob(q, z)
+            surrogate = log_p - log_q
+        elif is_stl:  # same value, but log q's parameters held fixed (score term dropped)
+            surrogate = log_p - _log_q_fixed_parameters(q, z, log_q, len(shape))
+        else:
+            surrogate = value
         return value, surrogate, log_q
 
     keys = jax.random.split(rng_key, num_samples)
@@ -246,7 +304,7 @@ def elbo(
         if isinstance(estimator.baseline, LeaveOneOut):
             signal = values - _leave_one_out_mean(values)
         else:
-            signal = values - _constant_baseline(estimator.baseline, shape)[None]
+            signal = values - _constant_baseline(estimator.baseline, shape, values.dtype)[None]
         surrogate = surrogate + _score_term(signal, log_qs) / num_samples
     return _surrogate(jnp.mean(values, axis=0), surrogate)
 
@@ -278,10 +336,12 @@ def elbo_analytic_kl(
         KL term is always differentiated exactly.
 
     Returns:
-      ``[batch]`` ELBO estimates (nats).
+      ``[batch]`` ELBO estimates (nats), not the negative ELBO.
 
     Raises:
-      TypeError / ValueError: as ``elbo``; ``ValueError`` if the KL's shape is not ``[batch]``.
+      TypeError: as ``elbo``; distrax has no closed-form KL for a (``q``, ``prior``) factor pair.
+      ValueError: as ``elbo``; ``prior`` with a different number of factors, or a KL whose
+        shape is not ``[batch]``.
     """
     num_samples = _q.check_num_samples(num_samples)
     _q.check_estimator(estimator, ELBO_ANALYTIC_KL_ESTIMATORS, "elbo_analytic_kl")
@@ -291,9 +351,22 @@ def elbo_analytic_kl(
     if len(prior_factors) != len(q_factors):
         raise ValueError("`prior` must have one factor per factor of `q`")
     _check_loo(estimator, num_samples)
+    _check_continuous_q(q, estimator, "elbo_analytic_kl")
     is_score = isinstance(estimator, ScoreFunction)
 
-    kl = sum(qf.kl_divergence(pf) for qf, pf in zip(q_factors, prior_factors))
+    try:
+        # distrax broadcasts a batch-[] prior against q's batch inside its own arithmetic, and a
+        # distrax distribution cannot be broadcast from outside: allow that here only (the
+        # caller's functions keep their numpy_rank_promotion setting); the shape is checked below.
+        with jax.numpy_rank_promotion("allow"):
+            kl = sum(qf.kl_divergence(pf) for qf, pf in zip(q_factors, prior_factors))
+    except NotImplementedError:
+        pairs = ", ".join(f"{type(qf).__name__} || {type(pf).__name__}"
+                          for qf, pf in zip(q_factors, prior_factors))
+        raise TypeError(
+            f"distrax has no closed-form KL for `q` and `prior` ({pairs}); use a `prior` of the "
+            "same family as `q`, or `elbo` with log p(x, z) = log p(x | z) + log p(z)"
+        ) from None
     if tuple(kl.shape) != shape:
         raise ValueError(
             f"KL(q || prior) has shape {tuple(kl.shape)} but q's batch shape is {shape}: "
@@ -301,7 +374,7 @@ def elbo_analytic_kl(
         )
 
     def one_sample(key):
-        z = _draw(key, q, stop_sample=is_score)
+        z, _ = _draw(key, q, stop_sample=is_score)
         log_lik = _q.call_log_density(log_likelihood_fn, z, shape, "log_likelihood_fn")
         log_q = _q.log_prob(q, z) if is_score else jnp.zeros_like(log_lik)
         return log_lik, log_q
@@ -315,7 +388,7 @@ def elbo_analytic_kl(
     if isinstance(estimator.baseline, LeaveOneOut):
         signal = log_liks - _leave_one_out_mean(log_liks)
     else:
-        signal = log_liks - _constant_baseline(estimator.baseline, shape)[None]
+        signal = log_liks - _constant_baseline(estimator.baseline, shape, log_liks.dtype)[None]
     return _surrogate(value, value + _score_term(signal, log_qs) / num_samples)
 
 
@@ -327,7 +400,7 @@ def _iwae_particles(rng_key, log_joint_fn, q, shape, num_samples, estimator):
     batch_ndim = len(shape)
 
     def one_sample(key):
-        z = _draw(key, q, stop_sample=is_score)
+        z, log_q = _draw(key, q, stop_sample=is_score)
         if is_dreg:
             # one forward pass, plus a backward pass for d log p / dz (held constant below)
             log_p, pullback = jax.vjp(
@@ -336,8 +409,10 @@ def _iwae_particles(rng_key, log_joint_fn, q, shape, num_samples, estimator):
             (grad_log_p,) = pullback(jnp.ones_like(log_p))
         else:
             log_p = _q.call_log_density(log_joint_fn, z, shape, "log_joint_fn")
-        log_q = _q.log_prob(q, z)
-        out = {"log_w": log_p - log_q, "log_q": log_q}
+        out = {"log_w": log_p - log_q}
+        if is_score:  # log q at the fixed z, differentiable in q's parameters (bijector inverse)
+            out["log_q"] = _q.log_prob(q, z)
+            out["log_w_fixed_z"] = log_p - out["log_q"]
         if fixed_q:
             grad_log_q = _grad_z_log_q(q, z)
             log_q_fixed = jax.lax.stop_gradient(log_q) + _path_term(grad_log_q, z, batch_ndim)
@@ -374,7 +449,7 @@ def iwae_bound(
         VIMCO), ``StickingTheLanding()`` (biased for K > 1) or ``DReG()``.
 
     Returns:
-      ``[batch]`` bound estimates (nats).
+      ``[batch]`` bound estimates (nats), not their negative.
 
     Raises:
       TypeError / ValueError: as ``elbo``.
@@ -383,6 +458,7 @@ def iwae_bound(
     _q.check_estimator(estimator, IWAE_ESTIMATORS, "iwae_bound")
     shape = _q.check_q(q)
     _check_loo(estimator, num_samples)
+    _check_continuous_q(q, estimator, "iwae_bound")
     p = _iwae_particles(rng_key, log_joint_fn, q, shape, num_samples, estimator)
     log_w = p["log_w"]  # [K, batch]
     value = _log_mean_exp(log_w)
@@ -390,12 +466,12 @@ def iwae_bound(
         return value
     w_norm = jax.lax.stop_gradient(jax.nn.softmax(log_w, axis=0))  # normalised weights w~_k
     if isinstance(estimator, StickingTheLanding):
-        surrogate = jnp.sum(w_norm * p["log_w_fixed_q"], axis=0)
+        surrogate = _weighted_sum(w_norm, p["log_w_fixed_q"])
     elif isinstance(estimator, DReG):
         # sum_k w~_k grad log w_k gives the model gradient; the z-path term turns the
         # inference-network weights from w~_k into w~_k^2 (Tucker et al. 2019, eq. 5).
-        surrogate = jnp.sum(w_norm * p["log_w_fixed_q"], axis=0) + jnp.sum(
-            (w_norm**2 - w_norm) * p["z_path"], axis=0
+        surrogate = _weighted_sum(w_norm, p["log_w_fixed_q"]) + _weighted_sum(
+            w_norm**2 - w_norm, p["z_path"]
         )
     else:  # ScoreFunction: value's own gradient (z fixed) plus the score term.
         if isinstance(estimator.baseline, LeaveOneOut):
@@ -407,9 +483,9 @@ def iwae_bound(
             signal = value[None] - jax.vmap(_log_mean_exp)(swapped)
         else:
             signal = jnp.broadcast_to(
-                value - _constant_baseline(estimator.baseline, shape), log_w.shape
+                value - _constant_baseline(estimator.baseline, shape, value.dtype), log_w.shape
             )
-        surrogate = value + _score_term(signal, p["log_q"])
+        surrogate = _log_mean_exp(p["log_w_fixed_z"]) + _score_term(signal, p["log_q"])
     return _surrogate(value, surrogate)
 
 
@@ -426,8 +502,10 @@ def renyi_bound(
     L_alpha = 1/(1 - alpha) log (1/K) sum_k (p(x, z_k) / q(z_k))^(1 - alpha), z_k ~ q
     (Li & Turner 2016, eqs. 5 and 12). ``alpha = 0`` is the IWAE bound, ``alpha -> 1`` the
     ELBO (``alpha = 1`` returns the K-sample average ELBO exactly). For alpha >= 0 the
-    estimator's expectation is a lower bound on log p(x), non-increasing in alpha. Returns the
-    bound, not its negative; pathwise gradient.
+    estimator's expectation is a lower bound on log p(x), non-increasing in alpha (and so is
+    the estimate for fixed samples). Near alpha = 1 it is computed centred at the mean log
+    weight with ``log1p``/``expm1``, so float32 stays accurate there. Returns the bound, not its
+    negative; pathwise gradient.
 
     Args:
       rng_key: a JAX PRNG key.
@@ -440,7 +518,8 @@ def renyi_bound(
       ``[batch]`` bound estimates (nats).
 
     Raises:
-      TypeError: ``alpha`` not a concrete number; others as ``elbo``.
+      TypeError: ``alpha`` not a concrete number; ``q`` with non-floating (discrete) samples
+        (the gradient is pathwise); others as ``elbo``.
       ValueError: ``alpha`` negative or not finite; others as ``elbo``.
     """
     num_samples = _q.check_num_samples(num_samples)
@@ -453,8 +532,17 @@ def renyi_bound(
     if not math.isfinite(alpha) or alpha < 0:
         raise ValueError(f"`alpha` must be finite and >= 0 (alpha in [0, inf)); got {alpha}")
     shape = _q.check_q(q)
-    p = _iwae_particles(rng_key, log_joint_fn, q, shape, num_samples, Pathwise())
-    log_w = p["log_w"]
+    _check_continuous_q(q, Pathwise(), "renyi_bound")
+    log_w = _iwae_particles(rng_key, log_joint_fn, q, shape, num_samples, Pathwise())["log_w"]
+    mu = jnp.mean(log_w, axis=0)  # the alpha = 1 value
     if alpha == 1.0:
-        return jnp.mean(log_w, axis=0)
-    return _log_mean_exp((1.0 - alpha) * log_w) / (1.0 - alpha)
+        return mu
+    r = 1.0 - alpha
+    # Near alpha = 1, logsumexp(r log_w) - log K cancels and / r amplifies the rounding. Centred
+    # at mu, L = mu + log(mean(exp(r d))) / r = mu + log1p(mean(expm1(r d))) / r, d = log_w - mu,
+    # is accurate while |r d| <= 1 (a NaN, from a -inf log weight, selects the plain formula).
+    d = log_w - mu[None]
+    near = jnp.max(jnp.abs(r * d), axis=0) <= 1.0
+    d_near = jnp.where(near[None], d, 0)  # keeps the unused branch finite (and its gradient)
+    near_one = mu + jnp.log1p(jnp.mean(jnp.expm1(r * d_near), axis=0)) / r
+    return jnp.where(near, near_one, _log_mean_exp(r * log_w) / r)

@@ -109,8 +109,8 @@ def importance_sampling(
     shape = _q.check_q(q)
 
     def log_weight(key):
-        z = _q.sample(key, q)
-        return _q.call_log_density(log_joint_fn, z, shape, "log_joint_fn") - _q.log_prob(q, z)
+        z, log_q = _q.sample_and_log_prob(key, q)  # no bijector inverse: finite for a saturated Tanh
+        return _q.call_log_density(log_joint_fn, z, shape, "log_joint_fn") - log_q
 
     return log_mean_exp_chunked(rng_key, log_weight, num_samples=num_samples, chunk_size=chunk_size)
 

@@ -153,13 +153,23 @@ def sample_transformed(
 
     Raises:
       TypeError: ``base`` not a distrax distribution or ``bijector`` not a distrax bijector.
+      ValueError: ``bijector.event_ndims_in`` differs from the rank of ``base``'s event shape
+        (an element-wise bijector such as ``distrax.Tanh()`` on a vector base needs
+        ``distrax.Block``); concrete non-finite parameters of ``base``.
     """
     if not isinstance(base, distrax.Distribution):
         raise TypeError(f"`base` must be a distrax.Distribution; got {type(base).__name__}")
     if not isinstance(bijector, distrax.Bijector):
         raise TypeError(f"`bijector` must be a distrax.Bijector; got {type(bijector).__name__}")
+    if bijector.event_ndims_in != len(base.event_shape):
+        raise ValueError(
+            f"`bijector` acts on events of {bijector.event_ndims_in} dimension(s) but `base` has "
+            f"event shape {tuple(base.event_shape)}; wrap an element-wise bijector as "
+            f"distrax.Block(bijector, {len(base.event_shape)})"
+        )
     _q.check_finite_parameters(base, "base")
     sample_shape = _check_sample_shape(sample_shape)
-    eps, log_r = base.sample_and_log_prob(seed=rng_key, sample_shape=sample_shape)
+    with jax.numpy_rank_promotion("allow"):  # distrax broadcasts [*S, *batch] implicitly
+        eps, log_r = base.sample_and_log_prob(seed=rng_key, sample_shape=sample_shape)
     z, log_det = bijector.forward_and_log_det(eps)
     return z, log_r - log_det
