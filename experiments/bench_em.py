@@ -434,6 +434,24 @@ def environment() -> dict:
     }
 
 
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """One-line usage errors (``parser.error``) for values the runs below cannot use."""
+    for flag in ("repeats", "converge_repeats", "max_iter"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1; got {getattr(args, flag)}")
+    try:
+        sizes = [int(float(v)) for v in args.sizes.split(",")]
+        dims = [int(v) for v in args.dims.split(",")]
+    except ValueError:
+        parser.error(f"--sizes and --dims take comma-separated numbers; got {args.sizes!r}, "
+                     f"{args.dims!r}")
+    if min(dims) < 1 or min(sizes) < NUM_COMPONENTS:
+        parser.error(f"every D must be >= 1 and every N >= K = {NUM_COMPONENTS}")
+    bad = sorted(set(args.dtypes.split(",")) - {"float32", "float64"})
+    if bad:
+        parser.error(f"--dtypes takes float32 and/or float64; got {', '.join(bad)}")
+
+
 def main(argv=None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="1e4,1e5,1e6", help="comma-separated N")
@@ -452,6 +470,7 @@ def main(argv=None) -> list[Row]:
                         help="also time scikit-learn's EM with this many BLAS threads")
     parser.add_argument("--out", default="outputs/bench_em/results.json")
     args = parser.parse_args(argv)
+    _check_args(parser, args)
 
     env = environment()
     print(json.dumps(env, indent=1))

@@ -158,7 +158,8 @@ def plot_bgmm(run: BGMMRun, path: pathlib.Path) -> None:
 
     panels = list(run.snapshots) + [(len(run.elbo) - 1, run.final)]
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(3.6 * (len(panels) + 1), 3.7))
-    colours = plt.cm.tab10(np.arange(10))
+    num_components = np.asarray(run.final.loc).shape[0]
+    colours = plt.cm.tab10(np.arange(num_components) % 10)  # cycles beyond 10 components
     for ax, (it, state) in zip(axes, panels):
         weights = np.asarray(bg.expected_weights(state))
         covs = np.asarray(bg.expected_covariances(state))
@@ -210,9 +211,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--data", type=pathlib.Path, default=DEFAULT_DATA,
                         help="Old Faithful CSV (default ../shared/data/old_faithful.csv)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-components", type=int, default=6)
-    parser.add_argument("--concentration", type=float, default=1e-3, help="alpha_0")
+    parser.add_argument("--num-components", type=int, default=6, help="K >= 1 (default 6)")
+    parser.add_argument("--concentration", type=float, default=1e-3,
+                        help="alpha_0 > 0, the Dirichlet prior's concentration (default 1e-3)")
     args = parser.parse_args(argv)
+    if args.num_components < 1:
+        parser.error(f"--num-components must be >= 1; got {args.num_components}")
+    if not (np.isfinite(args.concentration) and args.concentration > 0):
+        parser.error(f"--concentration must be a finite number > 0; got {args.concentration}")
+    if not args.data.is_file():
+        parser.error(f"--data: no file {args.data}")
 
     import matplotlib
 

@@ -221,13 +221,25 @@ def plot_synthetic(result: dict, path: pathlib.Path) -> None:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=pathlib.Path, default=DEFAULT_DATA)
-    parser.add_argument("--out", type=pathlib.Path, default=REPO_ROOT / "outputs" / "gmm_em")
-    parser.add_argument("--synthetic-n", type=int, default=100_000)
-    parser.add_argument("--synthetic-k", type=int, default=5)
-    parser.add_argument("--restarts", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", type=pathlib.Path, default=DEFAULT_DATA,
+                        help="Old Faithful CSV (default ../shared/data/old_faithful.csv)")
+    parser.add_argument("--out", type=pathlib.Path, default=REPO_ROOT / "outputs" / "gmm_em",
+                        help="output folder (default outputs/gmm_em in the repository)")
+    parser.add_argument("--synthetic-n", type=int, default=100_000,
+                        help="points of the synthetic run (default 100000)")
+    parser.add_argument("--synthetic-k", type=int, default=5,
+                        help="components of the synthetic run (default 5)")
+    parser.add_argument("--restarts", type=int, default=8,
+                        help="vmapped EM restarts of the synthetic run (default 8)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic run")
     args = parser.parse_args(argv)
+    for flag in ("synthetic_n", "synthetic_k", "restarts"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1; got {getattr(args, flag)}")
+    if args.synthetic_n < args.synthetic_k:
+        parser.error("--synthetic-n must be at least --synthetic-k")
+    if not args.data.is_file():
+        parser.error(f"--data: no file {args.data}")
     jax.config.update("jax_enable_x64", True)
     args.out.mkdir(parents=True, exist_ok=True)
 

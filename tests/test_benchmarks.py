@@ -57,3 +57,25 @@ def test_bench_vae_smoke_and_flop_count(tmp_path):
     for r in result["rows"]:
         assert r["ms_median"] > 0
         assert r["examples_per_s"] == pytest.approx(100 / (r["ms_median"] / 1e3))
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("bench_em.py", ["--converge-repeats", "0"], "--converge-repeats must be >= 1"),
+    ("bench_em.py", ["--sizes", "5"], "every N >= K = 10"),
+    ("bench_em.py", ["--dtypes", "float16"], "--dtypes takes float32 and/or float64"),
+    ("gmm_em.py", ["--restarts", "0"], "--restarts must be >= 1"),
+    ("gmm_em.py", ["--data", "/nonexistent.csv"], "--data: no file"),
+    ("cavi.py", ["--concentration", "-1"], "--concentration must be a finite number > 0"),
+    ("cavi.py", ["--data", "/nonexistent.csv"], "--data: no file"),
+])
+def test_experiment_scripts_reject_bad_flags_before_any_work(tmp_path, script, args, message):
+    """Bad values stop with a one-line usage error (exit 2), before anything is written
+    (before: tracebacks after partial output, or NaN results with exit 0)."""
+    out = tmp_path / "out"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT))
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "experiments" / script), *args, "--out", str(out)],
+        env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()
