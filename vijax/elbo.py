@@ -374,7 +374,8 @@ def elbo_analytic_kl(
         )
 
     def one_sample(key):
-        z, _ = _draw(key, q, stop_sample=is_score)
+        z = _q.sample(key, q)  # log q is needed only for the score term, at this z
+        z = jax.lax.stop_gradient(z) if is_score else z
         log_lik = _q.call_log_density(log_likelihood_fn, z, shape, "log_likelihood_fn")
         log_q = _q.log_prob(q, z) if is_score else jnp.zeros_like(log_lik)
         return log_lik, log_q

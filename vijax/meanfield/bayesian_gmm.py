@@ -242,11 +242,10 @@ def statistics(responsibilities: Array, x: Array) -> Statistics:
     """Weighted counts, means and scatter matrices of ``x`` [N, D] under ``responsibilities``
     [N, K] (PRML 10.51-10.53). Like scikit-learn, divides by ``N_k + 10 eps`` so empty
     components give finite values. Unchecked; the fields are in the dtype of ``x``."""
-    counts = jnp.sum(responsibilities, axis=0)
-    # sum r x about the data mean c, so float32 sums stay accurate far from the origin.
-    centre = jnp.mean(x, axis=0)
-    weighted_sum = (responsibilities.T @ (x - centre[None, :])
-                    + counts[:, None] * centre[None, :])
+    # sum r x about the data mean c (em's M-step moments), so float32 sums stay accurate far
+    # from the origin.
+    counts, first_moment, centre = em._moments(x, responsibilities)
+    weighted_sum = first_moment + counts[:, None] * centre[None, :]
     eps = jnp.finfo(x.dtype).eps
     means = weighted_sum / (counts + 10.0 * eps)[:, None]
 
