@@ -432,3 +432,26 @@ def test_missing_real_data_fails_under_ci_and_skips_elsewhere(monkeypatch):
     monkeypatch.setenv("CI", "false")
     with pytest.raises(pytest.skip.Exception, match="real data not found"):
         conftest._shared_path("no-such-folder")
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad arguments: TypeError for a wrong type, ValueError for a bad value, naming the argument
+# ----------------------------------------------------------------------------------------------
+
+_HALF = np.full((2, 3), 0.5, np.float32)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: data.dynamic_binarize(0, _HALF), TypeError, "rng_key"),
+    # checked on tracers too: under jit the int seed is a traced int32 scalar
+    (lambda: jax.jit(data.dynamic_binarize)(0, _HALF), TypeError, "rng_key"),
+    (lambda: data.fixed_binarize(_HALF, seed=-1), ValueError, "seed"),
+    (lambda: data.fixed_binarize(_HALF, seed="a"), TypeError, "seed"),
+    (lambda: data.load_digits(num_test=10.5), TypeError, "num_test"),
+    (lambda: data.load_digits(num_test="20"), TypeError, "num_test"),
+    (lambda: data.load_digits(seed=-1), ValueError, "seed"),
+], ids=["int-key", "int-key-jit", "seed-neg", "seed-str", "num_test-float", "num_test-str",
+        "digits-seed-neg"])
+def test_bad_arguments_raise_errors_naming_them(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

@@ -374,11 +374,14 @@ def test_discrete_q_with_a_pathwise_estimator_is_refused():
         lambda: velbo.iwae_bound(key, fn, q, num_samples=3),
         lambda: velbo.iwae_bound(key, fn, q, num_samples=3, estimator=velbo.DReG()),
         lambda: velbo.elbo_analytic_kl(key, fn, q, q),
-        lambda: velbo.renyi_bound(key, fn, q, alpha=0.5, num_samples=3),
     ]
     for call in calls:
         with pytest.raises(TypeError, match=r"`q` draws non-floating samples.*`estimator`.*ScoreFunction"):
             call()
+    # renyi_bound has no `estimator` argument: its message must not name one
+    with pytest.raises(TypeError, match=r"`q` draws non-floating.*pathwise only") as error:
+        velbo.renyi_bound(key, fn, q, alpha=0.5, num_samples=3)
+    assert "`estimator`" not in str(error.value)
     # the score function is accepted; its value is the average over the documented draws
     value = velbo.elbo(key, fn, q, num_samples=4, estimator=velbo.ScoreFunction())
     draws = [q.sample(seed=kk) for kk in jax.random.split(key, 4)]
@@ -458,3 +461,70 @@ def test_analytic_kl_prior_broadcast_and_unsupported_pair(problem):
     laplace = distrax.Independent(distrax.Laplace(jnp.zeros(LATENT), jnp.ones(LATENT)), 1)
     with pytest.raises(TypeError, match=r"no closed-form KL for `q` and `prior`"):
         velbo.elbo_analytic_kl(key, fn, q, laplace)
+
+
+# ------------------------------------------------------------------ named argument errors
+
+
+def _q42(scale=1.0):
+    return distrax.MultivariateNormalDiag(jnp.zeros((4, 2)), jnp.full((4, 2), scale))
+
+
+def _lj(z):
+    return -0.5 * jnp.sum(z * z, -1)
+
+
+def _std_prior(loc_shape=(2,)):
+    return distrax.MultivariateNormalDiag(jnp.zeros(loc_shape), jnp.ones(loc_shape))
+
+
+_K = jax.random.key(0)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    pytest.param(lambda: velbo.elbo(0, _lj, _q42()), TypeError, "rng_key", id="elbo-int-seed"),
+    pytest.param(lambda: velbo.elbo_analytic_kl(0, _lj, _q42(), _std_prior()), TypeError, "rng_key",
+                 id="analytic-kl-int-seed"),
+    pytest.param(lambda: velbo.iwae_bound(np.zeros(2), _lj, _q42(), num_samples=2), TypeError,
+                 "rng_key", id="iwae-float-key"),
+    pytest.param(lambda: velbo.renyi_bound(0, _lj, _q42(), alpha=0.5, num_samples=2), TypeError,
+                 "rng_key", id="renyi-int-seed"),
+    pytest.param(lambda: velbo.elbo(_K, jnp.zeros(4), _q42()), TypeError, "log_joint_fn", id="elbo-fn"),
+    pytest.param(lambda: velbo.elbo_analytic_kl(_K, None, _q42(), _std_prior()), TypeError,
+                 "log_likelihood_fn", id="analytic-kl-fn"),
+    pytest.param(lambda: velbo.iwae_bound(_K, None, _q42(), num_samples=2), TypeError, "log_joint_fn",
+                 id="iwae-fn"),
+    pytest.param(lambda: velbo.renyi_bound(_K, "f", _q42(), alpha=0.5, num_samples=2), TypeError,
+                 "log_joint_fn", id="renyi-fn"),
+    pytest.param(lambda: velbo.elbo(_K, _lj, distrax.Normal(jnp.zeros((4, 2)), 1.0)), ValueError,
+                 r"`q` has event shape \(\) and batch shape \(4, 2\).*MultivariateNormalDiag",
+                 id="scalar-event-q-hint"),
+    pytest.param(lambda: velbo.elbo_analytic_kl(_K, _lj, _q42(), _std_prior((3, 2))), ValueError,
+                 r"`prior` batch shape \(3,\) does not broadcast", id="prior-batch"),
+    pytest.param(lambda: velbo.elbo_analytic_kl(_K, _lj, _q42(), _std_prior((3,))), ValueError,
+                 r"`prior` must have q's event shape \(2,\)", id="prior-event"),
+    pytest.param(lambda: velbo.elbo(_K, _lj, distrax.MultivariateNormalDiag(
+        jnp.zeros((4, 2)), jnp.ones((4, 2)).at[0, 0].set(0.0))), ValueError,
+                 "`q` must have a positive scale", id="zero-scale"),
+    pytest.param(lambda: velbo.iwae_bound(_K, _lj, _q42(-1.0), num_samples=2), ValueError,
+                 "`q` must have a positive scale", id="negative-scale-diag"),
+    pytest.param(lambda: velbo.elbo(_K, _lj, distrax.Independent(
+        distrax.Normal(jnp.zeros((4, 2)), -jnp.ones((4, 2))), 1)), ValueError,
+                 "`q` must have a positive scale: its `scale`", id="negative-scale-independent"),
+    pytest.param(lambda: velbo.renyi_bound(_K, _lj, _q42(), alpha="0.5", num_samples=2), TypeError,
+                 "alpha", id="alpha-str"),
+    pytest.param(lambda: velbo.renyi_bound(_K, _lj, _q42(), alpha=True, num_samples=2), TypeError,
+                 "alpha", id="alpha-bool"),
+])
+def test_bad_arguments_raise_naming_the_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_scalar_event_q_is_a_one_dimensional_latent_per_entry():
+    """Event shape () is accepted: batch = q.batch_shape. With q = N(0, 1) and log p(z) =
+    -z^2/2, each single-sample estimate log p - log q is exactly log(2 pi)/2."""
+    q = distrax.Normal(jnp.zeros((4, 2)), jnp.ones((4, 2)))
+    value = velbo.elbo(_K, lambda z: -0.5 * z * z, q, num_samples=2)
+    assert value.shape == (4, 2)
+    np.testing.assert_allclose(value, 0.5 * np.log(2 * np.pi), rtol=1e-6)

@@ -734,3 +734,16 @@ def test_nan_check_is_skipped_under_tracing_but_shapes_are_not():
     assert np.isnan(float(info.log_likelihood)) and not np.all(np.isfinite(np.asarray(out.means)))
     with pytest.raises(ValueError, match="`x`"):  # shapes are static: still checked
         _step(state, jnp.ones((N, DIM + 1), jnp.float32), chunk_size=CHUNK)
+
+
+@pytest.mark.parametrize("call", ["init", "fit", "sample"])
+def test_int_seed_is_refused_naming_rng_key(call):
+    """An int seed used to reach JAX's 'invalid PRNG key data' error."""
+    x = np.random.default_rng(0).normal(size=(20, 2)).astype(np.float32)
+    state = em.state_from_parameters(np.ones(2, np.float32) / 2, x[:2], np.stack([np.eye(2)] * 2))
+    fn = {"init": lambda: em.init(0, x, 2), "fit": lambda: em.fit(0, x, 2, max_iter=1),
+          "sample": lambda: em.sample(0, state, 3)}[call]
+    with pytest.raises(TypeError, match="rng_key must be a JAX PRNG key"):
+        fn()
+    assert {"OnePassSums", "one_pass_sums", "one_pass_risk", "e_step_sums",
+            "scatter_sums"} <= set(em.__all__)  # the documented low-level kernels

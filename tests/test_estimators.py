@@ -242,3 +242,21 @@ def test_vimco_is_unbiased_with_zero_weight_particles(x64):
     z = np.abs(mean - ref_mean) / np.hypot(se, ref_se)
     assert np.all(z < Z_TOL), (z, mean, ref_mean)
     assert np.max(np.abs(ref_mean)) > 10 * np.max(ref_se)  # the reference is well resolved
+
+
+@pytest.mark.parametrize("baseline, error", [
+    ("foo", TypeError), (velbo.LeaveOneOut, TypeError), (True, TypeError), ([1.0, 2.0], TypeError),
+    (np.zeros(2, bool), TypeError), (1j, TypeError), (float("nan"), ValueError),
+], ids=["str", "class-not-instance", "bool", "list", "bool-array", "complex", "nan"])
+def test_score_function_rejects_a_bad_baseline_when_built(baseline, error):
+    with pytest.raises(error, match="baseline"):
+        velbo.ScoreFunction(baseline)
+
+
+def test_valid_baselines_stay_hashable_static_arguments():
+    for baseline in (None, 1.5, np.float32(-2.0), 3, velbo.LeaveOneOut()):
+        est = velbo.ScoreFunction(baseline)
+        assert est == velbo.ScoreFunction(baseline) and hash(est) == hash(velbo.ScoreFunction(baseline))
+    # arrays, traced ones included, are accepted (not hashable, as before)
+    doubled = jax.jit(lambda b: 2 * velbo.ScoreFunction(b).baseline)(jnp.ones(BATCH))
+    np.testing.assert_array_equal(doubled, np.full(BATCH, 2.0))

@@ -125,3 +125,34 @@ def test_importance_sampling_with_a_saturated_tanh_proposal_is_finite():
         est = marginal.importance_sampling(key, fn, q, num_samples=64, chunk_size=chunk)
         assert np.all(np.isfinite(np.asarray(est))), chunk
         np.testing.assert_allclose(est, velbo.iwae_bound(key, fn, q, num_samples=64), rtol=1e-6)
+
+
+def _q4(shape=(4, 2)):
+    return distrax.MultivariateNormalDiag(jnp.zeros(shape), jnp.ones(shape))
+
+
+def _lj(z):
+    return -0.5 * jnp.sum(z * z, -1)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    pytest.param(lambda: marginal.importance_sampling(0, _lj, _q4(), num_samples=4), TypeError,
+                 "rng_key", id="is-int-seed"),
+    pytest.param(lambda: marginal.naive_monte_carlo(0, _lj, _q4(), num_samples=4), TypeError,
+                 "rng_key", id="naive-int-seed"),
+    pytest.param(lambda: marginal.log_mean_exp_chunked(0, lambda k: jnp.zeros(4), num_samples=4),
+                 TypeError, "rng_key", id="lme-int-seed"),
+    pytest.param(lambda: marginal.importance_sampling(jax.random.key(0), None, _q4(), num_samples=4),
+                 TypeError, "log_joint_fn", id="is-fn"),
+    pytest.param(lambda: marginal.naive_monte_carlo(jax.random.key(0), None, _q4(), num_samples=4),
+                 TypeError, "log_likelihood_fn", id="naive-fn"),
+    pytest.param(lambda: marginal.log_mean_exp_chunked(jax.random.key(0), None, num_samples=4),
+                 TypeError, "log_weight_fn", id="lme-fn"),
+    pytest.param(lambda: marginal.naive_monte_carlo(jax.random.key(0), lambda z: _lj(z)[:, None], _q4(),
+                                                    num_samples=4),
+                 ValueError, r"`log_likelihood_fn` must return.*\(4,\) \(prior's batch shape\)",
+                 id="naive-output-shape"),
+])
+def test_bad_arguments_raise_naming_the_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

@@ -1134,3 +1134,86 @@ def test_bad_priors_states_and_dimensions():
         ng.elbo(ng.NormalGammaState(0.0, -1.0, 1.0, 1.0), np.zeros(3), _NG_PRIOR)
     with pytest.raises(ValueError, match="state.loc"):
         bg.elbo(state._replace(loc=jnp.zeros((3, 2))), _X_OK, _BG_PRIOR)
+
+
+# Audit of bad input (rng keys, state types and values, driver arguments): every case used to
+# pass silently, give NaN, or fail with a raw JAX / AttributeError message.
+
+# valid states for _X_OK (N = 10, D = 2, K = 2), built by hand: nothing is compiled
+_EYES = np.stack([np.eye(2)] * 2)
+_KV_STATE = lambda: kv.KnownVarianceGMMState(np.full((10, 2), 0.5), np.zeros((2, 2)),  # noqa: E731
+                                             np.ones(2))
+_BG_STATE = lambda: bg.BGMMState(np.full((10, 2), 0.5), np.ones(2), np.ones(2),  # noqa: E731
+                                 np.zeros((2, 2)), np.full(2, 3.0), _EYES)
+_DE_STATE = lambda: dirac_em.DiracEMState(np.full((10, 2), 0.5), np.full(2, 0.5),  # noqa: E731
+                                          np.zeros((2, 2)), _EYES)
+_NOT_STOCHASTIC = np.full((10, 2), 3.0)
+_S0 = {"a": jnp.zeros(())}
+_UPD = lambda s, d: {"a": 0.5 * s["a"] + d}  # noqa: E731
+_EL = lambda s, d: -(s["a"] - 2.0 * d) ** 2  # noqa: E731
+
+_MF_BAD = {  # name: (exception, pattern naming the argument, call)
+    "bg.init int seed": (TypeError, "rng_key", lambda: bg.init(0, _X_OK, 2, _BG_PRIOR)),
+    "kv.init int seed": (TypeError, "rng_key", lambda: kv.init(0, _X_OK, 2, _KV_PRIOR)),
+    "dirac.init int seed": (TypeError, "rng_key", lambda: dirac_em.init(
+        0, _X_OK, 2, dirac_em.flat_prior(2))),
+    "bg.elbo resp": (ValueError, "state.responsibilities", lambda: bg.elbo(
+        _BG_STATE()._replace(responsibilities=_NOT_STOCHASTIC), _X_OK, _BG_PRIOR)),
+    "kv.elbo resp": (ValueError, "state.responsibilities", lambda: kv.elbo(
+        _KV_STATE()._replace(responsibilities=_NOT_STOCHASTIC), _X_OK, _KV_PRIOR)),
+    "dirac.elbo resp": (ValueError, "state.responsibilities", lambda: dirac_em.elbo(
+        _DE_STATE()._replace(responsibilities=_NOT_STOCHASTIC), _X_OK, dirac_em.flat_prior(2))),
+    "dirac.elbo weights": (ValueError, "state.weights", lambda: dirac_em.elbo(
+        _DE_STATE()._replace(weights=np.array([0.9, 0.9])), _X_OK, dirac_em.flat_prior(2))),
+    "bg.step dof": (ValueError, r"state.dof must be > D - 1", lambda: bg.step(
+        _BG_STATE()._replace(dof=-np.ones(2)), _X_OK, _BG_PRIOR)),
+    "bg.step scale_inv_tril": (ValueError, "state.scale_inv_tril", lambda: bg.step(
+        _BG_STATE()._replace(scale_inv_tril=np.zeros((2, 2, 2))), _X_OK, _BG_PRIOR)),
+    "dirac.step weights": (ValueError, "state.weights", lambda: dirac_em.step(
+        (lambda s: s._replace(weights=-s.weights))(_DE_STATE()), _X_OK, dirac_em.flat_prior(2))),
+    "kv.step variance": (ValueError, "state.variance", lambda: kv.step(
+        _KV_STATE()._replace(variance=-np.ones(2)), _X_OK, _KV_PRIOR)),
+    "bg.predict tuple": (TypeError, "state must be a BGMMState", lambda: bg.predict_responsibilities(
+        tuple(_BG_STATE()), _X_OK)),
+    "bg.expected_weights None": (TypeError, "state must be a BGMMState",
+                                 lambda: bg.expected_weights(None)),
+    "bg.expected_covariances None": (TypeError, "state must be a BGMMState",
+                                     lambda: bg.expected_covariances(None)),
+    "dirac.covariances None": (TypeError, "state must be a DiracEMState",
+                               lambda: dirac_em.covariances(None)),
+    "ng.exact_mu_marginal prior": (TypeError, "posterior must be a NormalGammaPosterior",
+                                   lambda: ng.exact_mu_marginal(_NG_PRIOR)),
+    "bg.statistics rows": (ValueError, "responsibilities must have shape", lambda: bg.statistics(
+        np.full((5, 2), 0.5), _X_OK)),
+    "bg.conjugate_update dim": (ValueError, "prior.loc", lambda: bg.conjugate_update(
+        bg.Statistics(np.ones(2), np.zeros((2, 2)), np.zeros((2, 2)), _EYES),
+        dirac_em.flat_prior(3))),
+    "dirac.flat_prior dim float": (TypeError, "dim", lambda: dirac_em.flat_prior(2.0)),
+    "dirac.flat_prior int dtype": (TypeError, "dtype", lambda: dirac_em.flat_prior(2, int)),
+    "cavi max_iter float": (TypeError, "max_iter", lambda: meanfield.cavi(
+        [_UPD], _S0, 1.0, elbo_fn=_EL, max_iter=10.0)),
+    "bg.fit max_iter float": (TypeError, "max_iter", lambda: bg.fit(
+        _BG_STATE(), _X_OK, _BG_PRIOR, max_iter=10.0)),
+    "kv.fit max_iter float": (TypeError, "max_iter", lambda: kv.fit(
+        _KV_STATE(), _X_OK, _KV_PRIOR, max_iter=10.0)),
+    "cavi update shape": (TypeError, r"update_fns\[0\] changes state\['a'\]", lambda: meanfield.cavi(
+        [lambda s, d: {"a": jnp.zeros(2)}], _S0, 1.0, elbo_fn=_EL)),
+    "cavi update dtype": (TypeError, r"update_fns\[0\] changes", lambda: meanfield.cavi(
+        [_UPD], {"a": jnp.zeros((), jnp.int32)}, 1.0, elbo_fn=_EL)),
+    "cavi second update structure": (TypeError, r"update_fns\[1\] must return", lambda:
+                                     meanfield.cavi([_UPD, lambda s, d: None], _S0, 1.0,
+                                                    elbo_fn=_EL)),
+    "cavi int elbo": (TypeError, "elbo_fn must return a floating", lambda: meanfield.cavi(
+        [lambda s, d: 0.5 * s], jnp.ones(()), None, elbo_fn=lambda s, d: 1, max_iter=4)),
+    "sweep callable": (TypeError, "update_fns must be a sequence", lambda: meanfield.sweep(
+        _UPD, _S0, 1.0)),
+    "sweep None": (TypeError, r"update_fns\[0\] must be a callable", lambda: meanfield.sweep(
+        [None], _S0, 1.0)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_MF_BAD))
+def test_bad_state_and_driver_arguments_raise_naming_them(name):
+    error, pattern, call = _MF_BAD[name]
+    with pytest.raises(error, match=pattern):
+        call()

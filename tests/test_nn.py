@@ -255,3 +255,49 @@ def test_bernoulli_log_likelihood_gradients_are_x_minus_sigmoid(x64):
         jnp.ones((3, 2, 4), jnp.float32), jnp.zeros((2, 4), jnp.float32))
     assert out.shape == (3, 2) and out.dtype == jnp.float32
     np.testing.assert_allclose(out, -4 * np.log1p(np.e), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad arguments: TypeError for a wrong type, ValueError for a bad value, naming the argument
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: vnn.iwae_mnist_vae(hidden_sizes=200), TypeError, "hidden_sizes"),
+    (lambda: vnn.GaussianEncoder(8, 2), TypeError, "hidden_sizes"),
+    (lambda: vnn.MLP((8, 0)), ValueError, r"hidden_sizes\[1\]"),
+    (lambda: vnn.GaussianEncoder((8,), 0), ValueError, "latent_dim"),
+    (lambda: vnn.GaussianEncoder((8,), 2.0), TypeError, "latent_dim"),
+    (lambda: vnn.GaussianEncoder((8,), 2, min_scale=-1.0), ValueError, "min_scale"),
+    (lambda: vnn.GaussianDecoder((8,), 0), ValueError, "data_dim"),
+    (lambda: vnn.BernoulliDecoder((8,), 16, output_bias_init=np.zeros(10)), ValueError,
+     r"output_bias_init must have shape \(16,\)"),
+    (lambda: vnn.standard_normal_prior(0), ValueError, "latent_dim"),
+    (lambda: vnn.standard_normal_prior(2.0), TypeError, "latent_dim"),
+    (lambda: vnn.bernoulli_log_likelihood(jnp.zeros((3, 16)), jnp.ones((3, 1))), ValueError,
+     "x must share the last axis"),
+    # static shapes: also under jit
+    (lambda: jax.jit(vnn.bernoulli_log_likelihood)(jnp.zeros((3, 16)), jnp.ones((3, 1))),
+     ValueError, "x must share the last axis"),
+    (lambda: vnn.bernoulli_log_likelihood(jnp.zeros((3, 4)), jnp.full((3, 4), 255.0)),
+     ValueError, r"x must hold pixels in \[0, 1\]"),
+    (lambda: vnn.gaussian_log_likelihood(0.0, -jnp.ones(4), 0.0), ValueError, "scale must be > 0"),
+    (lambda: vnn.gaussian_log_likelihood(jnp.zeros((3, 4)), jnp.ones((3, 4)), jnp.ones((3, 1))),
+     ValueError, "x must share the last axis"),
+], ids=["vae-hidden-int", "enc-hidden-int", "mlp-width-0", "latent-0", "latent-float",
+        "min_scale-neg", "data_dim-0", "bias-shape", "prior-0", "prior-float", "bern-axis",
+        "bern-axis-jit", "bern-x-255", "gauss-scale-neg", "gauss-axis"])
+def test_bad_arguments_raise_errors_naming_them(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_likelihood_values_unchecked_under_jit_and_integer_logits(x64):
+    # Documented: under jit the values are not inspected (a negative scale gives NaN silently).
+    out = jax.jit(vnn.gaussian_log_likelihood)(0.0, -jnp.ones(4), 0.0)
+    assert np.isnan(float(out))
+    # Integer logits are converted to float before x is cast: x = 0.5 is kept, not truncated.
+    # Hand value: sum_d [x_d l_d - softplus(l_d)] with l = (2, 0), x = (0.5, 0.5).
+    out = vnn.bernoulli_log_likelihood(jnp.asarray([[2, 0]]), jnp.asarray([[0.5, 0.5]]))
+    expected = 0.5 * 2 - np.log1p(np.exp(2.0)) - np.log(2.0)
+    assert out.dtype == jnp.float64 and out.shape == (1,)
+    np.testing.assert_allclose(out, [expected], rtol=1e-12)

@@ -149,3 +149,30 @@ def test_sample_transformed_runs_under_strict_rank_promotion():
     assert z.shape == (4, 3, 2) and log_q.shape == (4, 3)
     np.testing.assert_allclose(log_q, distrax.Transformed(base, bijector).log_prob(z),
                                rtol=1e-5, atol=1e-5)
+
+
+_LOC, _SCALE = np.zeros((2, 3), np.float32), np.ones((2, 3), np.float32)
+_TRIL = np.broadcast_to(np.eye(3, dtype=np.float32), (2, 3, 3))
+_SAMPLERS = {
+    "diag": lambda key, **kw: reparam.sample_diag_gaussian(key, _LOC, _SCALE, **kw),
+    "full": lambda key, **kw: reparam.sample_full_gaussian(key, _LOC, _TRIL, **kw),
+    "transformed": lambda key, **kw: reparam.sample_transformed(
+        key, distrax.MultivariateNormalDiag(_LOC, _SCALE), distrax.Block(distrax.Tanh(), 1), **kw),
+}
+
+
+@pytest.mark.parametrize("sampler", list(_SAMPLERS))
+@pytest.mark.parametrize("key, sample_shape, match", [
+    (0, (), "rng_key"),
+    (np.zeros(2, np.float32), (), "rng_key"),
+    (jax.random.key(0), (2.5,), "sample_shape"),
+    (jax.random.key(0), (True,), "sample_shape"),
+], ids=["int-seed", "float-key", "float-entry", "bool-entry"])
+def test_bad_key_or_sample_shape_is_a_named_type_error(sampler, key, sample_shape, match):
+    with pytest.raises(TypeError, match=match):
+        _SAMPLERS[sampler](key, sample_shape=sample_shape)
+
+
+def test_sample_shape_accepts_numpy_ints_and_raw_keys():
+    z, log_q = _SAMPLERS["diag"](jax.random.PRNGKey(0), sample_shape=(np.int64(2), 1))
+    assert z.shape == (2, 1, 2, 3) and log_q.shape == (2, 1, 2)

@@ -295,8 +295,9 @@ def test_active_units_constructed_case(x64):
     count_jit, _ = jax.jit(lambda p, x: vae.active_units(p, model, x, threshold=0.001))(params, x)
     assert int(count_jit) == 3
     assert int(vae.active_units(params, model, x, threshold=np.float32(0.001))[0]) == 3
-    for bad in (float("nan"), -0.1, "0.01", True):
-        with pytest.raises(ValueError, match="threshold"):
+    for bad, error in ((float("nan"), ValueError), (-0.1, ValueError), ("0.01", TypeError),
+                       (True, TypeError)):
+        with pytest.raises(error, match="threshold"):
             vae.active_units(params, model, x, threshold=bad)
 
 
@@ -470,3 +471,68 @@ def test_objectives_accept_exactly_the_estimators_vijax_elbo_accepts(objective_c
         vae.IWAE(num_samples=1, estimator=loo)
     with pytest.raises(ValueError, match="num_samples"):
         dataclasses.replace(vae.ELBOMonteCarlo(num_samples=2, estimator=loo), num_samples=1)
+
+
+# ----------------------------------------------------------------------------- bad arguments
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A small model and the shapes of its state: the errors below are raised before any
+    array is read or anything is compiled (so abstract parameters suffice)."""
+    model = vnn.iwae_mnist_vae(hidden_sizes=(8,), latent_dim=2, data_dim=16)
+    optimizer = optax.adam(1e-3)
+    state = jax.eval_shape(lambda k: vae.init_train_state(k, model, optimizer, 16),
+                           jax.random.key(0))
+    return dataclasses.make_dataclass("Tiny", ["model", "opt", "state", "images", "key"])(
+        model, optimizer, state, jnp.full((10, 16), 0.5, jnp.float32), jax.random.key(1))
+
+
+_BAD_CALLS = {
+    # int seeds as rng_key (the train step's check runs on tracers too: traced here)
+    "sample-int-key": (lambda t: vae.sample_images(0, t.state.params, t.model, 2),
+                       TypeError, "rng_key"),
+    "step-int-key-traced": (lambda t: jax.eval_shape(vae.make_train_step(
+        t.model, t.opt, vae.IWAE()), t.state, t.images, 0), TypeError, "rng_key"),
+    "epoch_plan-int-key": (lambda t: vae.epoch_plan(0, 10, 2), TypeError, "rng_key"),
+    # TrainState / params mixed up
+    "value-state-as-params": (lambda t: vae.objective_value(
+        vae.IWAE(), t.key, t.state, t.model, t.images), TypeError, "params.*state.params"),
+    "step-params-as-state": (lambda t: vae.make_train_step(t.model, t.opt, vae.IWAE())(
+        t.state.params, t.images, t.key), TypeError, "state must be a vijax.vae.TrainState"),
+    # optimizer and objective checked at construction
+    "init-optax.adam": (lambda t: vae.init_train_state(t.key, t.model, optax.adam, 16),
+                        TypeError, "optimizer"),
+    "init-lr-as-opt": (lambda t: vae.init_train_state(t.key, t.model, 1e-3, 16),
+                       TypeError, "optimizer"),
+    "step-str-opt": (lambda t: vae.make_train_step(t.model, "adam", vae.IWAE()),
+                     TypeError, "optimizer"),
+    "loss-str-objective": (lambda t: vae.make_loss_fn(t.model, "elbo"), TypeError, "objective"),
+    "value-objective-class": (lambda t: vae.objective_value(
+        vae.IWAE, t.key, t.state.params, t.model, t.images), TypeError, "objective.*instance"),
+    "value-estimator": (lambda t: vae.objective_value(
+        velbo.Pathwise(), t.key, t.state.params, t.model, t.images), TypeError, "objective"),
+    # meshes
+    "mesh-no-batch-axis": (lambda t: vae.make_train_step(
+        t.model, t.opt, vae.IWAE(), mesh=jax.sharding.Mesh(np.asarray(jax.devices()[:1]),
+                                                           ("rows",))),
+        ValueError, "mesh must have an axis named 'batch'"),
+    "mesh-str": (lambda t: vae.make_train_step(t.model, t.opt, vae.IWAE(), mesh="cpu"),
+                 TypeError, "mesh"),
+    "mesh-no-devices": (lambda t: vae.data_parallel_mesh([]), ValueError, "devices"),
+    # other arguments
+    "binarize-str": (lambda t: vae.make_train_epoch(t.model, t.opt, vae.IWAE(), batch_size=5,
+                                                    binarize="no"), TypeError, "binarize"),
+    "epoch_plan-float-batch": (lambda t: vae.epoch_plan(t.key, 10, 2.5), TypeError,
+                               "batch_size"),
+    "epoch_plan-float-n": (lambda t: vae.epoch_plan(t.key, 10.0, 2), TypeError, "num_examples"),
+    "bounds-repeated-k": (lambda t: vae.evaluate_bounds(
+        t.key, t.state.params, t.model, t.images, num_samples=(5, 5)), ValueError,
+        "num_samples must not repeat"),
+}
+
+
+@pytest.mark.parametrize("name", list(_BAD_CALLS))
+def test_bad_arguments_raise_errors_naming_them(tiny, name):
+    call, error, match = _BAD_CALLS[name]
+    with pytest.raises(error, match=match):
+        call(tiny)

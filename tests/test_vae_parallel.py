@@ -81,6 +81,13 @@ SCRIPT = textwrap.dedent(
             assert "not divisible by the number of devices 4" in str(err), err
         else:
             raise AssertionError("no error for a batch of 6 on 4 devices")
+    # --- a mesh without a "batch" axis is refused when the step is built, not when it runs
+    try:
+        vae.make_train_step(model, optimizer, objective, mesh=jax.make_mesh((4,), ("rows",)))
+    except ValueError as err:
+        assert "mesh must have an axis named 'batch'" in str(err), err
+    else:
+        raise AssertionError("no error for a mesh without a 'batch' axis")
     print("DATA-PARALLEL-OK")
     """
 )

@@ -450,7 +450,7 @@ def test_bad_training_images_are_rejected(monkeypatch, tmp_path, corruption, err
     monkeypatch.setattr(vt.Digits, "load", lambda self: digits._replace(train_images=images))
     with pytest.raises(error, match=match):
         vt.train_and_evaluate(vt.Config(dataset=vt.Digits(), epochs=1), tmp_path, progress=False)
-    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+    assert not any(tmp_path.iterdir())  # the data are checked before anything is written
 
 
 def test_plot_helpers_reject_bad_shapes(tmp_path):
@@ -518,3 +518,64 @@ def test_one_device_fallback_for_an_indivisible_batch_is_logged(monkeypatch, cap
     assert "batch_size 50 is not divisible by the 4 local devices" in caplog.text
     with pytest.raises(ValueError, match="divisible"):
         vt._data_parallel_mesh(config, True)
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda: vt.Config(hidden_sizes=200), TypeError, "hidden_sizes"),
+    (lambda: vt.Config(eval_iwae_ks=50), TypeError, "eval_iwae_ks"),
+    (lambda: vt.Config(adam_b1="0.9"), TypeError, "adam_b1"),
+    (lambda: vt.Config(adam_eps=None), TypeError, "adam_eps"),
+    (lambda: vt.Config(latent_dim=2.0), TypeError, "latent_dim"),
+    (lambda: vt.Config(seed=1.0), TypeError, "seed"),
+    (lambda: vt.Config(dataset=vt.Digits(), batch_size=5000), ValueError, "batch_size"),
+    (lambda: vt.Config(dataset=vt.Mnist(num_train=50)), ValueError, "batch_size"),
+    (lambda: vt.CosineLR(final_fraction="a"), TypeError, "final_fraction"),
+    (lambda: vt.Digits(num_test=5), ValueError, "num_test"),
+    (lambda: vt.Digits(num_test=5.5), TypeError, "num_test"),
+    (lambda: vt.FixedBinarization(seed=-1), ValueError, "seed"),
+    (lambda: vt.FixedBinarization(seed="a"), TypeError, "seed"),
+    (lambda: vt.Mnist(data_dir=3), TypeError, "data_dir"),
+    (lambda: vt.Mnist(num_test=10_001), ValueError, "num_test"),
+    (lambda: vt.image_grid(np.zeros((0, 16)), num_rows=0, num_cols=2), ValueError, "num_rows"),
+], ids=["hidden-int", "ks-int", "b1-str", "eps-none", "latent-float", "seed-float",
+        "batch-digits", "batch-mnist", "cosine-str", "digits-5", "digits-float", "fixed-neg",
+        "fixed-str", "data_dir-int", "mnist-test-big", "grid-rows-0"])
+def test_config_pieces_reject_bad_fields_naming_them(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_numpy_scalars_are_accepted_and_stored_as_python_numbers():
+    config = vt.Config(learning_rate=np.float32(1e-3), latent_dim=np.int64(3),
+                       hidden_sizes=[np.int32(4)], dataset=vt.Mnist(data_dir=pathlib.Path("m")))
+    assert type(config.learning_rate) is float and config.learning_rate == float(np.float32(1e-3))
+    assert type(config.latent_dim) is int and config.hidden_sizes == (4,)
+    assert type(config.hidden_sizes[0]) is int and config.dataset.data_dir == "m"
+    json.dumps(vt.config_to_dict(config))  # JSON-ready
+
+
+def test_input_errors_write_nothing_to_the_workdir(monkeypatch, tmp_path):
+    config = vt.Config(dataset=vt.Digits(), latent_dim=2, hidden_sizes=(8,), epochs=1)
+    # a data set smaller than one batch: found when the data are loaded, before any write
+    digits = data.load_digits()
+    monkeypatch.setattr(vt.Digits, "load",
+                        lambda self: digits._replace(train_images=digits.train_images[:10]))
+    with pytest.raises(ValueError, match="batch_size 100 exceeds the 10 training images"):
+        vt.train_and_evaluate(config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+    # missing MNIST folder
+    missing = vt.Config(dataset=vt.Mnist(data_dir=str(tmp_path / "no_mnist")), epochs=1)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        vt.train_and_evaluate(missing, tmp_path / "run2", progress=False)
+    assert not (tmp_path / "run2").exists()
+    with pytest.raises(TypeError, match="progress"):
+        vt.train_and_evaluate(config, tmp_path / "run3", progress="no")
+    # restore_checkpoint looks for the checkpoint before loading any data, and creates nothing
+    monkeypatch.setattr(vt.Digits, "load", lambda self: pytest.fail("data loaded"))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        vt.restore_checkpoint(tmp_path / "empty", config)
+    assert not (tmp_path / "empty").exists() and not (tmp_path / "run3").exists()
+    with pytest.raises(TypeError, match="epoch"):
+        vt.restore_checkpoint(tmp_path / "empty", config, epoch="1")
+    with pytest.raises(ValueError, match=r"images must have shape \[n, pixels\]"):
+        vt.plot_image_grid(np.zeros(16), tmp_path / "g.png", title="t")

@@ -5,19 +5,20 @@ leaves are distrax distributions, read as a product of independent factors
 q(z) = prod_j q_j(z_j). Every factor has the same batch shape ``[batch]``; one sample of ``q``
 is then a pytree of arrays ``[batch, *event_shape_j]``.
 
-This module also holds the argument checks, so each public function validates in the same
-words.
+This module also holds the checks of ``q`` and of estimators; the generic argument checks
+(ints, reals, PRNG keys, callables) are in ``vijax._checks``.
 """
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Callable
 
 import distrax
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from vijax._checks import is_concrete
 
 Array = jax.Array
 PyTree = Any
@@ -98,19 +99,6 @@ def tree_vdot(a: PyTree, b: PyTree, *, batch_ndim: int) -> Array:
 # ----------------------------------------------------------------------------- checks
 
 
-def check_num_samples(num_samples: Any, name: str = "num_samples") -> int:
-    """A positive Python int (static), else ``TypeError``/``ValueError`` naming ``name``."""
-    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral):
-        raise TypeError(f"`{name}` must be a Python int (it fixes array shapes); got {num_samples!r}")
-    if num_samples < 1:
-        raise ValueError(f"`{name}` must be >= 1; got {num_samples}")
-    return int(num_samples)
-
-
-def is_concrete(x: Any) -> bool:
-    return not isinstance(x, jax.core.Tracer)
-
-
 def check_finite(x: Any, name: str) -> None:
     """``ValueError`` naming ``name`` if a concrete array holds NaN or inf (tracers pass)."""
     if x is None or not is_concrete(x):
@@ -120,8 +108,34 @@ def check_finite(x: Any, name: str) -> None:
         raise ValueError(f"`{name}` contains non-finite values (NaN or inf)")
 
 
-def check_finite_parameters(q: PyTree, name: str = "q") -> None:
-    """Finite parameters (e.g. ``loc``, ``scale``) for every concrete leaf of ``q``."""
+def _positive_scales(dist: distrax.Distribution) -> list[tuple[str, Any]]:
+    """The scale arrays of ``dist`` that must be positive: ``scale_diag`` of a
+    ``MultivariateNormalDiag``, ``scale`` of a ``Normal``, looked up through ``Independent`` and
+    ``Transformed`` wrappers. (distrax itself silently uses |scale|.) Other families, e.g.
+    ``MultivariateNormalTri``, whose sign conventions differ, are not inspected."""
+    if isinstance(dist, distrax.MultivariateNormalDiag):  # before Transformed: it subclasses it
+        return [("scale_diag", dist.scale_diag)]
+    if isinstance(dist, distrax.Normal):
+        return [("scale", dist.scale)]
+    if isinstance(dist, (distrax.Independent, distrax.Transformed)):
+        return _positive_scales(dist.distribution)
+    return []
+
+
+def check_parameters(q: PyTree, name: str = "q") -> None:
+    """``ValueError`` naming ``name`` unless every concrete parameter leaf of ``q`` is finite and
+    every concrete Gaussian scale (see ``_positive_scales``) is positive; tracers pass. The
+    positivity check comes first, since a zero scale also makes derived leaves infinite."""
+    for dist in factors(q, name):
+        for attr, scale in _positive_scales(dist):
+            if scale is None or not is_concrete(scale):
+                continue
+            arr = np.asarray(scale)
+            if np.any(arr <= 0):  # NaN compares False: left to the finiteness check
+                raise ValueError(
+                    f"`{name}` must have a positive scale: its `{attr}` has entries <= 0 "
+                    f"(minimum {float(np.nanmin(arr))}; distrax would silently use |{attr}|)"
+                )
     for leaf in jax.tree_util.tree_leaves(q):
         check_finite(leaf, f"{name} (its loc/scale parameters)")
 
@@ -129,18 +143,58 @@ def check_finite_parameters(q: PyTree, name: str = "q") -> None:
 def check_q(q: PyTree, name: str = "q") -> tuple[int, ...]:
     """Validate a variational family; returns its batch shape."""
     shape = batch_shape(q, name)
-    check_finite_parameters(q, name)
+    check_parameters(q, name)
     return shape
 
 
-def call_log_density(fn: Callable, z: PyTree, expected_shape: tuple[int, ...], name: str) -> Array:
-    """``fn(z)``, checked to have shape ``expected_shape`` (a static check at trace time)."""
+def is_real(x: Any) -> bool:
+    """Whether ``x`` is a real number (Python/NumPy int or float, not bool) or an array (NumPy,
+    JAX, tracer) of integer or floating dtype."""
+    if isinstance(x, (bool, np.bool_)):
+        return False
+    if isinstance(x, (int, float, np.integer, np.floating)):
+        return True
+    if not isinstance(x, (np.ndarray, jax.Array)):
+        return False
+    dtype_ok = (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)
+                or jnp.issubdtype(x.dtype, jnp.floating))  # bfloat16 is not a NumPy float
+    return dtype_ok
+
+
+def _event_shape_hint(q: PyTree, name: str, out_shape: tuple[int, ...]) -> str:
+    """A sentence on ``q``'s event and batch shapes, for a log density of the wrong shape."""
+    dists = factors(q, name)
+    events = [tuple(d.event_shape) for d in dists]
+    batch = tuple(dists[0].batch_shape)
+    what = f"event shape {events[0]}" if len(events) == 1 else f"factor event shapes {events}"
+    hint = f" `{name}` has {what} and batch shape {batch}"
+    if any(e == () for e in events) and len(out_shape) < len(batch):
+        hint += (f": a scalar-event `{name}` is a 1-D latent per batch entry; for a "
+                 f"{batch[-1]}-D latent use distrax.MultivariateNormalDiag or "
+                 "distrax.Independent(..., reinterpreted_batch_ndims=1)")
+    return hint + "."
+
+
+def call_log_density(
+    fn: Callable,
+    z: PyTree,
+    expected_shape: tuple[int, ...] | None,
+    name: str,
+    q: PyTree | None = None,
+    q_name: str = "q",
+) -> Array:
+    """``fn(z)``, checked to have shape ``expected_shape`` (a static check at trace time).
+
+    ``expected_shape`` is ``q_name``'s batch shape; ``None`` skips the check. ``q``, when
+    given, adds its event and batch shapes to the message.
+    """
     out = fn(z)
     shape = tuple(getattr(out, "shape", ()))
-    if shape != tuple(expected_shape):
+    if expected_shape is not None and shape != tuple(expected_shape):
+        hint = "" if q is None else _event_shape_hint(q, q_name, shape)
         raise ValueError(
             f"`{name}` must return one log density per example, shape {tuple(expected_shape)} "
-            f"(q's batch shape); got shape {shape}"
+            f"({q_name}'s batch shape); got shape {shape}.{hint}"
         )
     return out
 

@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vijax._checks import MAX_NUMPY_SEED, check_int, check_rng_key, is_concrete
+
 __all__ = [
     "DATA_DIR_ENV",
     "MNIST_FILES",
@@ -76,6 +78,17 @@ _IDX_DTYPES = {
 # ``../shared/data/mnist`` relative to the repository root (this file is vijax/data.py).
 _REPO_SHARED_MNIST = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 _REPO_OLD_FAITHFUL = _REPO_SHARED_MNIST.parent / "old_faithful.csv"
+
+# scikit-learn's 8x8 digits: 1797 images; ``load_digits`` keeps >= 10 in each split.
+_DIGITS_NUM_EXAMPLES = 1797
+_DIGITS_MIN_SPLIT = 10
+
+
+def _check_digits_split(num_test: Any, seed: Any = 0) -> None:
+    """The arguments of :func:`load_digits` (also checked by ``vae_train.Digits``)."""
+    check_int(num_test, "num_test", minimum=_DIGITS_MIN_SPLIT,
+              maximum=_DIGITS_NUM_EXAMPLES - _DIGITS_MIN_SPLIT)
+    check_int(seed, "seed", minimum=0, maximum=MAX_NUMPY_SEED)
 
 
 class Dataset(NamedTuple):
@@ -299,26 +312,28 @@ def load_digits(*, num_test: int = 297, seed: int = 0) -> Dataset:
     ``num_test=297`` leaves 1500 training images (15 batches of 100).
 
     Args:
-      num_test: number of test images, 10 <= num_test <= 1787.
-      seed: seed of the split.
+      num_test: number of test images, an int with 10 <= num_test <= 1787.
+      seed: seed of the split, an int in [0, 2**32 - 1].
 
     Returns:
       :class:`Dataset` with images [n, 64] float32 in [0, 1] and labels [n] int32 in 0..9.
 
     Raises:
-      ValueError: ``num_test`` out of range.
+      TypeError: ``num_test`` or ``seed`` is not an int (e.g. ``10.5`` or ``"20"``).
+      ValueError: ``num_test`` outside [10, 1787], or ``seed`` outside [0, 2**32 - 1].
     """
     from sklearn.datasets import load_digits as sklearn_load_digits  # noqa: PLC0415
     from sklearn.model_selection import train_test_split  # noqa: PLC0415
 
+    _check_digits_split(num_test, seed)
     bunch = sklearn_load_digits()
-    num_examples = bunch.data.shape[0]
-    if not 10 <= num_test <= num_examples - 10:
-        raise ValueError(f"num_test must be in [10, {num_examples - 10}], got {num_test}")
+    if bunch.data.shape[0] != _DIGITS_NUM_EXAMPLES:  # pragma: no cover - a changed sklearn
+        raise RuntimeError(f"scikit-learn's digits have {bunch.data.shape[0]} images, "
+                           f"expected {_DIGITS_NUM_EXAMPLES}")
     images = (bunch.data / 16.0).astype(np.float32)
     labels = bunch.target.astype(np.int32)
     train_images, test_images, train_labels, test_labels = train_test_split(
-        images, labels, test_size=num_test, random_state=seed, stratify=labels
+        images, labels, test_size=int(num_test), random_state=int(seed), stratify=labels
     )
     return Dataset(train_images, train_labels, test_images, test_labels)
 
@@ -326,10 +341,6 @@ def load_digits(*, num_test: int = 297, seed: int = 0) -> Dataset:
 # ----------------------------------------------------------------------------------------------
 # Validation and binarization
 # ----------------------------------------------------------------------------------------------
-
-
-def _is_tracer(x: Any) -> bool:
-    return isinstance(x, jax.core.Tracer)
 
 
 def validate_images(
@@ -378,7 +389,7 @@ def validate_images(
             f"{name} must have {num_features} features on its last axis, got shape "
             f"{tuple(images.shape)}"
         )
-    if _is_tracer(images):
+    if not is_concrete(images):
         return
     values = np.asarray(images)
     if not np.all(np.isfinite(values)):
@@ -406,10 +417,14 @@ def dynamic_binarize(rng_key: jax.Array, images: jax.Array) -> jax.Array:
       NaN (so that a NaN pixel reaching a jitted step gives a NaN loss rather than a silent 0).
 
     Raises:
-      TypeError / ValueError: see :func:`validate_images`. Values are checked only for concrete
-      arrays; under ``jit`` (tracers) they are not checked: NaN stays NaN, and other values
-      outside [0, 1] act as if clipped to [0, 1] (above 1 always gives 1, below 0 always 0).
+      TypeError: ``rng_key`` is not a JAX PRNG key (e.g. an int seed: pass
+        ``jax.random.key(seed)``); checked on tracers too.
+      TypeError / ValueError: bad ``images``, see :func:`validate_images`. Values are checked
+        only for concrete arrays; under ``jit`` (tracers) they are not checked: NaN stays NaN,
+        and other values outside [0, 1] act as if clipped to [0, 1] (above 1 always gives 1,
+        below 0 always 0).
     """
+    check_rng_key(rng_key)
     validate_images(images, ndim=None)
     images = jnp.asarray(images)
     draw = jax.random.bernoulli(rng_key, images).astype(images.dtype)
@@ -424,18 +439,21 @@ def fixed_binarize(images: np.ndarray, *, seed: int = 0) -> np.ndarray:
 
     Args:
       images: intensities in [0, 1], any shape, floating dtype (NumPy or concrete JAX array).
-      seed: the seed.
+      seed: the seed, an int in [0, 2**32 - 1].
 
     Returns:
       A NumPy array of ``images``' shape and dtype holding 0.0 / 1.0.
 
     Raises:
-      TypeError / ValueError: see :func:`validate_images`; TypeError for a JAX tracer (this is a
-        host-side, once-per-data-set function; use :func:`dynamic_binarize` under ``jit``).
+      TypeError: a JAX tracer (this is a host-side, once-per-data-set function; use
+        :func:`dynamic_binarize` under ``jit``); ``seed`` not an int.
+      ValueError: ``seed`` outside [0, 2**32 - 1].
+      TypeError / ValueError: bad ``images``, see :func:`validate_images`.
     """
-    if _is_tracer(images):
+    if not is_concrete(images):
         raise TypeError(
             "fixed_binarize is host-side NumPy; it cannot be traced (use dynamic_binarize)")
+    check_int(seed, "seed", minimum=0, maximum=MAX_NUMPY_SEED)
     validate_images(images, ndim=None)
     values = np.asarray(images)
     uniforms = np.random.default_rng(seed).random(values.shape)

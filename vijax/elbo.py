@@ -8,7 +8,14 @@ Conventions
 * ``rng_key`` comes first; nothing is jitted inside, the caller decides ``jax.jit``.
 * ``q`` is a distrax distribution with batch shape ``[batch]`` and event shape ``[latent_dim]``
   (e.g. ``distrax.MultivariateNormalDiag(loc, scale_diag)`` with ``loc: [batch, latent_dim]``),
-  or a pytree of such distributions read as independent factors.
+  or a pytree of such distributions read as independent factors. A ``q`` with event shape
+  ``[]`` (e.g. ``distrax.Normal(loc, scale)``) is legitimate and means a 1-D latent per batch
+  entry: its batch shape is then all of ``loc.shape``, and ``log_joint_fn`` must return that
+  shape. For a vector latent use ``MultivariateNormalDiag`` or ``distrax.Independent``; a
+  ``log_joint_fn`` output of the wrong shape is reported with ``q``'s event and batch shapes.
+* Gaussian scales of a concrete ``q`` (``scale_diag`` of ``MultivariateNormalDiag``, ``scale``
+  of ``Normal``, also inside ``Independent``/``Transformed``) must be positive: distrax would
+  silently use |scale|.
 * ``log_joint_fn(z) -> [batch]`` returns log p(x, z) for ONE sample ``z`` shaped like a draw of
   ``q`` (``[batch, latent_dim]``); ``log_likelihood_fn(z) -> [batch]`` returns log p(x | z).
   The objectives write the single-sample computation and ``jax.vmap`` it over samples.
@@ -39,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vijax import _q
+from vijax._checks import check_callable, check_int, check_real, check_rng_key
 
 Array = jax.Array
 PyTree = Any
@@ -92,11 +100,33 @@ class ScoreFunction:
     though the value is. Use ``Pathwise()`` there.
 
     Attributes:
-      baseline: ``None`` (no control variate), a number or array broadcastable to ``[batch]``
-        (e.g. a running mean kept by the caller), or ``LeaveOneOut()``.
+      baseline: ``None`` (no control variate), a real number or a real array broadcastable to
+        ``[batch]`` (e.g. a running mean kept by the caller; a traced array is fine), or
+        ``LeaveOneOut()``. A number or ``None`` keeps the estimator hashable (usable as a static
+        ``jit`` argument); an array does not.
+
+    Raises:
+      TypeError: ``baseline`` of another type (a string, a bool, a list, the class
+        ``LeaveOneOut`` rather than an instance ``LeaveOneOut()``, a complex or boolean array).
+      ValueError: a concrete ``baseline`` with NaN or inf entries. (Its shape is checked against
+        ``[batch]`` when an objective uses it.)
     """
 
     baseline: Any = None
+
+    def __post_init__(self):
+        baseline = self.baseline
+        if baseline is None or isinstance(baseline, LeaveOneOut):
+            return
+        if isinstance(baseline, type) and issubclass(baseline, LeaveOneOut):
+            raise TypeError("`baseline` must be an instance: write ScoreFunction(LeaveOneOut()), "
+                            "not ScoreFunction(LeaveOneOut)")
+        if not _q.is_real(baseline):
+            raise TypeError(
+                "`baseline` must be None, LeaveOneOut(), a real number or a real array "
+                f"broadcastable to the batch shape; got {type(baseline).__name__} {baseline!r}"
+            )
+        _q.check_finite(baseline, "baseline")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +176,6 @@ def _constant_baseline(baseline: Any, shape: tuple[int, ...], dtype: Any) -> Arr
             f"`estimator.baseline` must be a scalar or broadcastable to the batch shape {shape}; "
             f"got shape {tuple(b.shape)}"
         )
-    _q.check_finite(baseline, "estimator.baseline")
     return jax.lax.stop_gradient(jnp.broadcast_to(b, shape))
 
 
@@ -195,11 +224,15 @@ def _check_continuous_q(q: PyTree, estimator: Any, function: str) -> None:
     bad = sorted({str(x.dtype) for x in jax.tree_util.tree_leaves(draw)
                   if not jnp.issubdtype(x.dtype, jnp.floating)})
     if bad:
-        how = ("`estimator=ScoreFunction(...)`" if function != "renyi_bound"
-               else "`elbo`/`iwae_bound` with `estimator=ScoreFunction(...)` (renyi_bound is pathwise only)")
+        if function == "renyi_bound":  # no estimator argument: always pathwise
+            raise TypeError(
+                f"`q` draws non-floating samples ({', '.join(bad)}), which have no pathwise "
+                "gradient, and renyi_bound's gradient is pathwise only: use `elbo`/`iwae_bound` "
+                "with `estimator=ScoreFunction(...)`")
         raise TypeError(
             f"`q` draws non-floating samples ({', '.join(bad)}), which have no pathwise gradient: "
-            f"`estimator` {estimator!r} would give a wrong gradient in {function}; use {how}"
+            f"`estimator` {estimator!r} would give a wrong gradient in {function}; use "
+            "`estimator=ScoreFunction(...)`"
         )
 
 
@@ -269,14 +302,18 @@ def elbo(
       ``[batch]`` ELBO estimates (nats), dtype of ``log_joint_fn``'s output.
 
     Raises:
-      TypeError: ``num_samples`` not an int, ``q`` not a distrax distribution (pytree),
+      TypeError: ``rng_key`` not a JAX PRNG key (e.g. an int seed); ``log_joint_fn`` not
+        callable; ``num_samples`` not an int, ``q`` not a distrax distribution (pytree),
         unsupported ``estimator``; ``q`` with non-floating (discrete) samples and an
         ``estimator`` other than ``ScoreFunction``.
-      ValueError: ``num_samples < 1``; ``log_joint_fn`` output not of shape ``[batch]``;
-        non-finite concrete parameters of ``q``; ``LeaveOneOut`` baseline with S < 2; a
-        ``baseline`` array not broadcastable to ``[batch]``.
+      ValueError: ``num_samples < 1``; ``log_joint_fn`` output not of shape ``[batch]`` (q's
+        batch shape; the message gives q's event shape too); non-finite concrete parameters
+        of ``q``, or a concrete Gaussian scale of ``q`` that is not positive; ``LeaveOneOut``
+        baseline with S < 2; a ``baseline`` array not broadcastable to ``[batch]``.
     """
-    num_samples = _q.check_num_samples(num_samples)
+    check_rng_key(rng_key)
+    check_callable(log_joint_fn, "log_joint_fn")
+    num_samples = check_int(num_samples, "`num_samples`", minimum=1)
     _q.check_estimator(estimator, ELBO_ESTIMATORS, "elbo")
     shape = _q.check_q(q)
     _check_loo(estimator, num_samples)
@@ -286,7 +323,7 @@ def elbo(
 
     def one_sample(key):
         z, log_q = _draw(key, q, stop_sample=is_score)
-        log_p = _q.call_log_density(log_joint_fn, z, shape, "log_joint_fn")
+        log_p = _q.call_log_density(log_joint_fn, z, shape, "log_joint_fn", q)
         value = log_p - log_q
         if is_score:  # log q at the fixed z, differentiable in q's parameters (bijector inverse)
             log_q = _q.log_prob(q, z)
@@ -336,20 +373,25 @@ def elbo_analytic_kl(
         KL term is always differentiated exactly.
 
     Returns:
-      ``[batch]`` ELBO estimates (nats), not the negative ELBO.
+      ``[batch]`` ELBO estimates (nats), not the negative ELBO; dtype of
+      ``log_likelihood_fn``'s output promoted with that of the KL (q's and prior's dtype).
 
     Raises:
-      TypeError: as ``elbo``; distrax has no closed-form KL for a (``q``, ``prior``) factor pair.
-      ValueError: as ``elbo``; ``prior`` with a different number of factors, or a KL whose
-        shape is not ``[batch]``.
+      TypeError: as ``elbo`` (with ``log_likelihood_fn`` for ``log_joint_fn``); ``prior`` not
+        a distrax distribution or pytree of them; distrax has no closed-form KL for a
+        (``q``, ``prior``) factor pair.
+      ValueError: as ``elbo``; raised before any computation when ``prior`` has a different
+        number of factors from ``q``, a factor whose event shape differs from q's factor's,
+        or a batch shape that does not broadcast to q's batch shape (``[]`` and ``[batch]``
+        do); a KL whose shape is not ``[batch]`` (a safeguard for unusual distributions).
     """
-    num_samples = _q.check_num_samples(num_samples)
+    check_rng_key(rng_key)
+    check_callable(log_likelihood_fn, "log_likelihood_fn")
+    num_samples = check_int(num_samples, "`num_samples`", minimum=1)
     _q.check_estimator(estimator, ELBO_ANALYTIC_KL_ESTIMATORS, "elbo_analytic_kl")
     shape = _q.check_q(q)
-    prior_factors = _q.factors(prior, "prior")
-    q_factors = _q.factors(q)
-    if len(prior_factors) != len(q_factors):
-        raise ValueError("`prior` must have one factor per factor of `q`")
+    q_factors, prior_factors = _q.factors(q), _q.factors(prior, "prior")
+    _check_prior(q_factors, prior_factors)
     _check_loo(estimator, num_samples)
     _check_continuous_q(q, estimator, "elbo_analytic_kl")
     is_score = isinstance(estimator, ScoreFunction)
@@ -376,7 +418,7 @@ def elbo_analytic_kl(
     def one_sample(key):
         z = _q.sample(key, q)  # log q is needed only for the score term, at this z
         z = jax.lax.stop_gradient(z) if is_score else z
-        log_lik = _q.call_log_density(log_likelihood_fn, z, shape, "log_likelihood_fn")
+        log_lik = _q.call_log_density(log_likelihood_fn, z, shape, "log_likelihood_fn", q)
         log_q = _q.log_prob(q, z) if is_score else jnp.zeros_like(log_lik)
         return log_lik, log_q
 
@@ -393,6 +435,28 @@ def elbo_analytic_kl(
     return _surrogate(value, value + _score_term(signal, log_qs) / num_samples)
 
 
+def _check_prior(q_factors: list, prior_factors: list) -> None:
+    """``ValueError`` naming ``prior`` unless it has one factor per factor of ``q``, each with
+    that factor's event shape and a batch shape broadcasting to ``q``'s. Static shapes only."""
+    if len(prior_factors) != len(q_factors):
+        raise ValueError(f"`prior` must have one factor per factor of `q` ({len(q_factors)}); "
+                         f"got {len(prior_factors)}")
+    for j, (qf, pf) in enumerate(zip(q_factors, prior_factors)):
+        where = f" (factor {j})" if len(q_factors) > 1 else ""
+        q_event, p_event = tuple(qf.event_shape), tuple(pf.event_shape)
+        if p_event != q_event:
+            raise ValueError(f"`prior`{where} must have q's event shape {q_event}; got event "
+                             f"shape {p_event}")
+        q_batch, p_batch = tuple(qf.batch_shape), tuple(pf.batch_shape)
+        try:
+            ok = np.broadcast_shapes(p_batch, q_batch) == q_batch
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(f"`prior`{where} batch shape {p_batch} does not broadcast to q's "
+                             f"batch shape {q_batch}: use batch shape () or {q_batch}")
+
+
 def _iwae_particles(rng_key, log_joint_fn, q, shape, num_samples, estimator):
     """Per-sample pieces for ``iwae_bound``: log weights (value) and what the estimator needs."""
     is_score = isinstance(estimator, ScoreFunction)
@@ -405,11 +469,11 @@ def _iwae_particles(rng_key, log_joint_fn, q, shape, num_samples, estimator):
         if is_dreg:
             # one forward pass, plus a backward pass for d log p / dz (held constant below)
             log_p, pullback = jax.vjp(
-                lambda z_: _q.call_log_density(log_joint_fn, z_, shape, "log_joint_fn"), z
+                lambda z_: _q.call_log_density(log_joint_fn, z_, shape, "log_joint_fn", q), z
             )
             (grad_log_p,) = pullback(jnp.ones_like(log_p))
         else:
-            log_p = _q.call_log_density(log_joint_fn, z, shape, "log_joint_fn")
+            log_p = _q.call_log_density(log_joint_fn, z, shape, "log_joint_fn", q)
         out = {"log_w": log_p - log_q}
         if is_score:  # log q at the fixed z, differentiable in q's parameters (bijector inverse)
             out["log_q"] = _q.log_prob(q, z)
@@ -450,12 +514,16 @@ def iwae_bound(
         VIMCO), ``StickingTheLanding()`` (biased for K > 1) or ``DReG()``.
 
     Returns:
-      ``[batch]`` bound estimates (nats), not their negative.
+      ``[batch]`` bound estimates (nats), not their negative; dtype of ``log_joint_fn``'s
+      output (as ``elbo``).
 
     Raises:
-      TypeError / ValueError: as ``elbo``.
+      TypeError / ValueError: as ``elbo`` (``rng_key``, ``log_joint_fn``, ``num_samples``,
+        ``q``, ``estimator``, its ``baseline``).
     """
-    num_samples = _q.check_num_samples(num_samples)
+    check_rng_key(rng_key)
+    check_callable(log_joint_fn, "log_joint_fn")
+    num_samples = check_int(num_samples, "`num_samples`", minimum=1)
     _q.check_estimator(estimator, IWAE_ESTIMATORS, "iwae_bound")
     shape = _q.check_q(q)
     _check_loo(estimator, num_samples)
@@ -512,26 +580,26 @@ def renyi_bound(
       rng_key: a JAX PRNG key.
       log_joint_fn: ``z -> log p(x, z)``, ``[batch, latent_dim] -> [batch]`` for one sample.
       q: distrax distribution (batch ``[batch]``), or pytree of them.
-      alpha: a concrete finite number >= 0.
+      alpha: a concrete finite real number >= 0 (Python or NumPy int/float, or a 0-d array;
+        not a bool).
       num_samples: K >= 1.
 
     Returns:
-      ``[batch]`` bound estimates (nats).
+      ``[batch]`` bound estimates (nats), the bound itself, not its negative; dtype of
+      ``log_joint_fn``'s output (as ``elbo``).
 
     Raises:
-      TypeError: ``alpha`` not a concrete number; ``q`` with non-floating (discrete) samples
-        (the gradient is pathwise); others as ``elbo``.
+      TypeError: ``alpha`` not a concrete real number (a traced value, a string, a bool);
+        ``q`` with non-floating (discrete) samples (the gradient is pathwise); others as
+        ``elbo`` (``rng_key``, ``log_joint_fn``, ``num_samples``, ``q``).
       ValueError: ``alpha`` negative or not finite; others as ``elbo``.
     """
-    num_samples = _q.check_num_samples(num_samples)
+    check_rng_key(rng_key)
+    check_callable(log_joint_fn, "log_joint_fn")
+    num_samples = check_int(num_samples, "`num_samples`", minimum=1)
     if isinstance(alpha, jax.core.Tracer):
         raise TypeError("`alpha` must be a concrete number (it selects the bound), not a traced value")
-    try:
-        alpha = float(np.asarray(alpha))
-    except (TypeError, ValueError):
-        raise TypeError(f"`alpha` must be a number; got {alpha!r}") from None
-    if not math.isfinite(alpha) or alpha < 0:
-        raise ValueError(f"`alpha` must be finite and >= 0 (alpha in [0, inf)); got {alpha}")
+    alpha = check_real(alpha, "`alpha`", minimum=0.0, array=True)
     shape = _q.check_q(q)
     _check_continuous_q(q, Pathwise(), "renyi_bound")
     log_w = _iwae_particles(rng_key, log_joint_fn, q, shape, num_samples, Pathwise())["log_w"]

@@ -46,7 +46,6 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
-import numbers
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -55,7 +54,8 @@ import numpy as np
 from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from vijax._checks import check_row_stochastic
+from vijax._checks import (check_int, check_num_components, check_real, check_rng_key,
+                           check_row_stochastic, is_concrete)
 from vijax._linalg import cholesky_and_inverse
 
 Array = jax.Array
@@ -83,6 +83,14 @@ __all__ = [
     "elbo",
     "sample",
     "dense_covariances",
+    # Low-level kernels: unchecked building blocks shared with vijax.meanfield.bayesian_gmm
+    # (docs/em.md section 4). No argument checks; use the functions above unless you are
+    # writing a new mixture step on top of the same streamed passes.
+    "OnePassSums",
+    "one_pass_sums",
+    "one_pass_risk",
+    "e_step_sums",
+    "scatter_sums",
 ]
 
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -390,10 +398,6 @@ class FitInfo(NamedTuple):
 # ============================================================================================
 
 
-def _is_concrete(value) -> bool:
-    return not isinstance(value, jax.core.Tracer)
-
-
 def _check_float_array(x, name: str) -> Array:
     x = jnp.asarray(x)
     if x.dtype not in (jnp.float32, jnp.float64):
@@ -417,7 +421,7 @@ def _check_responsibilities(q, state: GMMState, x: Array) -> Array:
 
 
 def _check_finite_rows(x, name: str) -> None:
-    if _is_concrete(x):
+    if is_concrete(x):
         bad = ~np.all(np.isfinite(np.asarray(x)), axis=-1)
         if np.any(bad):
             if bad.ndim == 0:
@@ -449,45 +453,8 @@ def _check_data(x, name: str = "x", dim: int | None = None, *, matrix: bool = Tr
     return x
 
 
-def _check_positive_int(value, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"`{name}` must be an int; got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}; got {value}")
-    return int(value)
-
-
-def _check_num_components(num_components, num_points: int) -> int:
-    num_components = _check_positive_int(num_components, "num_components")
-    if num_points < num_components:
-        raise ValueError(
-            f"`num_components` ({num_components}) exceeds the number of rows of `x` "
-            f"({num_points}); need N >= K"
-        )
-    return num_components
-
-
-def _concrete_real_scalar(value, name: str) -> float | None:
-    """``float(value)`` for a concrete real scalar, None for a tracer; TypeError naming
-    ``name`` for anything else (strings, None, complex, arrays with more than one element);
-    ValueError for a non-scalar array."""
-    if not _is_concrete(value):
-        return None
-    try:
-        array = np.asarray(value)
-    except Exception:  # noqa: BLE001 - any unconvertible object
-        array = np.asarray(None)
-    if array.dtype.kind not in "biuf" or array.dtype == bool:
-        raise TypeError(f"`{name}` must be a real number; got {value!r}")
-    if array.shape != ():
-        raise ValueError(f"`{name}` must be a scalar; got shape {array.shape}")
-    return float(array)
-
-
 def _check_reg_covar(reg_covar, dtype) -> Array:
-    value = _concrete_real_scalar(reg_covar, "reg_covar")
-    if value is not None and not (np.isfinite(value) and value > 0):
-        raise ValueError(f"`reg_covar` must be a finite scalar > 0; got {reg_covar!r}")
+    check_real(reg_covar, "`reg_covar`", exclusive_minimum=0.0, array=True)
     return jnp.asarray(reg_covar, dtype=dtype)
 
 
@@ -509,10 +476,6 @@ def _check_state(state, x, name: str = "x", *, matrix: bool = True) -> Array:
             f"`{name}` has dtype {x.dtype} but the state has {state.means.dtype}; cast one"
         )
     return x
-
-
-def _check_chunk_size(chunk_size) -> int | None:
-    return None if chunk_size is None else _check_positive_int(chunk_size, "chunk_size")
 
 
 # ============================================================================================
@@ -703,15 +666,28 @@ def e_step_sums(log_joint_chunk_fn: Callable[[Array], Array], x: Array, chunk_si
                 shards: _Shards | None = None, centre: Array | None = None):
     """The streamed E-step of a mixture for any log-joint: one pass over row chunks of ``x``.
 
-    ``log_joint_chunk_fn(x_chunk [B, D]) -> [B, K]`` gives l_nk (for EM log pi_k +
-    log N(x_n | mu_k, Sigma_k); for the Bayesian GMM ln rho_nk); with ``centre`` c ``[D]``
-    it is called on x - c (so its means must be shifted by -c) and the first moment is taken
-    about c, which keeps float32 sums accurate for data far from the origin. Returns
-    ``(responsibilities [N, K], logsumexp_k l_nk [N], N_k [K], sum_n r_nk (x_n - c) [K, D],
-    sum_nk r_nk ln r_nk [])`` (c = 0 without ``centre``); the last is 0 unless
-    ``with_entropy``. Unchecked (internal): rows masked by ``weights`` get zero
-    responsibilities, and inside :func:`_on_mesh` the sums are totals over all devices
-    (``shards``). Used by the two-pass EM step and the Bayesian GMM's two-pass CAVI step.
+    Low-level kernel, **unchecked**: no argument is validated (wrong shapes give JAX's own
+    errors, invalid values give NaN); the public :func:`step` and
+    :func:`vijax.meanfield.bayesian_gmm.step` check their inputs and then call it.
+
+    Args:
+      log_joint_chunk_fn: ``x_chunk [B, D] -> [B, K]``, the log-joint l_nk in nats (for EM
+        log pi_k + log N(x_n | mu_k, Sigma_k); for the Bayesian GMM ln rho_nk). With
+        ``centre`` it is called on x - c, so its means must be shifted by -c.
+      x: ``[N, D]`` float32/float64 data.
+      chunk_size: rows per streamed chunk (Python int >= 1).
+      with_entropy: also return sum_nk r_nk ln r_nk.
+      weights: ``[N]`` 0/1 row mask (rows with 0 get zero responsibilities) or None.
+      shards: set inside :func:`_on_mesh`; the sums are then totals over all devices.
+      centre: ``[D]`` c or None (c = 0); the first moment is taken about c, which keeps
+        float32 sums accurate for data far from the origin.
+
+    Returns:
+      ``(responsibilities [N, K], log_norm [N], counts [K], first_moment [K, D],
+      neg_entropy [])``, all in the dtype of ``x``: r_nk = softmax_k l_nk; log_norm =
+      logsumexp_k l_nk (nats; log p(x_n) for EM); N_k = sum_n r_nk; sum_n r_nk (x_n - c)
+      (data units); sum_nk r_nk ln r_nk (nats, <= 0; 0 unless ``with_entropy``).
+    Used by the two-pass EM step and the Bayesian GMM's two-pass CAVI step.
     """
     def chunk_fn(xb, wb=None):
         if centre is not None:
@@ -734,11 +710,26 @@ def e_step_sums(log_joint_chunk_fn: Callable[[Array], Array], x: Array, chunk_si
 def scatter_sums(covariance_type, x: Array, responsibilities: Array, means: Array,
                  chunk_size: int, shards: _Shards | None = None,
                  centre: Array | None = None) -> Array:
-    """sum_n r_nk (x_n - m_k)(x_n - m_k)^T (its diagonal for ``Diag()``, its mean diagonal for
-    ``Spherical()``) about ``means`` [K, D], in one streamed pass over ``x`` and the
-    ``responsibilities`` [N, K] (totals over all devices inside :func:`_on_mesh`). With
-    ``centre`` c, ``means`` are given about c (m_k - c) and the rows are shifted alike.
-    Unchecked (internal); the M-step's second pass, centred as in scikit-learn."""
+    """Weighted scatter about given means in one streamed pass: the M-step's second pass,
+    centred as in scikit-learn.
+
+    Low-level kernel, **unchecked**: no argument is validated (wrong shapes give JAX's own
+    errors, invalid values give NaN).
+
+    Args:
+      covariance_type: ``Full()``, ``Diag()`` or ``Spherical()`` (the output layout).
+      x: ``[N, D]`` float32/float64 data.
+      responsibilities: ``[N, K]`` r_nk in the dtype of ``x``.
+      means: ``[K, D]`` m_k (about ``centre`` when it is given: m_k - c).
+      chunk_size: rows per streamed chunk (Python int >= 1).
+      shards: set inside :func:`_on_mesh`; the sums are then totals over all devices.
+      centre: ``[D]`` c or None; the rows are shifted by -c like the means.
+
+    Returns:
+      sum_n r_nk (x_n - m_k)(x_n - m_k)^T in squared data units (times counts), dtype of
+      ``x``: ``[K, D, D]`` for ``Full()``, its diagonal ``[K, D]`` for ``Diag()``, its mean
+      diagonal ``[K]`` for ``Spherical()``.
+    """
     def chunk_fn(xb, rb):
         if centre is not None:
             xb = xb - centre[None, :]
@@ -793,20 +784,24 @@ def _unpack_symmetric(packed: Array, dim: int) -> Array:
 
 
 class OnePassSums(NamedTuple):
-    """Output of :func:`one_pass_sums` (all sums over the N rows, about the centre c)."""
+    """Output of the low-level kernel :func:`one_pass_sums` (unchecked): all sums over the N
+    rows (over all devices on a mesh), about the centre c; every array has the dtype of x.
+    """
 
     log_norm: Array  # [N] logsumexp_k of the log-joint (log p(x_n) for EM), nats
-    responsibilities: Array | None  # [N, K] when requested, else None
-    neg_entropy: Array  # [] sum_nk r_nk log r_nk (0 unless responsibilities were requested)
-    centre: Array  # [D] c, the mean of x
-    counts: Array  # [K] N_k = sum_n r_nk
-    first_moment: Array  # [K, D] sum_n r_nk (x_n - c)
-    second_moment: Array  # [K, D, D] sum_n r_nk (x_n - c)(x_n - c)^T
-    max_sq_radius: Array  # [] max_n ||x_n - c||^2 (for one_pass_risk)
+    responsibilities: Array | None  # [N, K] r_nk when requested, else None
+    neg_entropy: Array  # [] sum_nk r_nk log r_nk, nats, <= 0 (0 unless responsibilities
+    #   were requested)
+    centre: Array  # [D] c, the mean of x (data units)
+    counts: Array  # [K] N_k = sum_n r_nk (effective numbers of points)
+    first_moment: Array  # [K, D] sum_n r_nk (x_n - c) (data units)
+    second_moment: Array  # [K, D, D] sum_n r_nk (x_n - c)(x_n - c)^T (squared data units)
+    max_sq_radius: Array  # [] max_n ||x_n - c||^2, squared data units (for one_pass_risk)
 
     def scatter_about(self, locs_c: Array) -> Array:
-        """``[K, D, D]`` sum_n r_nk (x_n - l_k)(x_n - l_k)^T for l_k = c + ``locs_c[k]``,
-        exactly expanded from the uncentred sums."""
+        """``[K, D, D]`` sum_n r_nk (x_n - l_k)(x_n - l_k)^T (squared data units) for
+        l_k = c + ``locs_c[k]`` (``locs_c`` ``[K, D]``), exactly expanded from the uncentred
+        sums. Unchecked."""
         cross = self.first_moment[:, :, None] * locs_c[:, None, :]
         return (self.second_moment - cross - jnp.swapaxes(cross, -1, -2)
                 + self.counts[:, None, None] * locs_c[:, :, None] * locs_c[:, None, :])
@@ -835,10 +830,24 @@ def one_pass_sums(x: Array, log_const: Array, locs: Array, precision_cholesky: A
     U_k's columns split in two blocks (the zero lower-left block of each U_k is skipped), and
     S_k from its upper blocks: 3/4 of the flops of the dense products.
 
-    Shapes: x ``[N, D]``, log_const ``[K]``, locs ``[K, D]``, precision_cholesky
-    ``[K, D, D]``. Unchecked (internal). Inside :func:`_on_mesh`, ``x`` is this device's
-    rows, ``weights`` (``[N]`` 0/1, or None) masks padding rows and the sums are totals
-    over all devices (``shards``).
+    Low-level kernel, **unchecked**: no argument is validated (wrong shapes give JAX's own
+    errors, invalid values give NaN); :func:`step` and
+    :func:`vijax.meanfield.bayesian_gmm.step` check their inputs and then call it.
+
+    Args:
+      x: ``[N, D]`` float32/float64 data (meant for float64).
+      log_const: ``[K]`` log_const_k in nats.
+      locs: ``[K, D]`` component locations (data units).
+      precision_cholesky: ``[K, D, D]`` upper-triangular U_k (precision U_k U_k^T, inverse
+        squared data units).
+      chunk_size: rows per streamed chunk (Python int >= 1).
+      keep_responsibilities: also return r ``[N, K]`` and sum r ln r.
+      weights: ``[N]`` 0/1 row mask (padding rows) or None.
+      shards: set inside :func:`_on_mesh` (``x`` is then this device's rows and the sums
+        are totals over all devices).
+
+    Returns:
+      :class:`OnePassSums` (shapes and units listed there), in the dtype of ``x``.
     """
     k, d = locs.shape
     centre = _row_mean(x, shards)
@@ -929,7 +938,13 @@ _ONE_PASS_MAX_RISK = 1e-7
 def one_pass_risk(sums: OnePassSums, *precision_cholesky: Array) -> Array:
     """``[]`` eps * max_n ||x_n - c||^2 * max_k ||U_k||_F^2 over the given ``[K, D, D]``
     precision factors (||U_k||_F^2 = Tr Lambda_k >= lambda_max): a bound, up to a small
-    factor, on the relative roundoff of :func:`one_pass_sums`' uncentred statistics."""
+    factor, on the relative roundoff of :func:`one_pass_sums`' uncentred statistics.
+
+    Low-level kernel, **unchecked**. Args: ``sums`` from :func:`one_pass_sums`; one or more
+    ``[K, D, D]`` upper-triangular precision factors (e.g. those entering and leaving a
+    step). Returns a dimensionless ``[]`` scalar in the dtype of ``sums.centre`` (eps is
+    that dtype's machine epsilon); callers redo the step centred when it exceeds
+    ``_ONE_PASS_MAX_RISK`` (1e-7) or is NaN."""
     trace = jnp.max(jnp.stack([jnp.max(jnp.sum(u * u, axis=(-2, -1)))
                                for u in precision_cholesky]))
     return jnp.finfo(sums.centre.dtype).eps * sums.max_sq_radius * trace
@@ -1014,7 +1029,8 @@ def init(
     """Initial :class:`GMMState`: the M-step of ``init_method``'s responsibilities.
 
     Args:
-      rng_key: PRNG key for the initialisation.
+      rng_key: PRNG key for the initialisation (``jax.random.key(seed)``; an int seed is
+        refused).
       x: data ``[N, D]``, float32 or float64 (the state takes this dtype); must be finite.
       num_components: K >= 1, with N >= K (static).
       covariance_type: ``Full()``, ``Diag()`` or ``Spherical()`` (static).
@@ -1026,13 +1042,15 @@ def init(
       A state with ``iteration = 0`` and ``last_log_likelihood = -inf``.
 
     Raises:
-      TypeError: non-floating ``x``, non-int ``num_components``, unknown ``covariance_type``
-        or ``init_method``.
+      TypeError: ``rng_key`` not a JAX PRNG key (e.g. an int seed), non-floating ``x``,
+        non-int ``num_components``, unknown ``covariance_type`` or ``init_method``.
       ValueError: ``x`` not 2-D or with NaN/inf rows (checked when concrete), N < K,
         ``reg_covar`` <= 0 (when concrete).
     """
+    check_rng_key(rng_key)
     x = _check_data(x)
-    num_components = _check_num_components(num_components, x.shape[0])
+    num_components = check_num_components(num_components, x.shape[0], name="`num_components`",
+                                          name_x="`x`")
     covariance_type = _check_covariance_type(covariance_type)
     if not isinstance(init_method, InitMethod):
         raise TypeError(
@@ -1040,7 +1058,7 @@ def init(
             f"got {init_method!r}"
         )
     reg_covar = _check_reg_covar(reg_covar, x.dtype)
-    chunk_size = _check_chunk_size(chunk_size)
+    chunk_size = check_int(chunk_size, "`chunk_size`", minimum=1, optional=True)
     if chunk_size is None:
         chunk_size = _default_chunk_size(x.shape[0], num_components, x.shape[1])
     resp = init_method._responsibilities(rng_key, x, num_components)
@@ -1073,6 +1091,13 @@ def state_from_parameters(
       covariance_type: ``Full()``, ``Diag()`` or ``Spherical()``.
       reg_covar: > 0, used by later M-steps.
 
+    Returns:
+      A :class:`GMMState` in the dtype of ``means``: weights ``[K]`` (renormalised to sum to
+      one), means ``[K, D]``, covariances as given (shape per ``covariance_type``, not
+      regularised: ``reg_covar`` is only added by later M-steps), their precision Cholesky
+      factors (same shape), ``iteration = 0``, ``last_log_likelihood = -inf`` and
+      ``reg_covar`` as a ``[]`` array.
+
     Raises:
       TypeError / ValueError naming the offending argument (shapes, dtypes, non-finite or
       non-positive-definite values when concrete, weights not summing to one).
@@ -1092,16 +1117,16 @@ def state_from_parameters(
             f"`covariances` must have shape {expected} for {covariance_type!r}; "
             f"got {covariances.shape}"
         )
-    if _is_concrete(means) and not np.all(np.isfinite(np.asarray(means))):
+    if is_concrete(means) and not np.all(np.isfinite(np.asarray(means))):
         raise ValueError("`means` must be finite")
-    if _is_concrete(weights):
+    if is_concrete(weights):
         w = np.asarray(weights)
         # Loose enough for weights normalised in float32 (K * 6e-8), then renormalised.
         if np.any(~(w >= 0)) or not abs(w.sum() - 1) <= 1e-6:
             raise ValueError("`weights` must be non-negative and sum to one (within 1e-6); "
                              f"got {w} (sum - 1 = {w.sum() - 1:+.3g})")
     weights = weights / jnp.sum(weights)
-    if _is_concrete(covariances):
+    if is_concrete(covariances):
         covariance_type._check_covariances(np.asarray(covariances))
     reg_covar = _check_reg_covar(reg_covar, means.dtype)
     params = (weights, means, covariances, covariance_type._precision_cholesky(covariances))
@@ -1141,7 +1166,7 @@ def step(state: GMMState, x: Array, *, chunk_size: int | None = None,
       TypeError naming ``mesh``.
     """
     x = _check_state(state, x)
-    chunk_size = _check_chunk_size(chunk_size)
+    chunk_size = check_int(chunk_size, "`chunk_size`", minimum=1, optional=True)
     _check_mesh(mesh)
     if mesh is not None:
         return _on_mesh(lambda s, xl, w, sh, c: _step(s, xl, c, w, sh),
@@ -1160,8 +1185,9 @@ def m_step(state: GMMState, x: Array, responsibilities: Array, *,
     arrays."""
     x = _check_state(state, x)
     resp = _check_responsibilities(responsibilities, state, x)
+    chunk_size = check_int(chunk_size, "`chunk_size`", minimum=1, optional=True)
     params = _m_step(state.covariance_type, x, resp, *_moments(x, resp), state.reg_covar,
-                     _chunk(state, x.shape[0], _check_chunk_size(chunk_size)))
+                     _chunk(state, x.shape[0], chunk_size))
     return _with_parameters(state, params)
 
 
@@ -1199,11 +1225,9 @@ def fit_from_state(
       TypeError / ValueError naming ``x``, ``max_iter``, ``tol`` or ``mesh``.
     """
     x = _check_state(state, x)
-    max_iter = _check_positive_int(max_iter, "max_iter")
-    tol_value = _concrete_real_scalar(tol, "tol")
-    if tol_value is not None and not tol_value >= 0:  # also rejects NaN
-        raise ValueError(f"`tol` must be a scalar >= 0; got {tol!r}")
-    chunk_size = _check_chunk_size(chunk_size)
+    max_iter = check_int(max_iter, "`max_iter`", minimum=1)
+    check_real(tol, "`tol`", minimum=0.0, finite=False, array=True)  # NaN is refused
+    chunk_size = check_int(chunk_size, "`chunk_size`", minimum=1, optional=True)
     _check_mesh(mesh)
     tol = jnp.asarray(tol, x.dtype)
 
@@ -1255,7 +1279,8 @@ def fit(
 
     Vmappable over ``rng_key`` (restarts):
     ``jax.vmap(lambda k: fit(k, x, 3))(jax.random.split(key, 8))``; pick the restart with the
-    largest final log-likelihood. Arguments, returns and errors as in those two functions."""
+    largest final log-likelihood. Arguments, returns and errors as in those two functions
+    (a TypeError naming ``rng_key`` for an int seed: pass ``jax.random.key(seed)``)."""
     state = init(rng_key, x, num_components, covariance_type=covariance_type,
                  init_method=init_method, reg_covar=reg_covar, chunk_size=chunk_size)
     return fit_from_state(state, x, max_iter=max_iter, tol=tol, chunk_size=chunk_size,
@@ -1322,19 +1347,22 @@ def sample(rng_key: Array, state: GMMState, num_samples: int) -> tuple[Array, Ar
     """Ancestral sampling: z_s ~ Cat(pi), then x_s ~ N(mu_{z_s}, Sigma_{z_s}).
 
     Args:
-      rng_key: PRNG key.
-      state: mixture parameters.
+      rng_key: PRNG key (``jax.random.key(seed)``).
+      state: mixture parameters (:class:`GMMState`).
       num_samples: S >= 1 (static).
 
     Returns:
       ``(x, z)``: ``x`` ``[S, D]`` in the state's dtype, ``z`` ``[S]`` int32 component labels.
 
     Raises:
-      TypeError / ValueError naming ``num_samples``.
+      TypeError: ``rng_key`` is not a JAX PRNG key (e.g. an int seed); ``state`` is not a
+        :class:`GMMState` (e.g. None or a plain tuple); ``num_samples`` is not an int.
+      ValueError: ``num_samples`` < 1.
     """
+    check_rng_key(rng_key)
     if not isinstance(state, GMMState):
         raise TypeError(f"`state` must be a GMMState; got {type(state).__name__}")
-    num_samples = _check_positive_int(num_samples, "num_samples")
+    num_samples = check_int(num_samples, "`num_samples`", minimum=1)
     key_z, key_x = jax.random.split(rng_key)
     dtype = state.means.dtype
     # Inverse-CDF draw (O(S) memory; categorical's Gumbel trick would hold [S, K] noise).
@@ -1346,7 +1374,17 @@ def sample(rng_key: Array, state: GMMState, num_samples: int) -> tuple[Array, Ar
 
 def dense_covariances(state: GMMState) -> Array:
     """The component covariance matrices Sigma_k as ``[K, D, D]`` for any covariance type
-    (diagonal and spherical variances placed on the diagonal)."""
+    (diagonal and spherical variances placed on the diagonal).
+
+    Args:
+      state: mixture parameters (:class:`GMMState`).
+
+    Returns:
+      ``[K, D, D]`` covariances in squared data units, in the state's dtype.
+
+    Raises:
+      TypeError: ``state`` is not a :class:`GMMState` (e.g. None or a plain tuple).
+    """
     if not isinstance(state, GMMState):
         raise TypeError(f"`state` must be a GMMState; got {type(state).__name__}")
     return state.covariance_type._dense(state.covariances, state.means.shape[-1])

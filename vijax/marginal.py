@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from vijax import _q
+from vijax._checks import check_callable, check_int, check_rng_key
 
 Array = jax.Array
 PyTree = Any
@@ -48,14 +49,18 @@ def log_mean_exp_chunked(
     the k-th key of ``jax.random.split(rng_key, K)``.
 
     Returns:
-      ``[batch]`` log-mean-exp of the weights (nats).
+      ``[batch]`` log-mean-exp of the weights (nats), dtype of ``log_weight_fn``'s output.
 
     Raises:
+      TypeError: ``rng_key`` not a JAX PRNG key (e.g. an int seed); ``log_weight_fn`` not
+        callable.
       TypeError / ValueError: ``num_samples`` or ``chunk_size`` not a positive int.
     """
-    num_samples = _q.check_num_samples(num_samples)
-    chunk = num_samples if chunk_size is None else _q.check_num_samples(chunk_size, "chunk_size")
-    chunk = min(chunk, num_samples)
+    check_rng_key(rng_key)
+    check_callable(log_weight_fn, "log_weight_fn")
+    num_samples = check_int(num_samples, "`num_samples`", minimum=1)
+    chunk_size = check_int(chunk_size, "`chunk_size`", minimum=1, optional=True)
+    chunk = num_samples if chunk_size is None else min(chunk_size, num_samples)
     keys = jax.random.split(rng_key, num_samples)
     num_full, remainder = divmod(num_samples, chunk)
 
@@ -100,17 +105,21 @@ def importance_sampling(
         ``None`` draws all K at once.
 
     Returns:
-      ``[batch]`` log p(x) estimates (nats).
+      ``[batch]`` log p(x) estimates (nats): the stochastic lower bound itself, not its
+      negative.
 
     Raises:
-      TypeError / ValueError: bad ``num_samples``/``chunk_size``/``q``; ``log_joint_fn`` output
-        not ``[batch]``.
+      TypeError: ``rng_key`` not a JAX PRNG key; ``log_joint_fn`` not callable.
+      TypeError / ValueError: bad ``num_samples``/``chunk_size``/``q`` (as
+        ``vijax.elbo.elbo``); ``log_joint_fn`` output not ``[batch]`` (q's batch shape).
     """
+    check_rng_key(rng_key)
+    check_callable(log_joint_fn, "log_joint_fn")
     shape = _q.check_q(q)
 
     def log_weight(key):
         z, log_q = _q.sample_and_log_prob(key, q)  # no bijector inverse: finite for a saturated Tanh
-        return _q.call_log_density(log_joint_fn, z, shape, "log_joint_fn") - log_q
+        return _q.call_log_density(log_joint_fn, z, shape, "log_joint_fn", q) - log_q
 
     return log_mean_exp_chunked(rng_key, log_weight, num_samples=num_samples, chunk_size=chunk_size)
 
@@ -138,14 +147,25 @@ def naive_monte_carlo(
       chunk_size: samples drawn at once; ``None`` draws all K at once.
 
     Returns:
-      ``[batch]`` log p(x) estimates (nats), batch as returned by ``log_likelihood_fn``.
+      ``[batch]`` log p(x) estimates (nats), an estimate of log p(x) itself (not its negative;
+      a lower bound in expectation). ``[batch]`` is prior's batch shape, or, for a prior of
+      batch shape ``[]``, whatever shape ``log_likelihood_fn`` returns.
 
     Raises:
-      TypeError / ValueError: bad ``num_samples``/``chunk_size``/``prior``.
+      TypeError: ``rng_key`` not a JAX PRNG key; ``log_likelihood_fn`` not callable.
+      TypeError / ValueError: bad ``num_samples``/``chunk_size``/``prior`` (as ``q`` in
+        ``vijax.elbo.elbo``).
+      ValueError: for a prior with a non-empty batch shape, ``log_likelihood_fn`` output not
+        of that shape (checked at trace time, as ``importance_sampling`` checks
+        ``log_joint_fn``).
     """
-    _q.check_q(prior, "prior")
+    check_rng_key(rng_key)
+    check_callable(log_likelihood_fn, "log_likelihood_fn")
+    shape = _q.check_q(prior, "prior")
+    expected = shape if shape else None  # a batch-[] prior is shared: any output shape
 
     def log_weight(key):
-        return log_likelihood_fn(_q.sample(key, prior))
+        return _q.call_log_density(log_likelihood_fn, _q.sample(key, prior), expected,
+                                   "log_likelihood_fn", prior, "prior")
 
     return log_mean_exp_chunked(rng_key, log_weight, num_samples=num_samples, chunk_size=chunk_size)

@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vijax._checks import check_callable, check_int, check_int_sequence, check_real
+
 __all__ = [
     "MLP",
     "GaussianEncoder",
@@ -65,6 +67,20 @@ def _bernoulli_log_prob_terms_jvp(primals, tangents):
     return value, (x - probs) * logits_dot + logits * x_dot
 
 
+def _check_event_axes(name_to_array: dict) -> int:
+    """The common last-axis size D of the arrays of rank >= 1 (scalars broadcast); ValueError
+    naming the arrays when their last axes differ (static shapes, so also under ``jit``)."""
+    sizes = {name: np.shape(a)[-1] for name, a in name_to_array.items() if np.ndim(a) >= 1}
+    if not sizes:
+        raise ValueError(f"at least one of {', '.join(name_to_array)} must have rank >= 1 "
+                         "(shape [..., D])")
+    if len(set(sizes.values())) > 1:
+        shapes = ", ".join(f"{name} {tuple(np.shape(name_to_array[name]))}" for name in sizes)
+        raise ValueError(f"{', '.join(sizes)} must share the last axis D (only the leading "
+                         f"axes broadcast), got shapes {shapes}")
+    return next(iter(sizes.values()))
+
+
 def bernoulli_log_likelihood(logits: jax.Array, x: jax.Array) -> jax.Array:
     """``log p(x | logits) = sum_d [x_d log sigmoid(l_d) + (1 - x_d) log sigmoid(-l_d)]``, in nats.
 
@@ -73,18 +89,41 @@ def bernoulli_log_likelihood(logits: jax.Array, x: jax.Array) -> jax.Array:
     cancellation for large ``|l_d|``. The derivative ``d/dl = x - sigmoid(l)`` is supplied by a
     custom JVP that reuses the forward ``exp(-|l|)``, so the training step evaluates two
     transcendentals per pixel instead of the several that autodiff of ``softplus`` emits.
-    For binary ``x`` this is the Bernoulli log-probability mass; for ``x`` in [0, 1] it is the
-    negative binary cross-entropy (not a normalised density).
+    For binary ``x`` this is the Bernoulli log-probability mass (a log-likelihood, not its
+    negative); for ``x`` in [0, 1] it is the negative binary cross-entropy (not a normalised
+    density).
 
     Args:
       logits: ``[..., D]`` Bernoulli logits (log-odds of pixel = 1).
       x: ``[..., D]`` pixels in [0, 1]; its leading axes broadcast against ``logits``'
-        (e.g. logits ``[num_samples, batch, D]`` with x ``[batch, D]``).
+        (e.g. logits ``[num_samples, batch, D]`` with x ``[batch, D]``), its last axis must be
+        ``logits``' D.
 
     Returns:
-      ``[...]`` log-likelihood summed over the last axis (nats), in the dtype of ``logits``.
+      ``[...]`` log-likelihood summed over the last axis (nats), in the dtype of floating
+      ``logits`` (``x`` is cast to it); integer ``logits`` are first converted to JAX's default
+      float dtype (float32, or float64 under x64).
+
+    Raises:
+      ValueError: ``logits`` or ``x`` has rank 0, or their last axes differ (e.g. ``x``
+        ``[batch, 1]`` with ``logits`` ``[batch, D]``: checked from the static shapes, so also
+        under ``jit``); for concrete (non-traced) ``x``, values outside [0, 1].
+
+    Unchecked under ``jit``/``vmap`` (tracers): the values of ``x``. There ``x`` outside
+    [0, 1] gives a finite number that is not a log-probability, and NaN propagates.
     """
     logits = jnp.asarray(logits)
+    if not jnp.issubdtype(logits.dtype, jnp.floating):
+        logits = logits.astype(jnp.result_type(float))
+    if logits.ndim == 0 or np.ndim(x) == 0:
+        raise ValueError(f"logits and x must have shape [..., D], got shapes {logits.shape} "
+                         f"and {np.shape(x)}")
+    _check_event_axes({"logits": logits, "x": x})
+    if not isinstance(x, jax.core.Tracer):  # values: concrete arrays only (free under jit)
+        values = np.asarray(x)
+        if np.any((values < 0) | (values > 1)):
+            raise ValueError(f"x must hold pixels in [0, 1], got values in "
+                             f"[{np.nanmin(values):g}, {np.nanmax(values):g}]")
     x = jnp.asarray(x, dtype=logits.dtype)
     shape = jnp.broadcast_shapes(logits.shape, x.shape)
     terms = _bernoulli_log_prob_terms(jnp.broadcast_to(logits, shape), jnp.broadcast_to(x, shape))
@@ -94,13 +133,32 @@ def bernoulli_log_likelihood(logits: jax.Array, x: jax.Array) -> jax.Array:
 def gaussian_log_likelihood(loc: jax.Array, scale: jax.Array, x: jax.Array) -> jax.Array:
     """``log N(x | loc, diag(scale^2))`` summed over the last axis, in nats.
 
+    ``sum_d [-(x_d - loc_d)^2 / (2 scale_d^2) - log scale_d - log(2 pi) / 2]``: the
+    log-density itself (a log-likelihood, not its negative).
+
     Args:
       loc, scale: ``[..., D]``; ``scale > 0``.
-      x: ``[..., D]``, broadcasting against ``loc``.
+      x: ``[..., D]``. The leading axes of the three broadcast; arrays of rank >= 1 must share
+        the last axis D, a scalar (rank 0) broadcasts to all of it.
 
     Returns:
-      ``[...]`` log-density (nats).
+      ``[...]`` log-density (nats), in the promoted floating dtype of ``loc``, ``scale`` and
+      ``x`` (float32 for float32 or integer inputs; float64 for float64 under x64).
+
+    Raises:
+      ValueError: all three are scalars, or the last axes of those of rank >= 1 differ
+        (static shapes, checked also under ``jit``); for a concrete (non-traced) ``scale``,
+        a value that is not > 0 (zero, negative or NaN).
+
+    Unchecked under ``jit``/``vmap`` (tracers): the values of ``scale``; there a
+    non-positive ``scale`` gives NaN or inf, silently.
     """
+    _check_event_axes({"loc": loc, "scale": scale, "x": x})
+    if not isinstance(scale, jax.core.Tracer):
+        values = np.asarray(scale)
+        if not np.all(values > 0):
+            raise ValueError(f"scale must be > 0, got values in "
+                             f"[{np.min(values):g}, {np.max(values):g}]")
     z = (x - loc) / scale
     log_norm = jnp.log(scale) + 0.5 * jnp.log(2.0 * jnp.pi).astype(z.dtype)
     return jnp.sum(-0.5 * jnp.square(z) - log_norm, axis=-1)
@@ -145,7 +203,17 @@ def pixel_mean_logit(train_images, *, eps: float = 1e-3) -> jax.Array:
 
 
 def standard_normal_prior(latent_dim: int, dtype=jnp.float32) -> distrax.MultivariateNormalDiag:
-    """``p(z) = N(0, I_L)`` as a distrax distribution with batch shape [] and event shape [L]."""
+    """``p(z) = N(0, I_L)`` as a distrax distribution with batch shape [] and event shape [L].
+
+    Args:
+      latent_dim: L, an int >= 1.
+      dtype: floating dtype of the mean and scale (float32 by default).
+
+    Raises:
+      TypeError: ``latent_dim`` is not an int (e.g. ``2.0``).
+      ValueError: ``latent_dim < 1``.
+    """
+    check_int(latent_dim, "latent_dim", minimum=1)
     return distrax.MultivariateNormalDiag(
         jnp.zeros((latent_dim,), dtype), jnp.ones((latent_dim,), dtype))
 
@@ -154,10 +222,20 @@ class MLP(nn.Module):
     """Dense layers with ``activation`` after each: ``[..., in] -> [..., hidden_sizes[-1]]``.
 
     With ``hidden_sizes=()`` it is the identity.
+
+    Raises (at construction):
+      TypeError: ``hidden_sizes`` is not a tuple/list of ints (e.g. ``200`` instead of
+        ``(200,)``), or ``activation`` is not callable.
+      ValueError: a width < 1 (the message names ``hidden_sizes[i]``).
     """
 
     hidden_sizes: Sequence[int] = (200, 200)
     activation: Activation = nn.tanh
+
+    def __post_init__(self):
+        check_int_sequence(self.hidden_sizes, "hidden_sizes")
+        check_callable(self.activation, "activation")
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -175,14 +253,20 @@ class GaussianEncoder(nn.Module):
     scale (0 by default).
 
     Attributes:
-      hidden_sizes: widths of the deterministic hidden layers (default (200, 200)).
-      latent_dim: L (default 50).
+      hidden_sizes: widths of the deterministic hidden layers, a tuple of ints >= 1 (default
+        (200, 200); ``()`` for a linear encoder).
+      latent_dim: L, an int >= 1 (default 50).
       activation: hidden nonlinearity (default tanh).
       scale_fn: ``[..., L] -> [..., L]`` positive link for the scale.
-      min_scale: added to the scale, >= 0.
+      min_scale: added to the scale, a finite real >= 0.
 
     ``__call__(x [..., D]) -> distrax.MultivariateNormalDiag`` with batch shape ``[...]`` and event
     shape ``[L]``. ``loc_and_scale(x) -> (loc [..., L], scale [..., L])`` gives the raw parameters.
+
+    Raises (at construction):
+      TypeError: ``hidden_sizes`` not a tuple/list of ints, ``latent_dim`` not an int,
+        ``min_scale`` not a real number, ``activation`` or ``scale_fn`` not callable.
+      ValueError: a hidden width or ``latent_dim`` < 1, ``min_scale`` negative or not finite.
     """
 
     hidden_sizes: Sequence[int] = (200, 200)
@@ -190,6 +274,14 @@ class GaussianEncoder(nn.Module):
     activation: Activation = nn.tanh
     scale_fn: Activation = jnp.exp
     min_scale: float = 0.0
+
+    def __post_init__(self):
+        check_int_sequence(self.hidden_sizes, "hidden_sizes")
+        check_int(self.latent_dim, "latent_dim", minimum=1)
+        check_callable(self.activation, "activation")
+        check_callable(self.scale_fn, "scale_fn")
+        check_real(self.min_scale, "min_scale", minimum=0.0)
+        super().__post_init__()
 
     @nn.compact
     def loc_and_scale(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -207,14 +299,18 @@ class GaussianEncoder(nn.Module):
         return distrax.MultivariateNormalDiag(loc, scale)
 
 
+def _check_decoder_fields(module) -> None:
+    """The fields shared by :class:`BernoulliDecoder` and :class:`GaussianDecoder`."""
+    check_int_sequence(module.hidden_sizes, "hidden_sizes")
+    check_int(module.data_dim, "data_dim", minimum=1)
+    check_callable(module.activation, "activation")
+
+
 def _constant_init(value) -> Callable:
     value = np.asarray(value)
 
     def init(rng_key, shape, dtype=jnp.float32):
-        del rng_key
-        if tuple(shape) != value.shape:
-            raise ValueError(
-                f"output_bias_init must have shape {tuple(shape)}, got {value.shape}")
+        del rng_key, shape  # the shape [data_dim] is checked by BernoulliDecoder
         return jnp.asarray(value, dtype)
 
     return init
@@ -224,20 +320,35 @@ class BernoulliDecoder(nn.Module):
     """Bernoulli likelihood ``p(x | z) = prod_d Bernoulli(x_d | sigmoid(logits_d(z)))``.
 
     Attributes:
-      hidden_sizes: widths of the hidden layers (default (200, 200)).
-      data_dim: D (default 784).
+      hidden_sizes: widths of the hidden layers, a tuple of ints >= 1 (default (200, 200)).
+      data_dim: D, an int >= 1 (default 784).
       activation: hidden nonlinearity (default tanh).
       output_bias_init: ``None`` (zeros) or an array ``[D]`` for the output layer's initial bias,
         normally :func:`pixel_mean_logit` of the training images (IWAE paper, appendix C).
 
     ``__call__(z [..., L]) -> logits [..., D]``;
-    ``log_likelihood(z [..., L], x [..., D]) -> [...]`` in nats (:func:`bernoulli_log_likelihood`).
+    ``log_likelihood(z [..., L], x [..., D]) -> [...]`` = ``log p(x | z)`` in nats, the
+    log-likelihood itself (:func:`bernoulli_log_likelihood`, whose errors it raises).
+
+    Raises (at construction):
+      TypeError: ``hidden_sizes`` not a tuple/list of ints, ``data_dim`` not an int,
+        ``activation`` not callable.
+      ValueError: a hidden width or ``data_dim`` < 1; ``output_bias_init`` not of shape
+        ``[data_dim]``.
     """
 
     hidden_sizes: Sequence[int] = (200, 200)
     data_dim: int = 784
     activation: Activation = nn.tanh
     output_bias_init: object = None
+
+    def __post_init__(self):
+        _check_decoder_fields(self)
+        if self.output_bias_init is not None \
+                and np.shape(self.output_bias_init) != (self.data_dim,):
+            raise ValueError(f"output_bias_init must have shape ({self.data_dim},) "
+                             f"= [data_dim], got {np.shape(self.output_bias_init)}")
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, z: jax.Array) -> jax.Array:
@@ -263,7 +374,16 @@ class GaussianDecoder(nn.Module):
 
     ``__call__(z [..., L]) -> (loc [..., D], scale [..., D])``;
     ``distribution(z) -> distrax.MultivariateNormalDiag``;
-    ``log_likelihood(z [..., L], x [..., D]) -> [...]`` in nats.
+    ``log_likelihood(z [..., L], x [..., D]) -> [...]`` = ``log p(x | z)`` in nats, the
+    log-density itself (:func:`gaussian_log_likelihood`).
+
+    Attributes:
+      hidden_sizes: a tuple of ints >= 1; data_dim: D, an int >= 1; activation: callable;
+      scale_fn: callable positive link; min_scale: a finite real >= 0.
+
+    Raises (at construction):
+      TypeError / ValueError: as :class:`GaussianEncoder` and :class:`BernoulliDecoder` for
+        the same fields.
     """
 
     hidden_sizes: Sequence[int] = (200, 200)
@@ -271,6 +391,12 @@ class GaussianDecoder(nn.Module):
     activation: Activation = nn.tanh
     scale_fn: Activation = jax.nn.softplus
     min_scale: float = 1e-3
+
+    def __post_init__(self):
+        _check_decoder_fields(self)
+        check_callable(self.scale_fn, "scale_fn")
+        check_real(self.min_scale, "min_scale", minimum=0.0)
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, z: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -354,16 +480,29 @@ def iwae_mnist_vae(
 ) -> VAE:
     """The IWAE paper's one-stochastic-layer binarized-MNIST VAE (784-200-200-50, tanh).
 
+    Burda, Grosse and Salakhutdinov 2016, "Importance Weighted Autoencoders", appendix C: a
+    Gaussian encoder (``scale = exp`` of a linear layer) and a Bernoulli decoder.
+
     Args:
       output_bias_init: ``None`` or ``[data_dim]`` initial decoder output bias, normally
         ``pixel_mean_logit(train_images)``.
-      hidden_sizes: hidden widths, used by both encoder and (reversed) decoder.
+      hidden_sizes: hidden widths, a tuple/list of ints >= 1, used by the encoder and, reversed,
+        by the decoder (default (200, 200)).
+      latent_dim: L, the number of latent dimensions, an int >= 1 (default 50).
+      data_dim: D, the number of pixels, an int >= 1 (default 784 = 28 x 28).
+      activation: the hidden nonlinearity of both networks (default ``flax.linen.tanh``).
 
     Returns:
       ``VAE(GaussianEncoder(...), BernoulliDecoder(...))``.
+
+    Raises:
+      TypeError: ``hidden_sizes`` is not a tuple/list of ints (e.g. ``200``), ``latent_dim`` or
+        ``data_dim`` is not an int, or ``activation`` is not callable.
+      ValueError: a width, ``latent_dim`` or ``data_dim`` < 1, or ``output_bias_init`` not of
+        shape ``[data_dim]``.
     """
+    hidden_sizes = check_int_sequence(hidden_sizes, "hidden_sizes")
     return VAE(
-        encoder=GaussianEncoder(tuple(hidden_sizes), latent_dim, activation),
-        decoder=BernoulliDecoder(tuple(reversed(tuple(hidden_sizes))), data_dim, activation,
-                                 output_bias_init),
+        encoder=GaussianEncoder(hidden_sizes, latent_dim, activation),
+        decoder=BernoulliDecoder(hidden_sizes[::-1], data_dim, activation, output_bias_init),
     )

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from vijax import _q
+from vijax._checks import check_int_sequence, check_rng_key, is_concrete
 
 Array = jax.Array
 
@@ -38,16 +39,6 @@ def _check_floating(x: Array, name: str) -> Array:
         raise ValueError(f"`{name}` must have at least one (event) axis; got a scalar")
     _q.check_finite(x, name)
     return x
-
-
-def _check_sample_shape(sample_shape: Sequence[int]) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(s) for s in sample_shape)
-    except TypeError:
-        raise TypeError(f"`sample_shape` must be a tuple of ints; got {sample_shape!r}") from None
-    if any(s < 0 for s in shape):
-        raise ValueError(f"`sample_shape` must be non-negative; got {shape}")
-    return shape
 
 
 def _std_normal_log_prob(eps: Array) -> Array:
@@ -66,26 +57,34 @@ def sample_diag_gaussian(
 ) -> tuple[Array, Array]:
     """z = loc + scale * eps, eps ~ N(0, I), and log q(z) by change of variables.
 
+    log q(z) = log N(eps; 0, I) - sum_i log scale_i: lecture 3, "Variational assumption"
+    (z = sigma * eps + mu) and "Second term" (log q = log r(eps) - sum_i log sigma_i);
+    CENG796 notes §4.2.
+
     Args:
       rng_key: a JAX PRNG key.
       loc: ``[*batch, latent_dim]`` means.
       scale: ``[*batch, latent_dim]`` positive standard deviations (same shape as ``loc``).
-      sample_shape: leading sample axes ``S``.
+      sample_shape: leading sample axes ``S``, a tuple of Python/NumPy ints >= 0.
 
     Returns:
-      ``z``: ``[*S, *batch, latent_dim]``, dtype of ``loc``; ``log_q``: ``[*S, *batch]`` (nats).
+      ``z``: ``[*S, *batch, latent_dim]``, dtype of ``loc`` (promoted with ``scale``'s if they
+      differ); ``log_q``: ``[*S, *batch]``, log q(z) itself in nats (not its negative).
 
     Raises:
-      TypeError: non-floating ``loc``/``scale``.
-      ValueError: shape mismatch; concrete non-finite ``loc``/``scale`` or non-positive ``scale``.
+      TypeError: ``rng_key`` not a JAX PRNG key; non-floating ``loc``/``scale``;
+        ``sample_shape`` not a sequence of ints (a float such as 2.5, or a bool, included).
+      ValueError: shape mismatch; concrete non-finite ``loc``/``scale`` or non-positive
+        ``scale``; a negative ``sample_shape`` entry.
     """
+    check_rng_key(rng_key)
     loc = _check_floating(loc, "loc")
     scale = _check_floating(scale, "scale")
     if loc.shape != scale.shape:
         raise ValueError(f"`loc` and `scale` must have the same shape; got {loc.shape} and {scale.shape}")
-    if _q.is_concrete(scale) and bool(jnp.any(scale <= 0)):
+    if is_concrete(scale) and bool(jnp.any(scale <= 0)):
         raise ValueError("`scale` must be positive")
-    sample_shape = _check_sample_shape(sample_shape)
+    sample_shape = check_int_sequence(sample_shape, "`sample_shape`", minimum=0)
     n = len(sample_shape)
     eps = jax.random.normal(rng_key, sample_shape + loc.shape, dtype=loc.dtype)
     z = _lead(loc, n) + _lead(scale, n) * eps
@@ -99,20 +98,28 @@ def sample_full_gaussian(
     """z = loc + L eps, eps ~ N(0, I), L lower-triangular (covariance L L^T); log q by change
     of variables, log q(z) = log N(eps; 0, I) - sum_i log |L_ii|.
 
+    Source: lecture 3, "Reparametrization trick" and "Second term" (there for diagonal sigma;
+    here |det dz/deps| = |det L| = prod_i |L_ii| since L is triangular); CENG796 notes §4.2.
+
     Args:
       rng_key: a JAX PRNG key.
       loc: ``[*batch, latent_dim]``.
       scale_tril: ``[*batch, latent_dim, latent_dim]`` Cholesky factor (upper triangle ignored),
         non-zero diagonal.
-      sample_shape: leading sample axes ``S``.
+      sample_shape: leading sample axes ``S``, a tuple of Python/NumPy ints >= 0.
 
     Returns:
-      ``z``: ``[*S, *batch, latent_dim]``; ``log_q``: ``[*S, *batch]`` (nats).
+      ``z``: ``[*S, *batch, latent_dim]``, dtype of ``loc`` (promoted with ``scale_tril``'s if
+      they differ); ``log_q``: ``[*S, *batch]``, log q(z) itself in nats (not its negative),
+      same dtype.
 
     Raises:
-      TypeError: non-floating inputs.
-      ValueError: shape mismatch; concrete non-finite inputs or a zero on L's diagonal.
+      TypeError: ``rng_key`` not a JAX PRNG key; non-floating inputs; ``sample_shape`` not a
+        sequence of ints (a float such as 2.5, or a bool, included).
+      ValueError: shape mismatch; concrete non-finite inputs or a zero on L's diagonal; a
+        negative ``sample_shape`` entry.
     """
+    check_rng_key(rng_key)
     loc = _check_floating(loc, "loc")
     scale_tril = _check_floating(scale_tril, "scale_tril")
     if scale_tril.shape != loc.shape + loc.shape[-1:]:
@@ -121,9 +128,9 @@ def sample_full_gaussian(
             f"got {scale_tril.shape}"
         )
     diag = jnp.diagonal(scale_tril, axis1=-2, axis2=-1)
-    if _q.is_concrete(diag) and bool(jnp.any(diag == 0)):
+    if is_concrete(diag) and bool(jnp.any(diag == 0)):
         raise ValueError("`scale_tril` must have a non-zero diagonal (it is singular)")
-    sample_shape = _check_sample_shape(sample_shape)
+    sample_shape = check_int_sequence(sample_shape, "`sample_shape`", minimum=0)
     n = len(sample_shape)
     eps = jax.random.normal(rng_key, sample_shape + loc.shape, dtype=loc.dtype)
     tril = jnp.tril(scale_tril)
@@ -141,22 +148,29 @@ def sample_transformed(
 ) -> tuple[Array, Array]:
     """z = g(eps), eps ~ base, for any distrax bijector g; log q(z) = log r(eps) - log|det J_g|.
 
+    Source: lecture 3, "Second term" (change of variables, q(z) = r(eps) |d eps / dz|) and
+    "Reparametrization trick" (eta = g(xi, eps)); CENG796 notes §4.2.
+
     Args:
       rng_key: a JAX PRNG key.
       base: the base distribution r (reparameterizable for pathwise gradients).
       bijector: g, a ``distrax.Bijector`` (e.g. ``distrax.Block(distrax.Tanh(), 1)``).
-      sample_shape: leading sample axes ``S``.
+      sample_shape: leading sample axes ``S``, a tuple of Python/NumPy ints >= 0.
 
     Returns:
-      ``z``: ``[*S, *batch, *event]``; ``log_q``: ``[*S, *batch]`` (nats), equal to
-      ``distrax.Transformed(base, bijector).log_prob(z)``.
+      ``z``: ``[*S, *batch, *event]``; ``log_q``: ``[*S, *batch]``, log q(z) itself in nats
+      (not its negative), equal to ``distrax.Transformed(base, bijector).log_prob(z)``.
 
     Raises:
-      TypeError: ``base`` not a distrax distribution or ``bijector`` not a distrax bijector.
+      TypeError: ``rng_key`` not a JAX PRNG key; ``base`` not a distrax distribution or
+        ``bijector`` not a distrax bijector; ``sample_shape`` not a sequence of ints (a float
+        such as 2.5, or a bool, included).
       ValueError: ``bijector.event_ndims_in`` differs from the rank of ``base``'s event shape
         (an element-wise bijector such as ``distrax.Tanh()`` on a vector base needs
-        ``distrax.Block``); concrete non-finite parameters of ``base``.
+        ``distrax.Block``); concrete non-finite parameters of ``base``, or a concrete Gaussian
+        scale of ``base`` that is not positive; a negative ``sample_shape`` entry.
     """
+    check_rng_key(rng_key)
     if not isinstance(base, distrax.Distribution):
         raise TypeError(f"`base` must be a distrax.Distribution; got {type(base).__name__}")
     if not isinstance(bijector, distrax.Bijector):
@@ -167,8 +181,8 @@ def sample_transformed(
             f"event shape {tuple(base.event_shape)}; wrap an element-wise bijector as "
             f"distrax.Block(bijector, {len(base.event_shape)})"
         )
-    _q.check_finite_parameters(base, "base")
-    sample_shape = _check_sample_shape(sample_shape)
+    _q.check_parameters(base, "base")
+    sample_shape = check_int_sequence(sample_shape, "`sample_shape`", minimum=0)
     with jax.numpy_rank_promotion("allow"):  # distrax broadcasts [*S, *batch] implicitly
         eps, log_r = base.sample_and_log_prob(seed=rng_key, sample_shape=sample_shape)
     z, log_det = bijector.forward_and_log_det(eps)

@@ -33,9 +33,8 @@ state, ``donate_argnums=0``). Typical use::
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
-import math
-import numbers
 from typing import Any, Callable, ClassVar, NamedTuple
 
 import jax
@@ -46,6 +45,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vijax import _q
 from vijax import data as vdata
+from vijax._checks import check_bool, check_callable, check_int, check_real, check_rng_key
 from vijax import elbo as velbo
 from vijax import marginal
 from vijax import nn as vnn
@@ -83,22 +83,11 @@ BATCH_AXIS = "batch"
 # Objectives
 # ----------------------------------------------------------------------------------------------
 
-def _check_positive_int(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be a Python int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-
-
-def _check_num_samples(num_samples) -> None:
-    _check_positive_int(num_samples, "num_samples")
-
-
 def _check_objective(objective) -> None:
     """Construction-time checks of an objective, with :mod:`vijax.elbo`'s own rules: ``num_samples``
     a positive int, ``estimator`` one of ``type(objective).estimators``, and
     ``ScoreFunction(LeaveOneOut())`` only with ``num_samples >= 2``."""
-    _check_num_samples(objective.num_samples)
+    check_int(objective.num_samples, "num_samples", minimum=1)
     _q.check_estimator(objective.estimator, objective.estimators, type(objective).__name__)
     velbo._check_loo(objective.estimator, objective.num_samples)
 
@@ -124,7 +113,9 @@ class ELBOAnalyticKL:
         _check_objective(self)
 
     def value(self, rng_key, log_likelihood_fn, q, prior) -> jax.Array:
-        """``[batch]`` bound from ``log_likelihood_fn(z [batch, L]) -> [batch]`` and ``q``."""
+        """``[batch]`` ELBO (nats, not negated) from ``log_likelihood_fn(z [batch, L]) ->
+        [batch]``, ``q`` (batch shape [batch]) and the prior ``p(z)``."""
+        check_rng_key(rng_key)
         return velbo.elbo_analytic_kl(rng_key, log_likelihood_fn, q, prior,
                                       num_samples=self.num_samples, estimator=self.estimator)
 
@@ -151,6 +142,7 @@ class ELBOMonteCarlo:
     def value(self, rng_key, log_likelihood_fn, q, prior) -> jax.Array:
         """``[batch]`` ELBO (nats, not negated) from ``log_likelihood_fn(z [batch, L]) ->
         [batch]``, ``q`` (batch shape [batch]) and the prior ``p(z)``."""
+        check_rng_key(rng_key)
         return velbo.elbo(rng_key, _log_joint_fn(log_likelihood_fn, prior), q,
                           num_samples=self.num_samples, estimator=self.estimator)
 
@@ -178,11 +170,50 @@ class IWAE:
     def value(self, rng_key, log_likelihood_fn, q, prior) -> jax.Array:
         """``[batch]`` IWAE-K bound (nats, not negated); arguments as in
         :meth:`ELBOMonteCarlo.value`."""
+        check_rng_key(rng_key)
         return velbo.iwae_bound(rng_key, _log_joint_fn(log_likelihood_fn, prior), q,
                                 num_samples=self.num_samples, estimator=self.estimator)
 
 
 Objective = ELBOAnalyticKL | ELBOMonteCarlo | IWAE
+OBJECTIVES = (ELBOAnalyticKL, ELBOMonteCarlo, IWAE)
+
+
+def _check_objective_type(objective, name: str = "objective") -> None:
+    """TypeError naming ``name`` unless ``objective`` is an instance of one of
+    :data:`OBJECTIVES` (a class, a string or an estimator such as ``Pathwise()`` is refused)."""
+    if isinstance(objective, OBJECTIVES):
+        return
+    hint = ""
+    if isinstance(objective, type) and issubclass(objective, OBJECTIVES):
+        hint = f" (a class: pass an instance, e.g. {objective.__name__}())"
+    elif isinstance(objective, velbo.IWAE_ESTIMATORS):  # the widest set of estimators
+        hint = (" (a gradient estimator: pass it inside an objective, e.g. "
+                "IWAE(estimator=...))")
+    raise TypeError(f"{name} must be an instance of vijax.vae.ELBOAnalyticKL, ELBOMonteCarlo "
+                    f"or IWAE, got {objective!r}{hint}")
+
+
+def _check_params(params, name: str = "params") -> None:
+    """TypeError naming ``name`` unless ``params`` is a parameter mapping (``model.init``
+    output, e.g. ``state.params``); a :class:`TrainState` is refused with a hint."""
+    if isinstance(params, TrainState):
+        raise TypeError(f"{name} must be the model's parameters (model.init output), got a "
+                        "TrainState: pass state.params")
+    if not isinstance(params, collections.abc.Mapping):
+        raise TypeError(f"{name} must be the model's parameter dict (model.init output, e.g. "
+                        f"state.params), got {type(params).__name__}")
+
+
+def _check_optimizer(optimizer, name: str = "optimizer") -> None:
+    """TypeError naming ``name`` unless ``optimizer`` has callable ``init`` and ``update``
+    (an ``optax.GradientTransformation`` instance such as ``optax.adam(1e-3)``)."""
+    if isinstance(optimizer, type) or not (callable(getattr(optimizer, "init", None))
+                                           and callable(getattr(optimizer, "update", None))):
+        hint = (" (a function: call it, e.g. optax.adam(1e-3))" if callable(optimizer)
+                and not isinstance(optimizer, type) else "")
+        raise TypeError(f"{name} must be an optax.GradientTransformation instance with init "
+                        f"and update, e.g. optax.adam(1e-3), got {optimizer!r}{hint}")
 
 
 def _log_joint_fn(log_likelihood_fn, prior):
@@ -210,20 +241,29 @@ def objective_value(objective: Objective, rng_key: jax.Array, params: Params, mo
     """Per-example value of ``objective`` (a lower bound on ``log p(x)``), ``[batch]`` nats.
 
     Args:
-      objective: :class:`ELBOAnalyticKL`, :class:`ELBOMonteCarlo` or :class:`IWAE`.
-      rng_key: PRNG key.
-      params: the :class:`vijax.nn.VAE` parameters (``model.init`` output).
+      objective: an :class:`ELBOAnalyticKL`, :class:`ELBOMonteCarlo` or :class:`IWAE` instance.
+      rng_key: PRNG key (``jax.random.key(seed)``).
+      params: the :class:`vijax.nn.VAE` parameters (``model.init`` output, ``state.params``).
       model: a :class:`vijax.nn.VAE`.
       x: ``[batch, D]`` floating images.
 
     Returns:
-      ``[batch]`` bound values (the bound, not its negative), dtype of the computation.
-      Its gradient is the one of the objective's estimator (the value is the same for all).
+      ``[batch]`` bound values in nats (the ELBO / IWAE bound itself, not its negative), dtype
+      of the computation. Its gradient is the one of the objective's estimator (the value is
+      the same for all).
 
     Raises:
-      TypeError / ValueError: see :func:`check_images` (static checks; value checks only for
-      concrete ``x``).
+      TypeError: ``objective`` is not an instance of one of the three classes (e.g. the class
+        ``IWAE`` or an estimator ``Pathwise()``); ``rng_key`` is not a PRNG key (an int seed);
+        ``params`` is a :class:`TrainState` or not a mapping; ``model`` is not a
+        :class:`vijax.nn.VAE`. These are checked on tracers too.
+      TypeError / ValueError: bad ``x``, see :func:`check_images` (static checks; value checks
+        only for concrete ``x``).
     """
+    _check_objective_type(objective)
+    check_rng_key(rng_key)
+    _check_params(params)
+    _check_model(model)
     check_images(x, data_dim=model.decoder.data_dim, name="x",
                  unit_interval=_is_bernoulli(model))
     q, log_likelihood_fn = _posterior_and_log_likelihood_fn(params, model, x)
@@ -255,12 +295,22 @@ def init_train_state(rng_key: jax.Array, model, optimizer: optax.GradientTransfo
     Args:
       rng_key: PRNG key for the parameter initialisation.
       model: a :class:`vijax.nn.VAE`.
-      optimizer: an optax transformation.
+      optimizer: an ``optax.GradientTransformation`` *instance*, e.g. ``optax.adam(1e-3)``
+        (not the function ``optax.adam`` nor a learning rate).
       data_dim: ``D`` as an int, or an example batch ``[batch, D]`` (only its shape/dtype is used).
 
     Returns:
       ``TrainState(params, optimizer.init(params), step=0)``.
+
+    Raises:
+      TypeError: ``rng_key`` is not a PRNG key; ``model`` is not a :class:`vijax.nn.VAE`;
+        ``optimizer`` lacks callable ``init`` and ``update``.
+      ValueError: ``data_dim`` is neither an int nor a rank-2 array, or differs from
+        ``model.decoder.data_dim``.
     """
+    check_rng_key(rng_key)
+    _check_model(model)
+    _check_optimizer(optimizer)
     if isinstance(data_dim, (int, np.integer)) and not isinstance(data_dim, bool):
         example = jnp.zeros((1, int(data_dim)), jnp.float32)
     else:
@@ -278,8 +328,21 @@ def init_train_state(rng_key: jax.Array, model, optimizer: optax.GradientTransfo
 
 def make_loss_fn(model, objective: Objective) -> Callable:
     """``loss_fn(params, x [batch, D], rng_key) -> []``: minus the batch-mean bound (nats), i.e.
-    the negative ELBO / IWAE bound to minimise. ``x`` is checked as in :func:`objective_value`
-    (:func:`check_images`: static checks always, value checks only for concrete ``x``)."""
+    the negative ELBO / IWAE bound, to minimise.
+
+    No device mesh here: sharding is :func:`make_train_step`'s (its ``mesh`` needs a
+    ``"batch"`` axis).
+
+    Raises:
+      TypeError (at construction): ``model`` is not a :class:`vijax.nn.VAE`, or ``objective``
+        is not an :class:`ELBOAnalyticKL`, :class:`ELBOMonteCarlo` or :class:`IWAE` instance.
+      TypeError / ValueError (at call/trace time): as :func:`objective_value` (``params`` a
+        :class:`TrainState`, ``rng_key`` not a key, bad ``x``: static checks always, value
+        checks only for concrete ``x``).
+    """
+    _check_model(model)
+    _check_objective_type(objective)
+
     def loss_fn(params, x, rng_key):
         return -jnp.mean(objective_value(objective, rng_key, params, model, x))
     return loss_fn
@@ -294,26 +357,40 @@ def make_train_step(model, optimizer: optax.GradientTransformation, objective: O
 
     Args:
       model: :class:`vijax.nn.VAE`.
-      optimizer: optax transformation.
-      objective: :class:`ELBOAnalyticKL`, :class:`ELBOMonteCarlo` or :class:`IWAE`.
-      mesh: optional 1-D :class:`jax.sharding.Mesh` with axis ``"batch"`` (see
-        :func:`make_data_parallel_train_step`); ``None`` for one device.
+      optimizer: an ``optax.GradientTransformation`` instance (e.g. ``optax.adam(1e-3)``).
+      objective: an :class:`ELBOAnalyticKL`, :class:`ELBOMonteCarlo` or :class:`IWAE` instance.
+      mesh: optional :class:`jax.sharding.Mesh` with an axis named ``"batch"`` (normally the
+        1-D mesh of :func:`data_parallel_mesh`): the batch is split along that axis, parameters
+        replicated. ``None`` for one device.
       with_grad_norm: also report the gradient's global L2 norm (an extra pass over all
         gradients; off by default).
 
     Returns:
       ``train_step``; ``metrics`` is a dict of ``[]`` float scalars:
-      ``loss`` (negative bound, batch mean, nats), ``objective`` (= -loss, the bound), and
-      ``grad_norm`` (global L2 norm of the gradient) when ``with_grad_norm``.
+      ``loss`` (the negative bound, batch mean, nats), ``objective`` (= -loss, the ELBO / IWAE
+      bound itself), and ``grad_norm`` (global L2 norm of the gradient) when ``with_grad_norm``.
 
-    Raises (at call/trace time):
-      TypeError / ValueError for a bad ``batch`` (:func:`check_images`), and ValueError when
-      ``mesh`` is given and the batch size is not divisible by the number of devices.
+    Raises:
+      TypeError (at construction): ``model`` not a :class:`vijax.nn.VAE`; ``optimizer``
+        without callable ``init``/``update`` (e.g. ``"adam"`` or ``optax.adam`` uncalled);
+        ``objective`` not an instance of the three classes; ``mesh`` neither None nor a
+        ``jax.sharding.Mesh``; ``with_grad_norm`` not a bool.
+      ValueError (at construction): ``mesh`` has no axis named ``"batch"``.
+      TypeError (at call/trace time): ``state`` is not a :class:`TrainState` (e.g.
+        ``state.params`` passed instead), ``rng_key`` is not a PRNG key.
+      TypeError / ValueError (at call/trace time): a bad ``batch`` (:func:`check_images`);
+        ValueError when ``mesh`` is given and the batch size is not divisible by the size of
+        its ``"batch"`` axis.
     """
+    _check_optimizer(optimizer)
+    _check_mesh(mesh)
+    check_bool(with_grad_norm, "with_grad_norm")
     loss_fn = make_loss_fn(model, objective)
     grad_fn = jax.value_and_grad(loss_fn)
 
     def train_step(state: TrainState, batch: jax.Array, rng_key: jax.Array):
+        _check_state(state)
+        check_rng_key(rng_key)
         check_images(batch, data_dim=model.decoder.data_dim, name="batch",
                      unit_interval=_is_bernoulli(model))
         if mesh is not None:
@@ -344,8 +421,13 @@ def epoch_plan(rng_key: jax.Array, num_examples: int, batch_size: int):
       ``(indices [num_batches, batch_size] int32, step_keys [num_batches, 2] keys)``.
 
     Raises:
+      TypeError: ``rng_key`` is not a PRNG key; ``num_examples`` or ``batch_size`` is not an
+        int (e.g. ``2.5`` or ``10.0``).
       ValueError: ``batch_size < 1`` or ``num_examples < batch_size``.
     """
+    check_rng_key(rng_key)
+    check_int(num_examples, "num_examples")
+    check_int(batch_size, "batch_size")
     if batch_size < 1 or num_examples < batch_size:
         raise ValueError(f"batch_size must be in [1, num_examples={num_examples}], "
                          f"got {batch_size}")
@@ -376,8 +458,9 @@ def make_train_epoch(model, optimizer: optax.GradientTransformation, objective: 
 
     Args:
       model, optimizer, objective, mesh, with_grad_norm: as :func:`make_train_step`.
-      batch_size: examples per step (divisible by the device count when ``mesh`` is given).
-      binarize: draw binary images per step (True for dynamically binarized MNIST).
+      batch_size: examples per step (divisible by the size of ``mesh``'s ``"batch"`` axis when
+        ``mesh`` is given).
+      binarize: a bool: draw binary images per step (True for dynamically binarized MNIST).
       progress_fn: optional host function ``progress_fn(step)`` called from inside the scan
         (``jax.debug.callback``) every ``progress_every`` steps and after the epoch's last
         step, with ``step`` the ``[]`` int32 :attr:`TrainState.step` after that update (the
@@ -394,23 +477,31 @@ def make_train_epoch(model, optimizer: optax.GradientTransformation, objective: 
       The updates do not depend on ``progress_fn``.
 
     Raises:
-      TypeError / ValueError: bad ``images`` (:func:`check_images`), ``N < batch_size``,
-      ``batch_size`` not divisible by the device count of ``mesh``, a non-callable
-      ``progress_fn`` or ``progress_every`` < 1.
+      TypeError (at construction): as :func:`make_train_step`; ``batch_size`` or
+        ``progress_every`` not an int, ``binarize`` not a bool (e.g. the string ``"no"``),
+        ``progress_fn`` neither None nor callable.
+      ValueError (at construction): as :func:`make_train_step`; ``batch_size`` or
+        ``progress_every`` < 1, ``batch_size`` not divisible by the size of ``mesh``'s
+        ``"batch"`` axis.
+      TypeError / ValueError (at call/trace time): ``state`` not a :class:`TrainState`,
+        ``rng_key`` not a PRNG key, bad ``images`` (:func:`check_images`), ``N < batch_size``.
     """
-    _check_positive_int(batch_size, "batch_size")
-    if mesh is not None and batch_size % mesh.size:
-        raise ValueError(f"batch_size {batch_size} is not divisible by the number of devices "
-                         f"{mesh.size}")
-    if progress_fn is not None and not callable(progress_fn):
-        raise TypeError(f"progress_fn must be callable or None, got {type(progress_fn).__name__}")
-    if progress_every is not None:
-        _check_positive_int(progress_every, "progress_every")
-    do_binarize = bool(binarize)
+    check_int(batch_size, "batch_size", minimum=1)
+    check_bool(binarize, "binarize")
     train_step = make_train_step(model, optimizer, objective, mesh=mesh,
                                  with_grad_norm=with_grad_norm)
+    if mesh is not None and batch_size % _num_batch_shards(mesh):
+        raise ValueError(f"batch_size {batch_size} is not divisible by the number of devices "
+                         f"{_num_batch_shards(mesh)}")
+    if progress_fn is not None:
+        check_callable(progress_fn, "progress_fn")
+    if progress_every is not None:
+        check_int(progress_every, "progress_every", minimum=1)
+    do_binarize = bool(binarize)
 
     def train_epoch(state: TrainState, images: jax.Array, rng_key: jax.Array):
+        _check_state(state)
+        check_rng_key(rng_key)
         check_images(images, data_dim=model.decoder.data_dim, name="images",
                      unit_interval=_is_bernoulli(model) or do_binarize)
         indices, step_keys = epoch_plan(rng_key, images.shape[0], batch_size)
@@ -445,9 +536,44 @@ def make_train_epoch(model, optimizer: optax.GradientTransformation, objective: 
 # ----------------------------------------------------------------------------------------------
 
 def data_parallel_mesh(devices=None) -> Mesh:
-    """A 1-D mesh with axis ``"batch"`` over ``devices`` (default: ``jax.local_devices()``)."""
-    devices = jax.local_devices() if devices is None else list(devices)
+    """A 1-D mesh with axis ``"batch"`` over ``devices`` (default: ``jax.local_devices()``).
+
+    Raises:
+      TypeError: ``devices`` is neither None nor an iterable of JAX devices.
+      ValueError: ``devices`` is empty.
+    """
+    if devices is None:
+        devices = jax.local_devices()
+    else:
+        try:
+            devices = list(devices)
+        except TypeError:
+            raise TypeError(f"devices must be None or a sequence of JAX devices, got "
+                            f"{type(devices).__name__}") from None
+        if not devices:
+            raise ValueError("devices must hold at least one device, got an empty sequence")
+        bad = [d for d in devices if not isinstance(d, jax.Device)]
+        if bad:
+            raise TypeError(f"devices must be JAX devices (jax.devices()), got {bad[0]!r}")
     return Mesh(np.asarray(devices), (BATCH_AXIS,))
+
+
+def _check_mesh(mesh, name: str = "mesh", *, batch_axis: bool = True) -> None:
+    """None, or a ``jax.sharding.Mesh`` (with an axis named ``"batch"`` when ``batch_axis``)."""
+    if mesh is None:
+        return
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"{name} must be None or a jax.sharding.Mesh (e.g. "
+                        f"vijax.vae.data_parallel_mesh()), got {mesh!r}")
+    if batch_axis and BATCH_AXIS not in mesh.axis_names:
+        raise ValueError(f"{name} must have an axis named {BATCH_AXIS!r} (the axis the batch is "
+                         f"split along; see vijax.vae.data_parallel_mesh), got axis names "
+                         f"{tuple(mesh.axis_names)}")
+
+
+def _num_batch_shards(mesh: Mesh) -> int:
+    """The number of pieces the batch is split into: the size of the ``"batch"`` axis."""
+    return mesh.shape[BATCH_AXIS]
 
 
 def _batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
@@ -455,17 +581,23 @@ def _batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 
 
 def _check_divisible(batch, mesh: Mesh) -> None:
-    if np.ndim(batch) < 1 or np.shape(batch)[0] % mesh.size:
+    shards = _num_batch_shards(mesh)
+    if np.ndim(batch) < 1 or np.shape(batch)[0] % shards:
         raise ValueError(f"batch size {np.shape(batch)[0] if np.ndim(batch) else None} is not "
-                         f"divisible by the number of devices {mesh.size}")
+                         f"divisible by the number of devices {shards}")
 
 
 def shard_batch(batch: jax.Array, mesh: Mesh) -> jax.Array:
     """Place ``batch [B, ...]`` on ``mesh`` split along its first axis (B divisible by devices).
 
     Raises:
-      ValueError: ``B`` not divisible by ``mesh.size``.
+      TypeError: ``mesh`` is not a ``jax.sharding.Mesh``.
+      ValueError: ``mesh`` has no ``"batch"`` axis; ``B`` not divisible by the size of that
+        axis (the number of devices of a :func:`data_parallel_mesh`).
     """
+    if mesh is None:
+        raise TypeError("mesh must be a jax.sharding.Mesh, got None")
+    _check_mesh(mesh)
     _check_divisible(batch, mesh)
     return jax.device_put(batch, _batch_sharding(mesh, np.ndim(batch)))
 
@@ -475,7 +607,13 @@ def replicate(tree, mesh: Mesh):
 
     The result may share device buffers with ``tree``: after passing it to a step jitted with
     ``donate_argnums=0``, do not reuse ``tree``.
+
+    Raises:
+      TypeError: ``mesh`` is not a ``jax.sharding.Mesh`` (any axis names are fine).
     """
+    if mesh is None:
+        raise TypeError("mesh must be a jax.sharding.Mesh, got None")
+    _check_mesh(mesh, batch_axis=False)
     return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
 
 
@@ -503,6 +641,8 @@ def make_data_parallel_train_step(model, optimizer: optax.GradientTransformation
       mesh=mesh)`` and ``make_train_epoch(..., mesh=mesh)`` give the same with your own mesh.
 
     Raises:
+      TypeError / ValueError (at construction): as :func:`make_train_step`, and
+        :func:`data_parallel_mesh` for ``devices``.
       ValueError (at call/trace time): batch size not divisible by the number of devices.
     """
     return make_train_step(model, optimizer, objective, mesh=data_parallel_mesh(devices))
@@ -514,6 +654,20 @@ def make_data_parallel_train_step(model, optimizer: optax.GradientTransformation
 
 def _is_bernoulli(model) -> bool:
     return isinstance(getattr(model, "decoder", None), vnn.BernoulliDecoder)
+
+
+def _check_model(model, name: str = "model") -> None:
+    if not isinstance(model, vnn.VAE):
+        raise TypeError(f"{name} must be a vijax.nn.VAE (e.g. vijax.nn.iwae_mnist_vae()), got "
+                        f"{type(model).__name__}")
+
+
+def _check_state(state, name: str = "state") -> None:
+    if not isinstance(state, TrainState):
+        hint = (" (it looks like parameters: pass the TrainState of init_train_state)"
+                if isinstance(state, collections.abc.Mapping) else "")
+        raise TypeError(f"{name} must be a vijax.vae.TrainState, got "
+                        f"{type(state).__name__}{hint}")
 
 
 def check_images(x, *, data_dim: int | None = None, name: str = "x",
@@ -555,10 +709,14 @@ def _map_batches(fn, x, batch_size, *extra):
     return jax.tree.map(lambda a: a.reshape((num_batches * batch_size,) + a.shape[2:])[:n], out)
 
 
-def _check_eval_args(x, model, batch_size, name="x"):
-    check_images(x, data_dim=model.decoder.data_dim, name=name,
+def _check_eval_args(params, model, x, batch_size=1, chunk_size=None):
+    """The checks shared by the evaluation functions (``rng_key`` is checked by the caller)."""
+    _check_params(params)
+    _check_model(model)
+    check_images(x, data_dim=model.decoder.data_dim, name="x",
                  unit_interval=_is_bernoulli(model))
-    _check_positive_int(batch_size, "batch_size")
+    check_int(batch_size, "batch_size", minimum=1)
+    check_int(chunk_size, "chunk_size", minimum=1, optional=True)
 
 
 def log_likelihood_is(rng_key: jax.Array, params: Params, model, x: jax.Array, *,
@@ -580,19 +738,26 @@ def log_likelihood_is(rng_key: jax.Array, params: Params, model, x: jax.Array, *
 
     Args:
       rng_key: PRNG key.
-      params, model: the trained :class:`vijax.nn.VAE`.
+      params, model: the trained :class:`vijax.nn.VAE` (``params`` = ``state.params``).
       x: ``[N, D]`` floating images (binarized for a Bernoulli decoder, fixed across calls).
-      num_samples: S.
-      chunk_size: samples per chunk (``None``: all at once).
-      batch_size: examples per chunk.
+      num_samples: S, an int >= 1.
+      chunk_size: samples per chunk, an int >= 1 (``None``: all at once).
+      batch_size: examples per chunk, an int >= 1 (larger than N is fine).
 
     Returns:
-      ``[N]`` estimates of ``log p(x_n)`` in nats.
+      ``[N]`` estimates of ``log p(x_n)`` in nats (the log-likelihood, not its negative: the
+      test NLL is ``-mean``).
 
     Raises:
-      TypeError / ValueError: bad ``x`` (:func:`check_images`), bad ``batch_size``.
+      TypeError: ``rng_key`` not a PRNG key; ``params`` a :class:`TrainState` or not a mapping;
+        ``model`` not a :class:`vijax.nn.VAE`; ``num_samples``, ``chunk_size`` or ``batch_size``
+        not an int (``chunk_size`` may be None).
+      ValueError: ``num_samples``, ``chunk_size`` or ``batch_size`` < 1.
+      TypeError / ValueError: bad ``x`` (:func:`check_images`).
     """
-    _check_eval_args(x, model, batch_size)
+    check_rng_key(rng_key)
+    _check_eval_args(params, model, x, batch_size, chunk_size)
+    check_int(num_samples, "num_samples", minimum=1)
     num_batches = -(-x.shape[0] // batch_size)
     keys = jax.random.split(rng_key, num_batches)
 
@@ -612,28 +777,40 @@ def evaluate_bounds(rng_key: jax.Array, params: Params, model, x: jax.Array, *,
 
     Args:
       rng_key: PRNG key.
-      params, model: the trained :class:`vijax.nn.VAE`.
+      params, model: the trained :class:`vijax.nn.VAE` (``params`` = ``state.params``).
       x: ``[N, D]`` floating images.
-      num_samples: the IWAE sample sizes k (a sequence of positive ints).
-      elbo_num_samples: samples for the analytic-KL ELBO's expected log-likelihood.
+      num_samples: the IWAE sample sizes k: an int or a sequence of distinct ints >= 1 (may be
+        empty: then only the ELBO and KL are computed).
+      elbo_num_samples: samples for the analytic-KL ELBO's expected log-likelihood (int >= 1).
       batch_size, chunk_size: memory bounds as in :func:`log_likelihood_is`.
 
     Returns:
       dict of ``[N]`` arrays, in nats (take ``.mean()`` for the test-set figures):
-      ``"elbo"``: analytic-KL ELBO (:func:`vijax.elbo.elbo_analytic_kl`);
-      ``"kl"``: ``KL(q(z | x) || N(0, I))``;
-      ``"iwae_<k>"`` for each ``k`` in ``num_samples``: the IWAE-k bound value (= the
-      importance-sampling estimate with k samples, computed chunked by
+      ``"elbo"``: analytic-KL ELBO (:func:`vijax.elbo.elbo_analytic_kl`; the ELBO itself, not
+      its negative);
+      ``"kl"``: ``KL(q(z | x) || N(0, I))`` (>= 0);
+      ``"iwae_<k>"`` for each ``k`` in ``num_samples``: the IWAE-k bound value (the bound, not
+      its negative; = the importance-sampling estimate with k samples, computed chunked by
       :func:`vijax.marginal.importance_sampling`).
 
     Raises:
-      TypeError / ValueError: bad ``x``, ``num_samples`` or ``batch_size``.
+      TypeError: ``rng_key`` not a PRNG key; ``params`` a :class:`TrainState` or not a
+        mapping; ``model`` not a :class:`vijax.nn.VAE`; an element of ``num_samples``,
+        ``elbo_num_samples``, ``batch_size`` or ``chunk_size`` not an int.
+      ValueError: any of them < 1; a ``k`` repeated in ``num_samples`` (the result has one
+        key per k).
+      TypeError / ValueError: bad ``x`` (:func:`check_images`).
     """
-    _check_eval_args(x, model, batch_size)
+    check_rng_key(rng_key)
+    _check_eval_args(params, model, x, batch_size, chunk_size)
     ks = tuple(num_samples) if np.ndim(num_samples) else (num_samples,)
     for k in ks:
-        _check_num_samples(k)
-    _check_num_samples(elbo_num_samples)
+        check_int(k, "num_samples", minimum=1)
+    repeated = sorted({int(k) for k in ks if ks.count(k) > 1})
+    if repeated:
+        raise ValueError(f"num_samples must not repeat a k (one result per k), got {ks} "
+                         f"with {repeated} repeated")
+    check_int(elbo_num_samples, "elbo_num_samples", minimum=1)
     objective = ELBOAnalyticKL(num_samples=elbo_num_samples)
     num_batches = -(-x.shape[0] // batch_size)
     keys = jax.random.split(rng_key, (num_batches, len(ks) + 1))
@@ -656,9 +833,10 @@ def evaluate_bounds(rng_key: jax.Array, params: Params, model, x: jax.Array, *,
 def encoder_means(params: Params, model, x: jax.Array, *, batch_size: int = 1000) -> jax.Array:
     """``E_q[z | x]`` (the encoder's ``loc``) for each example: ``[N, L]``.
 
-    Raises: TypeError / ValueError for bad ``x`` (:func:`check_images`) or a
-    ``batch_size`` that is not a positive int."""
-    _check_eval_args(x, model, batch_size)
+    Raises: TypeError / ValueError for bad ``x`` (:func:`check_images`), a
+    ``batch_size`` that is not a positive int, ``params`` that are a :class:`TrainState`
+    (pass ``state.params``) or a ``model`` that is not a :class:`vijax.nn.VAE`."""
+    _check_eval_args(params, model, x, batch_size)
     return _map_batches(lambda xb: model.apply(params, xb, method=type(model).encode).loc,
                         x, batch_size)
 
@@ -679,12 +857,12 @@ def active_units(params: Params, model, x: jax.Array, *, threshold: float = 0.01
       variances.
 
     Raises:
+      TypeError: ``threshold`` not a real number (e.g. the string ``"0.01"``); non-floating
+        ``x``; ``params``/``model``/``batch_size`` as in :func:`encoder_means`.
       ValueError: ``threshold`` not a finite number >= 0; bad ``x`` or ``batch_size`` (as in
-        :func:`encoder_means`). TypeError: non-floating ``x``.
+        :func:`encoder_means`).
     """
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) \
-            or not math.isfinite(threshold) or threshold < 0:
-        raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
+    check_real(threshold, "threshold", minimum=0.0)
     means = encoder_means(params, model, x, batch_size=batch_size)
     variances = jnp.var(means, axis=0)
     return jnp.sum(variances > threshold).astype(jnp.int32), variances
@@ -693,9 +871,9 @@ def active_units(params: Params, model, x: jax.Array, *, threshold: float = 0.01
 def reconstruct(params: Params, model, x: jax.Array) -> jax.Array:
     """``E[x | z = E_q[z | x]]``: ``[N, D]`` reconstructions (pixel probabilities, Bernoulli).
 
-    Raises: TypeError / ValueError for bad ``x`` (:func:`check_images`)."""
-    check_images(x, data_dim=model.decoder.data_dim, name="x",
-                 unit_interval=_is_bernoulli(model))
+    Raises: TypeError / ValueError for bad ``x`` (:func:`check_images`), ``params`` that are
+    a :class:`TrainState` or a ``model`` that is not a :class:`vijax.nn.VAE`."""
+    _check_eval_args(params, model, x)
     q = model.apply(params, x, method=type(model).encode)
     return model.apply(params, q.loc, method=type(model).decode_mean)
 
@@ -703,7 +881,12 @@ def reconstruct(params: Params, model, x: jax.Array) -> jax.Array:
 def sample_images(rng_key: jax.Array, params: Params, model, num_samples: int) -> jax.Array:
     """``E[x | z]`` for ``z ~ N(0, I)``: ``[num_samples, D]`` (pixel probabilities, Bernoulli).
 
-    Raises: TypeError / ValueError when ``num_samples`` is not a positive int."""
-    _check_num_samples(num_samples)
+    Raises: TypeError when ``rng_key`` is not a PRNG key (e.g. an int seed), ``params`` is a
+    :class:`TrainState` or ``model`` is not a :class:`vijax.nn.VAE`; TypeError / ValueError
+    when ``num_samples`` is not a positive int."""
+    check_rng_key(rng_key)
+    _check_params(params)
+    _check_model(model)
+    check_int(num_samples, "num_samples", minimum=1)
     z = jax.random.normal(rng_key, (num_samples, model.encoder.latent_dim))
     return model.apply(params, z, method=type(model).decode_mean)

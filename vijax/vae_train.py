@@ -49,7 +49,7 @@ import pathlib
 import sys
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +59,8 @@ import optax
 from vijax import data as vdata
 from vijax import nn as vnn
 from vijax import vae
+from vijax._checks import (MAX_NUMPY_SEED, check_bool, check_int, check_int_sequence,
+                           check_real)
 
 __all__ = [
     "Mnist",
@@ -99,12 +101,9 @@ _METRIC_COLUMNS = ("epoch", "step", "learning_rate", "train_objective", "test_el
                    "epoch_time_s", "epoch_cpu_time_s", "eval_time_s")
 
 
-def _check_positive_int(value: Any, name: str, *, allow_none: bool = False) -> None:
-    if allow_none and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, "
-                         f"got {value!r}")
+def _set(obj, name: str, value) -> None:
+    """Normalise a field of a frozen dataclass in ``__post_init__``."""
+    object.__setattr__(obj, name, value)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,10 +116,17 @@ class Mnist:
     """MNIST via :func:`vijax.data.load_mnist` (28x28 = 784 pixels).
 
     Attributes:
-      data_dir: folder with the four IDX files, or None (then ``$VIJAX_DATA_DIR``, the
-        repository's ``../shared/data/mnist``, or TensorFlow Datasets; see ``load_mnist``).
+      data_dir: folder with the four IDX files (a ``str`` or ``os.PathLike``, stored as a
+        ``str``), or None (then ``$VIJAX_DATA_DIR``, the repository's ``../shared/data/mnist``,
+        or TensorFlow Datasets; see ``load_mnist``).
       num_train: use only the first ``num_train`` training images (None: all 60000).
       num_test: use only the first ``num_test`` test images (None: all 10000).
+
+    Raises:
+      TypeError: ``data_dir`` neither None, a str nor a path; ``num_train``/``num_test``
+        neither None nor an int.
+      ValueError: ``num_train`` outside [1, 60000] or ``num_test`` outside [1, 10000].
+      (Whether the folder exists and holds MNIST is checked when the data are loaded.)
     """
 
     data_dir: str | None = None
@@ -128,8 +134,19 @@ class Mnist:
     num_test: int | None = None
 
     def __post_init__(self):
-        _check_positive_int(self.num_train, "num_train", allow_none=True)
-        _check_positive_int(self.num_test, "num_test", allow_none=True)
+        if self.data_dir is not None:
+            if not isinstance(self.data_dir, (str, os.PathLike)):
+                raise TypeError(f"data_dir must be None or a folder path (str or os.PathLike), "
+                                f"got {self.data_dir!r}")
+            _set(self, "data_dir", os.fspath(self.data_dir))
+        for name, size in (("num_train", vdata._MNIST_SIZES["train"]),
+                           ("num_test", vdata._MNIST_SIZES["test"])):
+            _set(self, name, check_int(getattr(self, name), name, minimum=1, maximum=size,
+                                       optional=True))
+
+    def num_train_examples(self) -> int:
+        """The number of training images :meth:`load` returns."""
+        return vdata._MNIST_SIZES["train"] if self.num_train is None else int(self.num_train)
 
     def load(self) -> vdata.Dataset:
         """The data set (:class:`vijax.data.Dataset`, images [n, 784] float32 in [0, 1])."""
@@ -142,10 +159,21 @@ class Digits:
     """scikit-learn's 8x8 digits via :func:`vijax.data.load_digits` (64 pixels, bundled offline).
 
     Attributes:
-      num_test: test images (the rest of the 1797 train).
+      num_test: test images, an int in [10, 1787] (the rest of the 1797 train).
+
+    Raises:
+      TypeError: ``num_test`` is not an int. ValueError: it is outside [10, 1787].
     """
 
     num_test: int = 297
+
+    def __post_init__(self):
+        vdata._check_digits_split(self.num_test)
+        _set(self, "num_test", int(self.num_test))
+
+    def num_train_examples(self) -> int:
+        """The number of training images :meth:`load` returns."""
+        return vdata._DIGITS_NUM_EXAMPLES - int(self.num_test)
 
     def load(self) -> vdata.Dataset:
         return vdata.load_digits(num_test=self.num_test)
@@ -168,9 +196,16 @@ class DynamicBinarization:
 
 @dataclasses.dataclass(frozen=True)
 class FixedBinarization:
-    """Binarize the training set once, with :func:`vijax.data.fixed_binarize` and ``seed``."""
+    """Binarize the training set once, with :func:`vijax.data.fixed_binarize` and ``seed``.
+
+    Raises:
+      TypeError: ``seed`` is not an int. ValueError: it is outside [0, 2**32 - 1].
+    """
 
     seed: int = 0
+
+    def __post_init__(self):
+        _set(self, "seed", check_int(self.seed, "seed", minimum=0, maximum=MAX_NUMPY_SEED))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,15 +230,16 @@ class IwaeLR:
     ``learning_rate * 10^(-i / (num_stages - 1))``; 3280 epochs in all for 8 stages. A run with
     fewer epochs follows the beginning of the schedule; after the last stage the rate stays at
     its final value. Use it with Adam(beta1=0.9, beta2=0.999, eps=1e-4) and learning_rate 1e-3.
+
+    Raises:
+      TypeError: ``num_stages`` is not an int. ValueError: ``num_stages < 2``.
     """
 
     num_stages: int = 8
     depends_on_epochs = False
 
     def __post_init__(self):
-        _check_positive_int(self.num_stages, "num_stages")
-        if self.num_stages < 2:
-            raise ValueError(f"num_stages must be >= 2, got {self.num_stages}")
+        _set(self, "num_stages", check_int(self.num_stages, "num_stages", minimum=2))
 
     def stage_ends(self) -> np.ndarray:
         """Epoch at which each stage ends: ``[1, 4, 13, 40, 121, 364, 1093, 3280]`` for 8."""
@@ -225,14 +261,19 @@ class IwaeLR:
 class CosineLR:
     """Cosine decay from ``learning_rate`` to ``final_fraction * learning_rate`` over all epochs
     (``optax.cosine_decay_schedule``); it depends on ``Config.epochs``, which therefore cannot
-    change on resume."""
+    change on resume.
+
+    Raises:
+      TypeError: ``final_fraction`` is not a real number (e.g. a string). ValueError: it is
+        outside [0, 1] (or NaN).
+    """
 
     final_fraction: float = 0.1
     depends_on_epochs = True
 
     def __post_init__(self):
-        if not 0.0 <= self.final_fraction <= 1.0:
-            raise ValueError(f"final_fraction must be in [0, 1], got {self.final_fraction}")
+        _set(self, "final_fraction",
+             check_real(self.final_fraction, "final_fraction", minimum=0.0, maximum=1.0))
 
     def build(self, learning_rate: float, steps_per_epoch: int, epochs: int) -> optax.Schedule:
         return optax.cosine_decay_schedule(learning_rate, epochs * steps_per_epoch,
@@ -242,9 +283,6 @@ class CosineLR:
 # ----------------------------------------------------------------------------------------------
 # Configuration
 # ----------------------------------------------------------------------------------------------
-
-_OBJECTIVES = (vae.ELBOAnalyticKL, vae.ELBOMonteCarlo, vae.IWAE)
-
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -275,6 +313,21 @@ class Config:
       eval_chunk_size: samples per chunk in the importance sampling (memory ~ chunk x batch x D).
       eval_batch_size: test images per evaluation batch.
       keep_checkpoints: how many of the latest per-epoch checkpoints to keep.
+
+    Integer fields accept Python or NumPy ints and real fields Python or NumPy real scalars;
+    they are stored as Python ``int`` / ``float`` (and the sequences as tuples).
+
+    Raises:
+      TypeError: a field of the wrong type: ``dataset``, ``binarization``, ``schedule`` not one
+        of the classes above, ``objective`` not an objective *instance*; an integer field
+        (``latent_dim``, ``epochs``, ``batch_size``, ``seed``, ``eval_*``,
+        ``keep_checkpoints``) not an int; ``hidden_sizes`` or ``eval_iwae_ks`` not a tuple/list
+        of ints (e.g. ``200``); ``learning_rate``, ``adam_b1``, ``adam_b2``, ``adam_eps`` not a
+        real number (e.g. ``"0.9"`` or None). The message names the field.
+      ValueError: a value out of range: integer fields < 1 (``seed`` < 0); ``learning_rate``
+        or ``adam_eps`` not positive and finite; ``adam_b1``/``adam_b2`` outside [0, 1);
+        ``batch_size`` larger than the data set's training images (1797 - ``num_test`` for
+        :class:`Digits`, ``num_train`` or 60000 for :class:`Mnist`).
     """
 
     dataset: Mnist | Digits = Mnist()
@@ -303,34 +356,27 @@ class Config:
         if not isinstance(self.binarization, (DynamicBinarization, FixedBinarization)):
             raise TypeError("binarization must be DynamicBinarization() or FixedBinarization(...),"
                             f" got {self.binarization!r}")
-        if not isinstance(self.objective, _OBJECTIVES):
-            raise TypeError("objective must be vijax.vae.ELBOAnalyticKL, ELBOMonteCarlo or IWAE, "
-                            f"got {self.objective!r}")
+        vae._check_objective_type(self.objective)
         if not isinstance(self.schedule, (ConstantLR, IwaeLR, CosineLR)):
             raise TypeError(
                 f"schedule must be ConstantLR, IwaeLR or CosineLR, got {self.schedule!r}")
-        object.__setattr__(self, "hidden_sizes", tuple(self.hidden_sizes))
-        object.__setattr__(self, "eval_iwae_ks", tuple(self.eval_iwae_ks))
+        _set(self, "hidden_sizes", check_int_sequence(self.hidden_sizes, "hidden_sizes"))
+        _set(self, "eval_iwae_ks", check_int_sequence(self.eval_iwae_ks, "eval_iwae_ks"))
         for name in ("latent_dim", "epochs", "batch_size", "eval_num_samples", "eval_chunk_size",
                      "eval_batch_size", "keep_checkpoints"):
-            _check_positive_int(getattr(self, name), name)
-        _check_positive_int(self.eval_num_test, "eval_num_test", allow_none=True)
-        for i, width in enumerate(self.hidden_sizes):
-            _check_positive_int(width, f"hidden_sizes[{i}]")
-        for i, k in enumerate(self.eval_iwae_ks):
-            _check_positive_int(k, f"eval_iwae_ks[{i}]")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) \
-                or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
-        if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0
-                and math.isfinite(self.learning_rate)):
-            raise ValueError(f"learning_rate must be a positive finite number, "
-                             f"got {self.learning_rate!r}")
+            _set(self, name, check_int(getattr(self, name), name, minimum=1))
+        _set(self, "eval_num_test",
+             check_int(self.eval_num_test, "eval_num_test", minimum=1, optional=True))
+        _set(self, "seed", check_int(self.seed, "seed", minimum=0))
+        for name in ("learning_rate", "adam_eps"):
+            _set(self, name, check_real(getattr(self, name), name, exclusive_minimum=0.0))
         for name in ("adam_b1", "adam_b2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if not self.adam_eps > 0:
-            raise ValueError(f"adam_eps must be positive, got {self.adam_eps}")
+            _set(self, name, check_real(getattr(self, name), name, minimum=0.0,
+                                        exclusive_maximum=1.0))
+        num_train = self.dataset.num_train_examples()
+        if self.batch_size > num_train:
+            raise ValueError(f"batch_size {self.batch_size} exceeds the {num_train} training "
+                             f"images of {self.dataset!r}")
 
 
 def quick_config(dataset: Mnist | Digits | None = None) -> Config:
@@ -461,14 +507,33 @@ def _keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _checkpoint_manager(workdir: pathlib.Path, keep: int):
+def _checkpoint_manager(workdir: pathlib.Path, keep: int, *, create: bool = True):
     import orbax.checkpoint as ocp  # noqa: PLC0415 - heavy import, only when training
 
     # Synchronous saves: the next epoch donates the state's buffers (donate_argnums=0), so the
     # checkpoint must be written before it starts (a few MB; cheap next to an epoch).
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
                                            enable_async_checkpointing=False)
     return ocp.CheckpointManager(workdir.resolve() / _CHECKPOINT_DIR, options=options)
+
+
+def _existing_checkpoint_manager(workdir: pathlib.Path, keep: int):
+    """A manager over ``workdir/checkpoints`` if that folder exists, else None; creates
+    nothing (for reading: the latest epoch, a restore)."""
+    if not (workdir / _CHECKPOINT_DIR).is_dir():
+        return None
+    return _checkpoint_manager(workdir, keep, create=False)
+
+
+def _latest_checkpoint(workdir: pathlib.Path, keep: int) -> int | None:
+    """The latest checkpointed epoch in ``workdir``, or None; creates nothing."""
+    manager = _existing_checkpoint_manager(workdir, keep)
+    if manager is None:
+        return None
+    try:
+        return manager.latest_step()
+    finally:
+        manager.close()
 
 
 def _checkpoint_item(state: vae.TrainState, epoch: int, train_key: jax.Array) -> dict:
@@ -488,27 +553,30 @@ def restore_checkpoint(workdir: str | os.PathLike, config: Config,
                        *, epoch: int | None = None) -> tuple[vae.TrainState, int]:
     """Load a run's checkpoint: ``(TrainState, number of epochs completed)``.
 
+    The checkpoints are looked for first: a ``workdir`` without one raises before any data
+    are loaded, and nothing is created in it. Then the data set is loaded (not binarized) for
+    the model's shapes.
+
     Args:
       workdir: the run's work directory.
       config: the :class:`Config` the run used (it fixes the state's structure).
-      epoch: which checkpoint (None: the latest kept; only the last ``keep_checkpoints``
-        epochs are kept).
+      epoch: which checkpoint, an int (None: the latest kept; only the last
+        ``keep_checkpoints`` epochs are kept).
 
     Raises:
+      TypeError: ``config`` is not a :class:`Config`; ``epoch`` neither None nor an int.
+      ValueError: ``epoch`` < 0.
       FileNotFoundError: no checkpoint in ``workdir``, or none for ``epoch`` (the message
-        lists the epochs kept).
+        lists the epochs kept); the data set cannot be found (see
+        :func:`vijax.data.load_mnist`).
     """
+    if not isinstance(config, Config):
+        raise TypeError(f"config must be a vijax.vae_train.Config, got {type(config).__name__}")
+    check_int(epoch, "epoch", minimum=0, optional=True)
     workdir = pathlib.Path(workdir)
-    _, train_images, _ = prepare_data(config)
-    model = build_model(config, train_images)
-    steps_per_epoch = train_images.shape[0] // config.batch_size
-    optimizer, _ = build_optimizer(config, steps_per_epoch)
-    init_key, train_key, _ = _keys(config.seed)
-    # Shapes and dtypes suffice as the restore target: no initialisation is run or compiled.
-    state_shapes = jax.eval_shape(
-        lambda key: vae.init_train_state(key, model, optimizer, train_images.shape[1]), init_key)
-    template = _checkpoint_item(state_shapes, 0, train_key)
-    manager = _checkpoint_manager(workdir, config.keep_checkpoints)
+    manager = _existing_checkpoint_manager(workdir, config.keep_checkpoints)
+    if manager is None:
+        raise FileNotFoundError(f"no checkpoint in {workdir / _CHECKPOINT_DIR} (no such folder)")
     try:
         if manager.latest_step() is None:
             raise FileNotFoundError(f"no checkpoint in {workdir / _CHECKPOINT_DIR}")
@@ -516,7 +584,15 @@ def restore_checkpoint(workdir: str | os.PathLike, config: Config,
         if epoch is not None and epoch not in kept:
             raise FileNotFoundError(f"no checkpoint for epoch {epoch!r} in "
                                     f"{workdir / _CHECKPOINT_DIR}; epochs kept: {kept}")
-        item = _restore(manager, template, epoch)
+        train_images = config.dataset.load().train_images  # shapes only: no binarization
+        model = build_model(config, train_images)
+        optimizer, _ = build_optimizer(config, train_images.shape[0] // config.batch_size)
+        init_key, train_key, _ = _keys(config.seed)
+        # Shapes and dtypes suffice as the restore target: no initialisation is run or compiled.
+        state_shapes = jax.eval_shape(
+            lambda key: vae.init_train_state(key, model, optimizer, train_images.shape[1]),
+            init_key)
+        item = _restore(manager, _checkpoint_item(state_shapes, 0, train_key), epoch)
     finally:
         manager.close()
     return item["state"], int(item["epoch"])
@@ -605,6 +681,16 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, resume: bo
                        progress: bool | None = None, data_parallel: bool | None = None) -> dict:
     """Train the VAE of ``config`` with per-epoch checkpoints, then evaluate it on the test set.
 
+    Order of work, so that bad input leaves ``workdir`` as it was: (1) the checks on
+    ``workdir``'s existing checkpoints and ``config.json`` (read only); (2) loading and
+    checking the data, building the model, optimizer and device mesh; only then (3) creating
+    ``workdir`` and ``workdir/checkpoints/`` and writing ``config.json``, the initial
+    ``metrics.jsonl``/``metrics.csv`` row (epoch 0; on resume, the rows up to the checkpoint),
+    then after every epoch its metrics row and its checkpoint, and at the end
+    ``final_metrics.json`` and the PNG figures (see the module docstring). An error raised in
+    (1) or (2) writes nothing; a run stopped during (3) leaves the checkpoints of the finished
+    epochs, from which ``resume=True`` continues.
+
     Args:
       config: the run (:class:`Config`).
       workdir: output folder (created). See the module docstring for its contents.
@@ -622,7 +708,8 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, resume: bo
 
     Returns:
       The final metrics (also written to ``final_metrics.json``), all in nats where they are
-      log-probabilities: ``test_elbo`` (analytic-KL ELBO, mean over the test set),
+      log-probabilities: ``test_elbo`` (analytic-KL ELBO, mean over the test set; the
+      ELBO itself, not its negative, like the IWAE bounds and ``test_log_px``),
       ``test_kl``, ``test_iwae_<k>`` for ``eval_iwae_ks``, ``test_log_px`` (importance-sampling
       log p(x), k = ``eval_num_samples``, mean over ``eval_num_test`` images), ``test_nll`` =
       ``-test_log_px`` and its standard error over images ``test_nll_se``, ``active_units``,
@@ -631,39 +718,50 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, resume: bo
       ``final_eval_time_s``, ``num_params``.
 
     Raises:
+      TypeError: ``config`` is not a :class:`Config` (e.g. a dict); ``resume`` not a bool;
+        ``progress`` or ``data_parallel`` neither None nor a bool.
       FileExistsError: ``workdir`` has checkpoints and ``resume`` is False.
       ValueError: ``resume`` with a configuration that differs from the saved one (the message
-        lists the fields), or a checkpoint past ``config.epochs``.
+        lists the fields), or a checkpoint past ``config.epochs``; invalid images or a
+        training set smaller than ``batch_size`` (:func:`prepare_data`); ``data_parallel=True``
+        with ``batch_size`` not divisible by the number of local devices.
       FileNotFoundError: the data set cannot be found (see :func:`vijax.data.load_mnist`).
-      FloatingPointError: the training or test objective became NaN/inf (diverged).
+      FloatingPointError: the training or test objective became NaN/inf (diverged); the
+        checkpoints of the epochs before stay.
     """
     if not isinstance(config, Config):
         raise TypeError(f"config must be a vijax.vae_train.Config, got {type(config).__name__}")
+    check_bool(resume, "resume")
+    check_bool(progress, "progress", optional=True)
+    check_bool(data_parallel, "data_parallel", optional=True)
     workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     config_dict = config_to_dict(config)
+    # (1) read-only checks of an existing run
+    latest = _latest_checkpoint(workdir, config.keep_checkpoints)
+    if latest is not None and not resume:
+        raise FileExistsError(
+            f"{workdir} already holds checkpoints (latest: epoch {latest}); pass resume=True "
+            "(--resume) to continue that run, or choose another work directory")
+    if latest is not None:
+        saved = json.loads((workdir / _CONFIG_FILE).read_text())
+        differences = _config_differences(
+            saved, config_dict, allow_epochs=not config.schedule.depends_on_epochs)
+        if differences:
+            raise ValueError(
+                f"cannot resume {workdir}: the configuration differs from the saved one in "
+                f"{', '.join(differences)} (only 'epochs', except with CosineLR, and the "
+                "evaluation settings and the MNIST data_dir may change)")
+        if latest > config.epochs:
+            raise ValueError(f"the checkpoint in {workdir} is at epoch {latest}, past "
+                             f"config.epochs = {config.epochs}")
+    # (2) data, model, optimizer, mesh: the remaining input errors, before any write
+    setup = _setup(config, data_parallel)
+    # (3) the run writes
+    workdir.mkdir(parents=True, exist_ok=True)
     manager = _checkpoint_manager(workdir, config.keep_checkpoints)
     try:
-        latest = manager.latest_step()
-        if latest is not None and not resume:
-            raise FileExistsError(
-                f"{workdir} already holds checkpoints (latest: epoch {latest}); pass resume=True "
-                "(--resume) to continue that run, or choose another work directory")
-        if latest is not None:
-            saved = json.loads((workdir / _CONFIG_FILE).read_text())
-            differences = _config_differences(
-                saved, config_dict, allow_epochs=not config.schedule.depends_on_epochs)
-            if differences:
-                raise ValueError(
-                    f"cannot resume {workdir}: the configuration differs from the saved one in "
-                    f"{', '.join(differences)} (only 'epochs', except with CosineLR, and the "
-                    "evaluation settings and the MNIST data_dir may change)")
-            if latest > config.epochs:
-                raise ValueError(f"the checkpoint in {workdir} is at epoch {latest}, past "
-                                 f"config.epochs = {config.epochs}")
         _write_json(workdir / _CONFIG_FILE, config_dict)
-        return _run(config, workdir, manager, resume_from=latest, progress=progress,
-                    data_parallel=data_parallel)
+        return _run(config, workdir, manager, setup, resume_from=latest, progress=progress)
     finally:
         manager.close()
 
@@ -684,18 +782,38 @@ def _data_parallel_mesh(config: Config, data_parallel: bool | None):
     return vae.data_parallel_mesh()
 
 
-def _run(config: Config, workdir: pathlib.Path, manager, *, resume_from: int | None,
-         progress: bool | None, data_parallel: bool | None) -> dict:
+class _Setup(NamedTuple):
+    """What a run needs besides its work directory, built before anything is written."""
+
+    dataset: vdata.Dataset  # raw splits (test labels for the latent plot)
+    train_images: np.ndarray  # [num_train, D] float32: intensities, or 0/1 for fixed
+    test_binary: np.ndarray  # [num_test, D] float32 0/1
+    model: vnn.VAE
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    mesh: Any  # jax.sharding.Mesh or None
+
+
+def _setup(config: Config, data_parallel: bool | None) -> _Setup:
+    """Load and check the data, build the model, optimizer and mesh (may raise; writes
+    nothing)."""
+    dataset, train_images, test_binary = prepare_data(config)
+    steps_per_epoch = train_images.shape[0] // config.batch_size
+    model = build_model(config, dataset.train_images)
+    optimizer, schedule = build_optimizer(config, steps_per_epoch)
+    mesh = _data_parallel_mesh(config, data_parallel)
+    return _Setup(dataset, train_images, test_binary, model, optimizer, schedule, mesh)
+
+
+def _run(config: Config, workdir: pathlib.Path, manager, setup: _Setup, *,
+         resume_from: int | None, progress: bool | None) -> dict:
     import orbax.checkpoint as ocp  # noqa: PLC0415
     from tqdm.auto import tqdm  # noqa: PLC0415
 
-    dataset, train_images, test_binary = prepare_data(config)
+    dataset, train_images, test_binary, model, optimizer, schedule, mesh = setup
     num_train, data_dim = train_images.shape
     steps_per_epoch = num_train // config.batch_size
-    model = build_model(config, dataset.train_images)
-    optimizer, schedule = build_optimizer(config, steps_per_epoch)
     init_key, train_key, eval_key = _keys(config.seed)
-    mesh = _data_parallel_mesh(config, data_parallel)
     place = jax.device_put if mesh is None else (lambda tree: vae.replicate(tree, mesh))
     state = place(_init_state(init_key, model, optimizer, data_dim))
 
@@ -846,8 +964,19 @@ def _image_side(num_features: int) -> int:
 def image_grid(images: np.ndarray, *, num_rows: int, num_cols: int, pad: int = 1,
                pad_value: float = 0.5) -> np.ndarray:
     """Tile ``images [num_rows * num_cols, side * side]`` (row-major square images) into one
-    ``[num_rows * (side + pad) + pad, num_cols * (side + pad) + pad]`` array, the gaps filled
-    with ``pad_value``."""
+    ``[num_rows * (side + pad) + pad, num_cols * (side + pad) + pad]`` float32 array, the gaps
+    filled with ``pad_value``.
+
+    Raises:
+      TypeError: ``num_rows``, ``num_cols`` or ``pad`` not an int; ``pad_value`` not a real.
+      ValueError: ``num_rows`` or ``num_cols`` < 1, ``pad`` < 0; ``images`` not of shape
+        ``[num_rows * num_cols, side * side]`` (the message gives the expected shape), or its
+        pixel count not a perfect square.
+    """
+    check_int(num_rows, "num_rows", minimum=1)
+    check_int(num_cols, "num_cols", minimum=1)
+    check_int(pad, "pad", minimum=0)
+    check_real(pad_value, "pad_value", finite=False)
     images = np.asarray(images, dtype=np.float32)
     if images.ndim != 2 or images.shape[0] != num_rows * num_cols:
         raise ValueError(f"images must have shape [{num_rows * num_cols}, side*side], "
@@ -869,8 +998,17 @@ def _new_figure(width: float, height: float):
 
 def plot_image_grid(images: np.ndarray, path: str | os.PathLike, *, title: str,
                     num_cols: int = 10) -> None:
-    """Save a grid of ``images [n, side*side]`` (values in [0, 1]) as a PNG at ``path``."""
+    """Save a grid of ``images [n, side*side]`` (values in [0, 1]) as a PNG at ``path``.
+
+    Raises:
+      ValueError: ``images`` not of shape ``[n, pixels]`` with ``n >= 1`` and a square pixel
+        count; ``num_cols`` < 1. TypeError: ``num_cols`` not an int.
+    """
+    check_int(num_cols, "num_cols", minimum=1)
     images = np.asarray(images)
+    if images.ndim != 2 or images.shape[0] == 0:
+        raise ValueError(f"images must have shape [n, pixels] with n >= 1 (one flattened "
+                         f"square image per row), got shape {images.shape}")
     num_rows = -(-images.shape[0] // num_cols)
     missing = num_rows * num_cols - images.shape[0]
     if missing:

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from vijax._checks import check_callable, check_int, check_real
+
 Array = jax.Array
 
 
@@ -25,7 +27,8 @@ class CAVIInfo(NamedTuple):
 
     Fields:
       elbo:          [max_iter] ELBO after each full sweep of block updates; NaN after the
-                     run stopped (entries ``num_iter:`` are NaN). Dtype of ``elbo_fn``'s output.
+                     run stopped (entries ``num_iter:`` are NaN). Dtype of ``elbo_fn``'s output
+                     (a floating dtype: :func:`cavi` refuses integer ELBOs).
       initial_elbo:  [] ELBO of the starting state.
       num_iter:      [] int32, number of sweeps done (1 <= num_iter <= max_iter).
       converged:     [] bool, True when the last sweep changed the ELBO by at most
@@ -38,49 +41,93 @@ class CAVIInfo(NamedTuple):
     converged: Array  # [] bool
 
 
-def _check_driver_args(update_fns, elbo_fn, tol, max_iter) -> tuple[Callable, ...]:
+def check_update_fns(update_fns) -> tuple[Callable, ...]:
+    """``update_fns`` as a non-empty tuple of callables.
+
+    Raises:
+      TypeError: ``update_fns`` is a single callable, not iterable, or holds a non-callable
+        (the message names ``update_fns[i]``).
+      ValueError: ``update_fns`` is empty.
+    """
     if callable(update_fns):
         raise TypeError("update_fns must be a sequence of callables (state, data) -> state, "
                         "not a single callable; wrap it as (update_fn,)")
-    update_fns = tuple(update_fns)
+    try:
+        update_fns = tuple(update_fns)
+    except TypeError:
+        raise TypeError("update_fns must be a sequence of callables (state, data) -> state, "
+                        f"got {type(update_fns).__name__}") from None
     if not update_fns:
         raise ValueError("update_fns must contain at least one block update")
     for i, fn in enumerate(update_fns):
-        if not callable(fn):
-            raise TypeError(f"update_fns[{i}] is not callable: {fn!r}")
+        check_callable(fn, f"update_fns[{i}]")
+    return update_fns
+
+
+def _check_driver_args(update_fns, elbo_fn, tol, max_iter) -> tuple[Callable, ...]:
+    update_fns = check_update_fns(update_fns)
     if not callable(elbo_fn):
         raise TypeError(f"elbo_fn must be callable (state, data) -> scalar ELBO, got {elbo_fn!r}")
     check_loop_args(tol, max_iter)
     return update_fns
 
 
+def _check_updates_keep_state_type(update_fns: tuple[Callable, ...], state: Any,
+                                   data: Any) -> None:
+    """Trace the updates once, abstractly (``jax.eval_shape``: no FLOPs), and raise a
+    TypeError naming ``update_fns[i]`` when one returns a state whose pytree structure,
+    shapes or dtypes differ from the input state's (the ``lax.while_loop`` carry must keep
+    its type). A weakly typed input leaf (a Python scalar) may change dtype, as in
+    ``lax.while_loop``."""
+    reference = jax.eval_shape(lambda s: s, state)
+    expected = jax.tree.structure(reference)
+    current = reference
+    for i, fn in enumerate(update_fns):
+        current = jax.eval_shape(lambda s, fn=fn: fn(s, data), current)
+        structure = jax.tree.structure(current)
+        if structure != expected:
+            raise TypeError(f"update_fns[{i}] must return a state with the structure of the "
+                            f"input state {expected}, got {structure}")
+        for path_leaf, got in zip(jax.tree_util.tree_leaves_with_path(reference),
+                                  jax.tree.leaves(current)):
+            path, want = path_leaf
+            same_dtype = got.dtype == want.dtype or getattr(want, "weak_type", False)
+            if got.shape != want.shape or not same_dtype:
+                raise TypeError(
+                    f"update_fns[{i}] changes state{jax.tree_util.keystr(path)} from "
+                    f"{want.dtype}{list(want.shape)} to {got.dtype}{list(got.shape)}; every "
+                    "update must keep the shapes and dtypes of the state")
+
+
 def check_loop_args(tol, max_iter) -> None:
-    """``max_iter`` a Python int >= 1 (it fixes the trace length) and a concrete ``tol`` >= 0;
-    ValueError otherwise (TypeError for a ``tol`` that is not a real number)."""
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be a Python int >= 1 (it fixes the trace length), "
-                         f"got {max_iter!r}")
-    if not isinstance(tol, jax.core.Tracer):
-        try:
-            tol_value = float(tol)
-        except (TypeError, ValueError):
-            raise TypeError(f"tol must be a real number >= 0, got {tol!r}") from None
-        if not tol_value >= 0.0:  # also rejects NaN
-            raise ValueError(f"tol must be >= 0, got {tol!r}")
+    """``max_iter`` a Python int >= 1 (it fixes the trace length) and a concrete ``tol`` >= 0.
+
+    Raises:
+      TypeError: ``max_iter`` is not an int (e.g. ``10.0`` or a bool), or ``tol`` is not a
+        real number.
+      ValueError: ``max_iter`` < 1, or a concrete ``tol`` < 0 or NaN.
+    """
+    check_int(max_iter, "max_iter", minimum=1)
+    check_real(tol, "tol", minimum=0.0, finite=False, array=True)  # NaN is refused
 
 
 def sweep(update_fns: Sequence[Callable[[Any, Any], Any]], state: Any, data: Any) -> Any:
     """Apply the block updates once, in order: one CAVI iteration.
 
     Args:
-      update_fns: block updates ``(state, data) -> state``; each should return the maximiser
-        of the ELBO over its block with the other blocks held fixed (lecture 3).
+      update_fns: non-empty sequence of block updates ``(state, data) -> state``; each
+        should return the maximiser of the ELBO over its block with the other blocks held
+        fixed (lecture 3).
       state: a pytree (usually a NamedTuple) of variational parameters.
       data: any pytree handed unchanged to every update.
     Returns:
       The state after all blocks were updated once.
+    Raises:
+      TypeError: ``update_fns`` is a single callable or not a sequence, or ``update_fns[i]``
+        is not callable.
+      ValueError: ``update_fns`` is empty.
     """
-    for fn in update_fns:
+    for fn in check_update_fns(update_fns):
         state = fn(state, data)
     return state
 
@@ -121,17 +168,29 @@ def cavi(
 
     Raises:
       TypeError: ``update_fns`` is a single callable or holds a non-callable; ``elbo_fn`` is
-        not callable.
-      ValueError: ``update_fns`` is empty, ``max_iter`` is not an int >= 1, or ``tol < 0``.
+        not callable; ``update_fns[i]`` returns a state whose pytree structure, shapes or
+        dtypes differ from the input state's (checked before the loop with
+        ``jax.eval_shape``, naming the update); ``elbo_fn`` returns a non-floating value
+        (e.g. an int: the trace would be an integer array, NaN padding included, so it is
+        refused rather than cast; return ``jnp.asarray(value, float)``); ``max_iter`` is not
+        an int (e.g. ``10.0``); ``tol`` is not a real number.
+      ValueError: ``update_fns`` is empty; ``elbo_fn`` returns a non-scalar (shape other
+        than ``[]``); ``max_iter`` < 1; a concrete ``tol`` < 0 or NaN.
     """
     update_fns = _check_driver_args(update_fns, elbo_fn, tol, max_iter)
 
     initial_elbo = jnp.asarray(elbo_fn(state, data))
     if initial_elbo.shape != ():
         raise ValueError(f"elbo_fn must return a scalar, got shape {initial_elbo.shape}")
+    if not jnp.issubdtype(initial_elbo.dtype, jnp.floating):
+        raise TypeError(f"elbo_fn must return a floating-point scalar ELBO, got dtype "
+                        f"{initial_elbo.dtype}; return e.g. jnp.asarray(value, float)")
+    _check_updates_keep_state_type(update_fns, state, data)
 
     def sweep_and_elbo(current):
-        new_state = sweep(update_fns, current, data)
+        new_state = current
+        for fn in update_fns:  # checked above
+            new_state = fn(new_state, data)
         return new_state, elbo_fn(new_state, data)
 
     return cavi_loop(sweep_and_elbo, state, initial_elbo, tol=tol, max_iter=max_iter)

@@ -7,20 +7,17 @@ public function is called eagerly or when its inputs are static, and cost nothin
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.scipy.linalg import solve_triangular
 from jax.scipy.special import logsumexp, xlogy
 
-from vijax._checks import check_row_stochastic
+from vijax._checks import check_num_components, check_real, check_row_stochastic, is_concrete
 
 Array = jax.Array
-
-
-def is_concrete(value) -> bool:
-    """True when ``value`` can be inspected with numpy (not a JAX tracer)."""
-    return not isinstance(value, jax.core.Tracer)
 
 
 def as_float_array(value, name: str) -> Array:
@@ -81,19 +78,6 @@ def check_data(x, name: str, *, ndim: int, min_rows: int = 1) -> Array:
     return x
 
 
-def check_num_components(num_components, num_points: int, name_x: str = "x") -> int:
-    """Validate K: a Python int with 1 <= K <= N."""
-    if isinstance(num_components, bool) or not isinstance(num_components, (int, np.integer)):
-        raise TypeError(f"num_components must be a Python int, got {num_components!r}")
-    num_components = int(num_components)
-    if num_components < 1:
-        raise ValueError(f"num_components must be >= 1, got {num_components}")
-    if num_points < num_components:
-        raise ValueError(f"num_components (K={num_components}) exceeds the number of rows of "
-                         f"{name_x} (N={num_points}); need N >= K")
-    return num_components
-
-
 def check_responsibilities(responsibilities, num_points: int, dtype, name: str = "responsibilities"
                            ) -> Array:
     """Validate an [N, K] row-stochastic matrix and cast it to ``dtype``."""
@@ -106,17 +90,116 @@ def check_responsibilities(responsibilities, num_points: int, dtype, name: str =
     return r.astype(dtype)
 
 
-def check_scalar(value, name: str, dtype, *, lower: float, strict: bool = True) -> Array:
-    """A scalar parameter, cast to ``dtype``, checked to be finite and > (>=) ``lower``."""
+def check_state_type(state, expected: type, name: str = "state") -> None:
+    """Raise TypeError naming ``name`` unless ``state`` is an instance of ``expected`` (a
+    plain tuple with the same fields is refused: the field names carry the meaning)."""
+    if not isinstance(state, expected):
+        raise TypeError(f"{name} must be a {expected.__name__}, got {type(state).__name__}")
+
+
+def check_field_shapes(state, shapes: dict, name: str = "state") -> None:
+    """Raise ValueError naming ``name.field`` for the first field of ``state`` whose shape is
+    not ``shapes[field]``."""
+    for field, shape in shapes.items():
+        got = jnp.shape(getattr(state, field))
+        if got != tuple(shape):
+            raise ValueError(f"{name}.{field} must have shape {list(shape)}, got {list(got)}")
+
+
+def mixture_dims(state, k_field: str, dim: int | None = None) -> tuple[int, int]:
+    """``(K, D)`` of a mixture state: K from ``state.<k_field>`` ``[K]`` (K >= 1), D = ``dim``
+    when given, else the width of ``state.loc`` ``[K, D]``; ValueError naming the field."""
+    k_shape = jnp.shape(getattr(state, k_field))
+    if len(k_shape) != 1 or k_shape[0] < 1:
+        raise ValueError(f"state.{k_field} must have shape [K] with K >= 1, got {list(k_shape)}")
+    k, loc_shape = k_shape[0], jnp.shape(state.loc)
+    if dim is None and len(loc_shape) != 2:
+        raise ValueError(f"state.loc must have shape [K={k}, D], got {list(loc_shape)}")
+    return k, loc_shape[-1] if dim is None else dim
+
+
+def mixture_num_components(state, num_points: int) -> int:
+    """K of ``state.responsibilities`` ``[N, K]`` with N = ``num_points`` rows of ``x`` and
+    1 <= K <= N; ValueError naming ``state.responsibilities`` (or ``num_components``)."""
+    r_shape = jnp.shape(state.responsibilities)
+    if len(r_shape) != 2 or r_shape[0] != num_points:
+        raise ValueError(f"state.responsibilities must have shape [N={num_points}, K], got "
+                         f"{list(r_shape)} (does state belong to this x?)")
+    return check_num_components(r_shape[1], num_points)
+
+
+def check_mixture_state(state, x: Array, state_type: type, k_field: str,
+                        check_params: Callable[[Any, int], Any], *,
+                        responsibilities: bool = False):
+    """``state`` (a ``state_type`` with ``responsibilities`` [N, K] and a [K] field ``k_field``)
+    checked against ``x`` [N, D] and cast to ``x``'s dtype; ``check_params(state, D)`` then
+    checks the parameter fields, and with ``responsibilities`` the responsibilities must be
+    row-stochastic when concrete. TypeError / ValueError naming the field."""
+    check_state_type(state, state_type)
+    n, d = x.shape
+    check_field_shapes(state, {k_field: (mixture_num_components(state, n),)})
+    state = state_type(*(jnp.asarray(v, x.dtype) for v in state))
+    check_params(state, d)
+    if responsibilities:
+        check_state_values(state, row_stochastic=("responsibilities",))
+    return state
+
+
+# Tolerance on sum_k pi_k - 1 for a probability vector (as check_row_stochastic's rows).
+_PROBABILITY_ATOL = 1e-4
+
+
+def check_state_values(state, name: str = "state", *, finite=(), lower=None,
+                       probability=(), cholesky=(), row_stochastic=()) -> None:
+    """Value checks on fields of a concrete state (one host transfer; tracers are skipped).
+
+    Args:
+      state: a NamedTuple; ``name`` prefixes the field names in messages (``state.dof``).
+      finite: fields that must be finite.
+      lower: ``{field: bound}`` or ``{field: (bound, text)}``: fields that must be finite
+        and > bound elementwise (``text`` describes the bound in the message).
+      probability: fields ([K]) that must be finite, >= 0 and sum to 1 (within 1e-4).
+      cholesky: fields ([K, D, D]) that must be finite with a positive diagonal (lower
+        Cholesky factors; the upper triangle is not read by the models).
+      row_stochastic: fields ([N, K]) checked by :func:`vijax._checks.check_row_stochastic`.
+    Raises:
+      ValueError: naming ``name.field`` for the first field that fails.
+
+    Meant for the small parameter arrays (K-sized) on every call, and for the [N, K]
+    responsibilities only where their values are used (the ELBO).
+    """
+    lower = {f: b if isinstance(b, tuple) else (b, f"{b:g}") for f, b in (lower or {}).items()}
+    fields = [f for f in (*finite, *lower, *probability, *cholesky, *row_stochastic)
+              if is_concrete(getattr(state, f))]
+    if not fields:
+        return
+    values = jax.device_get({f: getattr(state, f) for f in fields})
+    values = {f: np.asarray(v, dtype=np.float64) for f, v in values.items()}
+    for f in fields:
+        v, label = values[f], f"{name}.{f}"
+        if f in row_stochastic:
+            check_row_stochastic(v, label)
+            continue
+        if not np.isfinite(v).all():
+            raise ValueError(f"{label} must be finite")
+        if f in lower and not (v > lower[f][0]).all():
+            raise ValueError(f"{label} must be > {lower[f][1]}, got min {v.min():.6g}")
+        if f in probability:
+            deviation = abs(float(v.sum()) - 1.0)
+            if (v < 0).any() or deviation > _PROBABILITY_ATOL:
+                raise ValueError(f"{label} must be non-negative and sum to 1 (got "
+                                 f"{np.array2string(v, precision=6)}, "
+                                 f"sum - 1 = {v.sum() - 1.0:+.3g})")
+        if f in cholesky and not (np.diagonal(v, axis1=-2, axis2=-1) > 0).all():
+            raise ValueError(f"{label} must be lower Cholesky factors with a positive "
+                             "diagonal")
+
+
+def check_scalar(value, name: str, dtype, **bounds) -> Array:
+    """A scalar parameter cast to ``dtype``; when concrete, finite and within ``bounds``
+    (``minimum=`` / ``exclusive_minimum=``, as in :func:`vijax._checks.check_real`)."""
     array = as_float_array(value, name)
-    if array.shape != ():
-        raise ValueError(f"{name} must be a scalar, got shape {array.shape}")
-    if is_concrete(array):
-        v = float(array)
-        ok = np.isfinite(v) and (v > lower if strict else v >= lower)
-        if not ok:
-            raise ValueError(f"{name} must be finite and {'>' if strict else '>='} {lower:g}, "
-                             f"got {v!r}")
+    check_real(array, name, array=True, **bounds)
     return array.astype(dtype)
 
 

@@ -31,16 +31,23 @@ import jax.numpy as jnp
 from jax.scipy.special import digamma, gammaln
 
 from vijax import _linalg, em
+from vijax._checks import check_num_components, check_rng_key
 from vijax.meanfield._cavi import CAVIInfo, cavi_loop, check_loop_args
 from vijax.meanfield._common import (
+    as_float_array,
     categorical_elbo_term,
     categorical_update,
     check_data,
-    check_num_components,
+    check_field_shapes,
+    check_float_dtype,
+    check_mixture_state,
     check_psd_matrix,
     check_responsibilities,
     check_scalar,
+    check_state_type,
+    check_state_values,
     check_vector,
+    mixture_dims,
     nearest_centre_responsibilities,
     sq_mahalanobis,
     tril_inverse,
@@ -98,15 +105,17 @@ def check_prior(prior: BGMMPrior, dim: int, dtype) -> BGMMPrior:
     """
     check_prior_dimension(prior, dim)
     return BGMMPrior(
-        concentration=check_scalar(prior.concentration, "prior.concentration", dtype, lower=0.0),
-        mean_precision=check_scalar(prior.mean_precision, "prior.mean_precision", dtype, lower=0.0),
+        concentration=check_scalar(prior.concentration, "prior.concentration", dtype,
+                                   exclusive_minimum=0.0),
+        mean_precision=check_scalar(prior.mean_precision, "prior.mean_precision", dtype,
+                                    exclusive_minimum=0.0),
         loc=check_vector(prior.loc, "prior.loc", dtype, size=dim),
-        dof=check_scalar(prior.dof, "prior.dof", dtype, lower=dim - 1.0),
+        dof=check_scalar(prior.dof, "prior.dof", dtype, exclusive_minimum=dim - 1.0),
         scale_inv=check_psd_matrix(prior.scale_inv, "prior.scale_inv", dtype, size=dim),
     )
 
 
-def check_prior_dimension(prior: BGMMPrior, dim: int) -> None:
+def check_prior_dimension(prior: BGMMPrior, dim: int, data_name: str = "x") -> None:
     """Raise unless ``prior`` is a BGMMPrior whose m_0 and W_0^{-1} match the data dimension.
 
     Raises:
@@ -118,8 +127,9 @@ def check_prior_dimension(prior: BGMMPrior, dim: int) -> None:
     for field, shape in (("loc", (dim,)), ("scale_inv", (dim, dim))):
         got = jnp.shape(getattr(prior, field))
         if got != shape:
-            raise ValueError(f"prior.{field} has shape {list(got)} but x has D={dim} columns; "
-                             f"the prior must have shape {list(shape)}")
+            raise ValueError(f"prior.{field} has shape {list(got)} but {data_name} has D={dim}"
+                             f"{' columns' if data_name == 'x' else ''}; the prior must have "
+                             f"shape {list(shape)}")
 
 
 def _checked(x, prior):
@@ -127,23 +137,33 @@ def _checked(x, prior):
     return x, check_prior(prior, x.shape[1], x.dtype)
 
 
-def _check_state(state: BGMMState, x: Array) -> BGMMState:
-    if not isinstance(state, BGMMState):
-        raise TypeError(f"state must be a BGMMState, got {type(state).__name__}")
-    n, d = x.shape
-    r = jnp.asarray(state.responsibilities)
-    if r.ndim != 2 or r.shape[0] != n:
-        raise ValueError(f"state.responsibilities must have shape [N={n}, K], got {r.shape} "
-                         "(does state belong to this x?)")
-    k = r.shape[1]
-    check_num_components(k, n)
-    expected = {"concentration": (k,), "mean_precision": (k,), "loc": (k, d), "dof": (k,),
-                "scale_inv_tril": (k, d, d)}
-    for field, shape in expected.items():
-        got = jnp.shape(getattr(state, field))
-        if got != shape:
-            raise ValueError(f"state.{field} must have shape {list(shape)}, got {list(got)}")
-    return BGMMState(*(jnp.asarray(v, x.dtype) for v in state))
+def _check_params(state: BGMMState, dim: int | None = None) -> BGMMState:
+    """Type, shapes and (concrete) values of q(pi) q(mu, Lambda) in ``state``; the
+    responsibilities are not looked at. Returns the state with array fields.
+
+    Raises:
+      TypeError: ``state`` is not a :class:`BGMMState`.
+      ValueError: ``state.concentration`` is not [K] (K >= 1), ``state.loc`` not [K, D] (D =
+        ``dim`` when given), ``mean_precision`` / ``dof`` not [K], ``scale_inv_tril`` not
+        [K, D, D]; for concrete values: ``concentration``, ``mean_precision`` not finite and
+        > 0, ``dof`` not finite and > D - 1, ``loc`` not finite, ``scale_inv_tril`` not
+        finite with a positive diagonal (each message names the field).
+    """
+    check_state_type(state, BGMMState)
+    k, d = mixture_dims(state, "concentration", dim)
+    check_field_shapes(state, {"mean_precision": (k,), "loc": (k, d), "dof": (k,),
+                               "scale_inv_tril": (k, d, d)})
+    check_state_values(state, finite=("loc",), lower={"concentration": 0.0, "mean_precision": 0.0,
+                                                      "dof": (d - 1.0, f"D - 1 = {d - 1}")},
+                       cholesky=("scale_inv_tril",))
+    return state
+
+
+def _check_state(state: BGMMState, x: Array, *, responsibilities: bool = False) -> BGMMState:
+    """:func:`_check_params` plus responsibilities of shape [N, K] matching ``x`` (and, with
+    ``responsibilities``, row-stochastic when concrete); the state cast to ``x``'s dtype."""
+    return check_mixture_state(state, x, BGMMState, "concentration", _check_params,
+                               responsibilities=responsibilities)
 
 
 def default_prior(x, num_components: int | None = None) -> BGMMPrior:
@@ -241,7 +261,33 @@ class Statistics(NamedTuple):
 def statistics(responsibilities: Array, x: Array) -> Statistics:
     """Weighted counts, means and scatter matrices of ``x`` [N, D] under ``responsibilities``
     [N, K] (PRML 10.51-10.53). Like scikit-learn, divides by ``N_k + 10 eps`` so empty
-    components give finite values. Unchecked; the fields are in the dtype of ``x``."""
+    components give finite values.
+
+    Args:
+      responsibilities: [N, K] q(z_n = k), rows summing to 1 (values not checked).
+      x: [N, D] data, float32 or float64 (values not checked).
+    Returns:
+      :class:`Statistics` (counts [K], weighted_sum [K, D], means [K, D], scatter
+      [K, D, D]) in the dtype of ``x``.
+    Raises:
+      TypeError: ``x`` is not a float32/float64 array; ``responsibilities`` is not real
+        array-like.
+      ValueError: ``x`` is not 2-D; ``responsibilities`` is not 2-D with as many rows as
+        ``x``. Only shapes and dtypes are checked (this is a per-iteration kernel).
+    """
+    x = jnp.asarray(x)
+    check_float_dtype(x, "x")
+    if x.ndim != 2:
+        raise ValueError(f"x must have shape [num_points, dim], got {x.shape}")
+    r = as_float_array(responsibilities, "responsibilities")
+    if r.ndim != 2 or r.shape[0] != x.shape[0]:
+        raise ValueError(f"responsibilities must have shape [N={x.shape[0]}, K] to match x, "
+                         f"got {r.shape}")
+    return _statistics(r.astype(x.dtype), x)
+
+
+def _statistics(responsibilities: Array, x: Array) -> Statistics:
+    """:func:`statistics` without the checks."""
     # sum r x about the data mean c (em's M-step moments), so float32 sums stay accurate far
     # from the origin.
     counts, first_moment, centre = em._moments(x, responsibilities)
@@ -273,9 +319,40 @@ def conjugate_update(stats: Statistics, prior: BGMMPrior) -> ConjugateUpdate:
     """PRML eqs 10.58, 10.60-10.63 from the statistics of q(Z).
 
     ``W_k^{-1} = W_0^{-1} + N_k S_k + beta_0 N_k / (beta_0 + N_k) (xbar_k - m_0)(xbar_k - m_0)^T``.
-    Unchecked. Also valid for the improper limit beta_0 = 0, W_0^{-1} = 0 used by
+    Also valid for the improper limit beta_0 = 0, W_0^{-1} = 0 used by
     :mod:`vijax.meanfield.dirac_em` (when every N_k > 0).
+
+    Args:
+      stats: :class:`Statistics` from :func:`statistics` (counts [K], weighted_sum [K, D],
+        means [K, D], scatter [K, D, D]).
+      prior: :class:`BGMMPrior` with loc [D] and scale_inv [D, D] (values not checked; see
+        :func:`check_prior`).
+    Returns:
+      :class:`ConjugateUpdate`: concentration [K], mean_precision [K], loc [K, D], dof [K],
+      scale_inv [K, D, D].
+    Raises:
+      TypeError: ``stats`` is not a :class:`Statistics` or ``prior`` not a
+        :class:`BGMMPrior`.
+      ValueError: the fields of ``stats`` are not [K], [K, D], [K, D], [K, D, D]; ``prior``'s
+        dimension differs from the statistics' D. Only shapes are checked.
     """
+    check_state_type(stats, Statistics, "stats")
+    k_shape = jnp.shape(stats.counts)
+    k = k_shape[0] if len(k_shape) == 1 else -1
+    means_shape = jnp.shape(stats.means)
+    d = means_shape[-1] if len(means_shape) == 2 else -1
+    for field, shape in {"counts": (k,), "weighted_sum": (k, d), "means": (k, d),
+                         "scatter": (k, d, d)}.items():
+        if k < 0 or d < 0 or jnp.shape(getattr(stats, field)) != shape:
+            raise ValueError(f"stats.{field} has shape {list(jnp.shape(getattr(stats, field)))};"
+                             " expected counts [K], weighted_sum and means [K, D], scatter "
+                             "[K, D, D]")
+    check_prior_dimension(prior, d, "stats")
+    return _conjugate_update(stats, prior)
+
+
+def _conjugate_update(stats: Statistics, prior: BGMMPrior) -> ConjugateUpdate:
+    """:func:`conjugate_update` without the checks."""
     counts = stats.counts
     concentration = prior.concentration + counts
     mean_precision = prior.mean_precision + counts
@@ -306,7 +383,7 @@ def update_q_pi(state: BGMMState, x: Array, prior: BGMMPrior) -> BGMMState:
 
 def update_q_mu_lambda(state: BGMMState, x: Array, prior: BGMMPrior) -> BGMMState:
     """q(mu, Lambda) block, PRML eqs 10.60-10.63 (nu_k = nu_0 + N_k). Unchecked."""
-    upd = conjugate_update(statistics(state.responsibilities, x), prior)
+    upd = _conjugate_update(_statistics(state.responsibilities, x), prior)
     return state._replace(mean_precision=upd.mean_precision, loc=upd.loc, dof=upd.dof,
                           scale_inv_tril=jnp.linalg.cholesky(upd.scale_inv))
 
@@ -375,12 +452,21 @@ def elbo(state: BGMMState, x, prior: BGMMPrior) -> Array:
     Args:
       state: :class:`BGMMState`; x: [N, D]; prior: :class:`BGMMPrior`.
     Returns:
-      [] ELBO in nats, dtype of ``x``.
+      [] the ELBO itself (not its negative), in nats, dtype of ``x``.
     Raises:
-      ValueError/TypeError: invalid ``x``, ``prior`` or ``state`` (the message names it).
+      TypeError: ``x`` is not a float32/float64 array; ``prior`` is not a :class:`BGMMPrior`
+        (or a field is not real); ``state`` is not a :class:`BGMMState`.
+      ValueError: ``x`` is not 2-D, is empty or has NaN/inf rows; ``prior`` has the wrong
+        shapes or values out of range (:func:`check_prior`); ``state``'s fields do not have
+        the shapes [N, K], [K], [K], [K, D], [K], [K, D, D]. For concrete (non-traced)
+        values also: ``state.responsibilities`` negative, non-finite or with rows not
+        summing to 1 (within 1e-4); ``state.concentration`` or ``state.mean_precision``
+        not > 0; ``state.dof`` not > D - 1; ``state.loc`` not finite;
+        ``state.scale_inv_tril`` not finite or without a positive diagonal. Each message
+        names the argument or field.
     """
     x, prior = _checked(x, prior)
-    return _elbo(_check_state(state, x), x, prior)
+    return _elbo(_check_state(state, x, responsibilities=True), x, prior)
 
 
 # --- init / step / fit ----------------------------------------------------------------------
@@ -425,18 +511,20 @@ def init(rng_key: Array, x, num_components: int, prior: BGMMPrior) -> BGMMState:
     (one-hot) to its nearest centre, and q(pi), q(mu, Lambda) are updated from that q(Z).
 
     Args:
-      rng_key: PRNG key. x: [N, D] data. num_components: K (Python int, 1 <= K <= N).
-      prior: :class:`BGMMPrior` (e.g. :func:`default_prior`).
+      rng_key: PRNG key (``jax.random.key(seed)``). x: [N, D] data. num_components: K
+        (Python int, 1 <= K <= N). prior: :class:`BGMMPrior` (e.g. :func:`default_prior`).
     Returns:
       :class:`BGMMState` with responsibilities [N, K] (other shapes as in
       :func:`init_from_responsibilities`), dtype of ``x``.
     Raises:
-      TypeError: ``x`` is not a float32/float64 array; ``prior`` is not a :class:`BGMMPrior`
+      TypeError: ``rng_key`` is not a JAX PRNG key (e.g. an int seed);
+        ``x`` is not a float32/float64 array; ``prior`` is not a :class:`BGMMPrior`
         or one of its fields is not real array-like; ``num_components`` is not a Python int.
       ValueError: ``x`` is not 2-D, has no rows or no columns, or has NaN/inf rows;
         ``prior.loc`` / ``prior.scale_inv`` is not [D] / [D, D]; a prior field is out of
         range (see :func:`check_prior`); ``num_components`` < 1 or > N.
     """
+    check_rng_key(rng_key)
     x, prior = _checked(x, prior)
     k = check_num_components(num_components, x.shape[0])
     r = nearest_centre_responsibilities(rng_key, x, k)
@@ -509,7 +597,7 @@ def _update_and_elbo(responsibilities: Array, stats: Statistics, quad_about: Cal
     Q_k = sum_n r_nk (x_n - m_k)(x_n - m_k)^T at the new m_k and ``neg_entropy`` =
     sum r ln r (totals over all devices on a mesh)."""
     dim = stats.means.shape[-1]
-    upd = conjugate_update(stats, prior)
+    upd = _conjugate_update(stats, prior)
     if products_only:
         scale_inv_tril = _linalg.cholesky_and_inverse(upd.scale_inv)[0]
     else:
@@ -614,9 +702,12 @@ def step(state: BGMMState, x, prior: BGMMPrior, *, mesh=None
       TypeError: ``x`` not float32/float64, ``prior`` not a :class:`BGMMPrior` (or a field not
         real), ``state`` not a :class:`BGMMState`, ``mesh`` not a Mesh.
       ValueError: ``x`` not 2-D or empty, N < K, the shapes of ``prior`` or of ``state``'s
-        fields not matching ``x`` (all checked at trace time); NaN/inf rows of ``x`` and prior
-        values out of range (see :func:`check_prior`), checked on concrete arrays only, so
-        not inside ``jax.jit``. The values held in ``state`` are not checked.
+        fields not matching ``x`` (all checked at trace time); NaN/inf rows of ``x``, prior
+        values out of range (see :func:`check_prior`) and the state's parameters out of
+        range (``concentration``, ``mean_precision`` not > 0, ``dof`` not > D - 1, ``loc``
+        not finite, ``scale_inv_tril`` not finite with a positive diagonal), checked on
+        concrete arrays only, so not inside ``jax.jit``. ``state.responsibilities`` are not
+        value-checked: the step recomputes them before using them.
     """
     x, prior = _checked(x, prior)
     state = _check_state(state, x)
@@ -681,11 +772,13 @@ def fit(state: BGMMState, x, prior: BGMMPrior, *, tol: float = 1e-8, max_iter: i
       ``(state, info)``; ``info.elbo`` is [max_iter] ELBO values in nats (NaN after
       convergence).
     Raises:
-      TypeError / ValueError: as :func:`step`; ValueError for a concrete ``tol < 0`` (or NaN)
-      and ``max_iter`` not a Python int >= 1, TypeError for a ``tol`` that is not a number.
+      TypeError / ValueError: as :func:`step`, and also (concrete values only) ValueError
+      for ``state.responsibilities`` that are not row-stochastic (they give the initial
+      ELBO); ValueError for a concrete ``tol < 0`` (or NaN) and ``max_iter`` < 1; TypeError
+      for ``max_iter`` not an int (e.g. ``10.0``) or a ``tol`` that is not a number.
     """
     x, prior = _checked(x, prior)
-    state = _check_state(state, x)
+    state = _check_state(state, x, responsibilities=True)
     check_loop_args(tol, max_iter)
     em._check_mesh(mesh)
     if mesh is not None:
@@ -713,13 +806,37 @@ def _fit_on_mesh(state: BGMMState, x: Array, prior: BGMMPrior, mesh, tol, max_it
 # --- summaries ------------------------------------------------------------------------------
 
 def expected_weights(state: BGMMState) -> Array:
-    """E_q[pi_k] = alpha_k / sum_j alpha_j, [K]. Components the data do not need fall to
-    ~alpha_0 / (K alpha_0 + N) (PRML Fig. 10.6)."""
+    """E_q[pi_k] = alpha_k / sum_j alpha_j, [K] (PRML eq. B.17 for q(pi) = Dir(alpha)).
+    Components the data do not need fall to ~alpha_0 / (K alpha_0 + N) (PRML Fig. 10.6).
+
+    Args:
+      state: :class:`BGMMState` (its responsibilities are not used).
+    Returns:
+      [K] expected mixing weights, summing to 1, dtype of ``state.concentration``.
+    Raises:
+      TypeError: ``state`` is not a :class:`BGMMState` (e.g. a plain tuple or None).
+      ValueError: ``state``'s q(pi) q(mu, Lambda) fields are not [K], [K], [K, D], [K],
+        [K, D, D]; for concrete values, ``concentration`` or ``mean_precision`` not > 0,
+        ``dof`` not > D - 1, ``loc`` not finite, ``scale_inv_tril`` not finite with a
+        positive diagonal (the message names the field).
+    """
+    state = _check_params(state)
     return state.concentration / jnp.sum(state.concentration)
 
 
 def expected_covariances(state: BGMMState) -> Array:
-    """E_q[Lambda_k]^{-1} = W_k^{-1} / nu_k, [K, D, D] (scikit-learn's ``covariances_``)."""
+    """E_q[Lambda_k]^{-1} = W_k^{-1} / nu_k, [K, D, D] (scikit-learn's ``covariances_``;
+    E[Lambda_k] = nu_k W_k, PRML eq. B.80).
+
+    Args:
+      state: :class:`BGMMState` (its responsibilities are not used).
+    Returns:
+      [K, D, D] covariance matrices in squared data units, dtype of
+      ``state.scale_inv_tril``.
+    Raises:
+      As :func:`expected_weights`.
+    """
+    state = _check_params(state)
     tril = state.scale_inv_tril
     return tril @ jnp.swapaxes(tril, -1, -2) / state.dof[:, None, None]
 
@@ -737,14 +854,16 @@ def predict_responsibilities(state: BGMMState, x) -> Array:
     Returns:
       [M, K] responsibilities r_mk = q(z_m = k), rows summing to 1, dtype of ``x``.
     Raises:
-      TypeError: ``x`` is not a float32/float64 array.
+      TypeError: ``x`` is not a float32/float64 array; ``state`` is not a
+        :class:`BGMMState` (e.g. a plain tuple).
       ValueError: ``x`` is not 2-D, has no rows or no columns, or has NaN/inf rows (the
         NaN/inf check only for concrete ``x``, not under ``jit``); ``x`` has a number of
-        columns other than the state's D.
-    ``state`` itself is not validated: its type, the shapes of its fields and their values
-    are not checked (a non-BGMMState without ``loc`` fails with AttributeError).
+        columns other than the state's D; ``state``'s q(pi) q(mu, Lambda) fields have
+        inconsistent shapes or (concrete values) are out of range, as for
+        :func:`expected_weights`. The stored responsibilities are not checked.
     """
     x = check_data(x, "x", ndim=2)
+    state = _check_params(state)
     if x.shape[1] != state.loc.shape[-1]:
         raise ValueError(f"x has {x.shape[1]} columns, state has dimension {state.loc.shape[-1]}")
     state = state._replace(**{f: jnp.asarray(getattr(state, f), x.dtype)

@@ -28,17 +28,22 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from vijax._checks import check_int, check_num_components, check_rng_key
 from vijax.meanfield import bayesian_gmm
 from vijax.meanfield._cavi import CAVIInfo, cavi, sweep
 from vijax.meanfield._common import (
     categorical_elbo_term,
     categorical_update,
     check_data,
-    check_num_components,
+    check_field_shapes,
+    check_mixture_state,
     check_psd_matrix,
     check_responsibilities,
     check_scalar,
+    check_state_type,
+    check_state_values,
     check_vector,
+    mixture_dims,
     nearest_centre_responsibilities,
     sq_mahalanobis,
     tril_inverse,
@@ -61,7 +66,10 @@ class DiracEMState(NamedTuple):
 
 
 class DiracEMInfo(NamedTuple):
-    elbo: Array  # [] restricted ELBO (see :func:`elbo`) in nats after the sweep
+    """Per-iteration information from :func:`step`."""
+
+    elbo: Array  # [] restricted ELBO (see :func:`elbo`; the ELBO, not its negative) in nats
+    #   after the sweep, dtype of x
 
 
 def flat_prior(dim: int, dtype=float) -> BGMMPrior:
@@ -71,17 +79,23 @@ def flat_prior(dim: int, dtype=float) -> BGMMPrior:
     Under it the Dirac-delta updates are maximum-likelihood EM.
 
     Args:
-      dim: D, a Python int >= 1. dtype: float dtype of the fields.
+      dim: D, a Python int >= 1. dtype: floating dtype of the fields (default: JAX's
+        default float, float32 unless x64 is enabled).
     Returns:
       :class:`~vijax.meanfield.bayesian_gmm.BGMMPrior` with scalar concentration,
       mean_precision and dof, loc [D] and scale_inv [D, D].
     Raises:
-      ValueError: ``dim`` is not a Python int >= 1.
-      TypeError: ``dtype`` is not a dtype.
+      TypeError: ``dim`` is not an int (e.g. ``2.0`` or a bool); ``dtype`` is not a
+        floating dtype.
+      ValueError: ``dim`` < 1.
     """
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-        raise ValueError(f"dim must be a Python int >= 1, got {dim!r}")
-    dtype = jnp.dtype(jnp.result_type(dtype))
+    dim = check_int(dim, "dim", minimum=1)
+    try:
+        dtype = jnp.dtype(jnp.result_type(dtype))
+    except TypeError as err:
+        raise TypeError(f"dtype must be a floating dtype, got {dtype!r}") from err
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"dtype must be a floating dtype, got {dtype}")
     return BGMMPrior(concentration=jnp.asarray(1.0, dtype), mean_precision=jnp.asarray(0.0, dtype),
                      loc=jnp.zeros((dim,), dtype), dof=jnp.asarray(float(dim), dtype),
                      scale_inv=jnp.zeros((dim, dim), dtype))
@@ -104,12 +118,11 @@ def check_prior(prior: BGMMPrior, dim: int, dtype) -> BGMMPrior:
     """
     bayesian_gmm.check_prior_dimension(prior, dim)
     return BGMMPrior(
-        concentration=check_scalar(prior.concentration, "prior.concentration", dtype, lower=1.0,
-                                   strict=False),
+        concentration=check_scalar(prior.concentration, "prior.concentration", dtype, minimum=1.0),
         mean_precision=check_scalar(prior.mean_precision, "prior.mean_precision", dtype,
-                                    lower=0.0, strict=False),
+                                    minimum=0.0),
         loc=check_vector(prior.loc, "prior.loc", dtype, size=dim),
-        dof=check_scalar(prior.dof, "prior.dof", dtype, lower=float(dim), strict=False),
+        dof=check_scalar(prior.dof, "prior.dof", dtype, minimum=float(dim)),
         scale_inv=check_psd_matrix(prior.scale_inv, "prior.scale_inv", dtype, size=dim,
                                    definite=False),
     )
@@ -120,19 +133,30 @@ def _checked(x, prior):
     return x, check_prior(prior, x.shape[1], x.dtype)
 
 
-def _check_state(state: DiracEMState, x: Array) -> DiracEMState:
-    if not isinstance(state, DiracEMState):
-        raise TypeError(f"state must be a DiracEMState, got {type(state).__name__}")
-    n, d = x.shape
-    r_shape = jnp.shape(state.responsibilities)
-    if len(r_shape) != 2 or r_shape[0] != n:
-        raise ValueError(f"state.responsibilities must have shape [N={n}, K], got {list(r_shape)}")
-    k = check_num_components(r_shape[1], n)
-    for field, shape in {"weights": (k,), "loc": (k, d), "covariance_tril": (k, d, d)}.items():
-        if jnp.shape(getattr(state, field)) != shape:
-            raise ValueError(f"state.{field} must have shape {list(shape)}, "
-                             f"got {list(jnp.shape(getattr(state, field)))}")
-    return DiracEMState(*(jnp.asarray(v, x.dtype) for v in state))
+def _check_params(state: DiracEMState, dim: int | None = None) -> None:
+    """Type, shapes and (concrete) values of theta_0 = (weights, loc, covariance_tril).
+
+    Raises:
+      TypeError: ``state`` is not a :class:`DiracEMState`.
+      ValueError: ``state.weights`` is not [K] (K >= 1), ``state.loc`` not [K, D] (D =
+        ``dim`` when given) or ``state.covariance_tril`` not [K, D, D]; for concrete values,
+        ``weights`` not a probability vector (finite, >= 0, summing to 1 within 1e-4),
+        ``loc`` not finite, ``covariance_tril`` not finite with a positive diagonal (the
+        message names the field).
+    """
+    check_state_type(state, DiracEMState)
+    k, d = mixture_dims(state, "weights", dim)
+    check_field_shapes(state, {"loc": (k, d), "covariance_tril": (k, d, d)})
+    check_state_values(state, finite=("loc",), probability=("weights",),
+                       cholesky=("covariance_tril",))
+
+
+def _check_state(state: DiracEMState, x: Array, *, responsibilities: bool = False
+                 ) -> DiracEMState:
+    """:func:`_check_params` plus responsibilities [N, K] matching ``x`` (row-stochastic
+    when concrete, with ``responsibilities``); the state cast to ``x``'s dtype."""
+    return check_mixture_state(state, x, DiracEMState, "weights", _check_params,
+                               responsibilities=responsibilities)
 
 
 def _log_det_tril(tril: Array) -> Array:
@@ -163,8 +187,8 @@ def update_theta(state: DiracEMState, x: Array, prior: BGMMPrior) -> DiracEMStat
     Sigma_k = W_k^{-1} / (nu_k - D). Returns ``state`` with new weights [K], loc [K, D] and
     covariance_tril [K, D, D]. Unchecked.
     """
-    upd = bayesian_gmm.conjugate_update(bayesian_gmm.statistics(state.responsibilities, x),
-                                        prior)
+    upd = bayesian_gmm._conjugate_update(bayesian_gmm._statistics(state.responsibilities, x),
+                                         prior)
     num_components, dim = upd.loc.shape
     weights = (upd.concentration - 1.0) / (jnp.sum(upd.concentration) - num_components)
     tril = jnp.linalg.cholesky(upd.scale_inv) / jnp.sqrt(upd.dof - dim)[:, None, None]
@@ -210,13 +234,16 @@ def elbo(state: DiracEMState, x, prior: BGMMPrior) -> Array:
     Args:
       state: :class:`DiracEMState`; x: [N, D]; prior: BGMMPrior (e.g. :func:`flat_prior`).
     Returns:
-      [] the restricted ELBO (not its negative) in nats, up to the additive constants above,
-      dtype of ``x``.
+      [] the restricted ELBO itself (not its negative) in nats, up to the additive constants
+      above, dtype of ``x``.
     Raises:
-      As :func:`step`.
+      TypeError / ValueError: as :func:`step` (``x``, ``prior``, the state's type, shapes
+        and parameter values), and also, for concrete values, ValueError naming
+        ``state.responsibilities`` when they are negative, non-finite or have rows not
+        summing to 1 (within 1e-4).
     """
     x, prior = _checked(x, prior)
-    return _elbo(_check_state(state, x), x, prior)
+    return _elbo(_check_state(state, x, responsibilities=True), x, prior)
 
 
 def _from_responsibilities(r: Array, x: Array, prior: BGMMPrior) -> DiracEMState:
@@ -254,12 +281,13 @@ def init(rng_key: Array, x, num_components: int, prior: BGMMPrior) -> DiracEMSta
     """Random start: nearest of K random data points (one-hot q(Z)), then the M-step.
 
     Args:
-      rng_key: PRNG key; x: [N, D]; num_components: K (Python int, 1 <= K <= N);
-      prior: BGMMPrior.
+      rng_key: PRNG key (``jax.random.key(seed)``); x: [N, D]; num_components: K (Python
+      int, 1 <= K <= N); prior: BGMMPrior.
     Returns:
       :class:`DiracEMState` (shapes as in :func:`init_from_responsibilities`).
     Raises:
-      TypeError: ``x`` is not a float32/float64 array; ``prior`` is not a
+      TypeError: ``rng_key`` is not a JAX PRNG key (e.g. an int seed); ``x`` is not a
+        float32/float64 array; ``prior`` is not a
         :class:`~vijax.meanfield.bayesian_gmm.BGMMPrior` or one of its fields is not real
         array-like; ``num_components`` is not a Python int.
       ValueError: ``x`` is not 2-D, has no rows or no columns, or has NaN/inf rows;
@@ -268,6 +296,7 @@ def init(rng_key: Array, x, num_components: int, prior: BGMMPrior) -> DiracEMSta
         :func:`check_prior`);
         ``num_components`` < 1 or > N.
     """
+    check_rng_key(rng_key)
     x, prior = _checked(x, prior)
     k = check_num_components(num_components, x.shape[0])
     return _from_responsibilities(nearest_centre_responsibilities(rng_key, x, k), x, prior)
@@ -296,10 +325,12 @@ def step(state: DiracEMState, x, prior: BGMMPrior) -> tuple[DiracEMState, DiracE
         ``mean_precision`` or ``dof`` is not a scalar; a prior field is out of range (see
         :func:`check_prior`);
         ``state`` fields are not responsibilities [N, K] (1 <= K <= N), weights [K],
-        loc [K, D], covariance_tril [K, D, D].
+        loc [K, D], covariance_tril [K, D, D]; ``state.weights`` not a probability vector
+        (finite, >= 0, summing to 1 within 1e-4), ``state.loc`` not finite,
+        ``state.covariance_tril`` not finite with a positive diagonal.
     Value checks (finiteness, ranges, definiteness) run on concrete inputs only, not on
-    traced ones under ``jit``; shapes and types are always checked. The values in ``state``
-    are not checked.
+    traced ones under ``jit``; shapes and types are always checked. The values of
+    ``state.responsibilities`` are not checked here (the E-step replaces them first).
     """
     x, prior = _checked(x, prior)
     state = sweep(UPDATE_FNS, _check_state(state, x), (x, prior))
@@ -324,18 +355,30 @@ def fit(state: DiracEMState, x, prior: BGMMPrior, *, tol: float = 1e-8, max_iter
       constant; NaN after the last sweep), ``initial_elbo`` [] (nats, of the input state),
       ``num_iter`` [] int32 and ``converged`` [] bool.
     Raises:
-      TypeError / ValueError: as :func:`step`; also ValueError for ``max_iter`` not a Python
-      int >= 1 or a concrete ``tol`` that is negative or NaN, TypeError for a non-numeric
-      ``tol``.
+      TypeError / ValueError: as :func:`elbo` (responsibilities included: they give the
+      initial ELBO); also ValueError for ``max_iter`` < 1 or a concrete ``tol`` that is
+      negative or NaN, TypeError for ``max_iter`` not an int (e.g. ``10.0``) or a
+      non-numeric ``tol``.
     """
     x, prior = _checked(x, prior)
-    state = _check_state(state, x)
+    state = _check_state(state, x, responsibilities=True)
     return cavi(UPDATE_FNS, state, (x, prior), elbo_fn=unpack_data(_elbo), tol=tol,
                 max_iter=max_iter)
 
 
 def covariances(state: DiracEMState) -> Array:
-    """Sigma_k = C_k C_k^T, [K, D, D] (squared data units). Unchecked."""
+    """Sigma_k = C_k C_k^T, [K, D, D] (squared data units, dtype of ``covariance_tril``).
+
+    Args:
+      state: :class:`DiracEMState` (its responsibilities are not used).
+    Returns:
+      [K, D, D] component covariance matrices.
+    Raises:
+      TypeError: ``state`` is not a :class:`DiracEMState` (e.g. None or a plain tuple).
+      ValueError: ``state.weights`` / ``loc`` / ``covariance_tril`` are not [K] / [K, D] /
+        [K, D, D], or (concrete values) out of range as in :func:`step`.
+    """
+    _check_params(state)
     tril = state.covariance_tril
     return tril @ jnp.swapaxes(tril, -1, -2)
 

@@ -22,14 +22,18 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from vijax._checks import check_num_components, check_rng_key
 from vijax.meanfield._cavi import CAVIInfo, cavi, sweep
 from vijax.meanfield._common import (
     categorical_elbo_term,
     categorical_update,
     check_data,
-    check_num_components,
+    check_field_shapes,
     check_responsibilities,
     check_scalar,
+    check_state_type,
+    check_state_values,
+    mixture_num_components,
     unpack_data,
 )
 
@@ -54,15 +58,20 @@ class KnownVarianceGMMState(NamedTuple):
 
 
 class KnownVarianceGMMInfo(NamedTuple):
-    elbo: Array  # [] ELBO (Blei et al. 2017 eq. 21) in nats after the sweep
+    """Per-iteration information from :func:`step`."""
+
+    elbo: Array  # [] ELBO (Blei et al. 2017 eq. 21; the ELBO, not its negative) in nats
+    #   after the sweep, dtype of x
 
 
 def _prior_as(prior: KnownVarianceGMMPrior, dtype) -> KnownVarianceGMMPrior:
     if not isinstance(prior, KnownVarianceGMMPrior):
         raise TypeError(f"prior must be a KnownVarianceGMMPrior, got {type(prior).__name__}")
     return KnownVarianceGMMPrior(
-        prior_variance=check_scalar(prior.prior_variance, "prior.prior_variance", dtype, lower=0.0),
-        noise_variance=check_scalar(prior.noise_variance, "prior.noise_variance", dtype, lower=0.0),
+        prior_variance=check_scalar(prior.prior_variance, "prior.prior_variance", dtype,
+                                    exclusive_minimum=0.0),
+        noise_variance=check_scalar(prior.noise_variance, "prior.noise_variance", dtype,
+                                    exclusive_minimum=0.0),
     )
 
 
@@ -71,20 +80,19 @@ def _checked(x, prior):
     return x, _prior_as(prior, x.dtype)
 
 
-def _check_state(state: KnownVarianceGMMState, x: Array) -> KnownVarianceGMMState:
-    if not isinstance(state, KnownVarianceGMMState):
-        raise TypeError(f"state must be a KnownVarianceGMMState, got {type(state).__name__}")
+def _check_state(state: KnownVarianceGMMState, x: Array, *, responsibilities: bool = False
+                 ) -> KnownVarianceGMMState:
+    """Type and shapes of ``state`` against ``x``, and for concrete values ``loc`` finite,
+    ``variance`` > 0 (and, with ``responsibilities``, row-stochastic responsibilities).
+    Returns the state cast to ``x``'s dtype."""
+    check_state_type(state, KnownVarianceGMMState)
     n, d = x.shape
-    r_shape = jnp.shape(state.responsibilities)
-    if len(r_shape) != 2 or r_shape[0] != n:
-        raise ValueError(f"state.responsibilities must have shape [N={n}, K], got {list(r_shape)}")
-    k = r_shape[1]
-    check_num_components(k, n)
-    for field, shape in {"loc": (k, d), "variance": (k,)}.items():
-        if jnp.shape(getattr(state, field)) != shape:
-            raise ValueError(f"state.{field} must have shape {list(shape)}, "
-                             f"got {list(jnp.shape(getattr(state, field)))}")
-    return KnownVarianceGMMState(*(jnp.asarray(v, x.dtype) for v in state))
+    k = mixture_num_components(state, n)
+    check_field_shapes(state, {"loc": (k, d), "variance": (k,)})
+    state = KnownVarianceGMMState(*(jnp.asarray(v, x.dtype) for v in state))
+    check_state_values(state, finite=("loc",), lower={"variance": 0.0},
+                       row_stochastic=("responsibilities",) if responsibilities else ())
+    return state
 
 
 def _log_rho(state: KnownVarianceGMMState, x: Array, prior: KnownVarianceGMMPrior) -> Array:
@@ -151,12 +159,15 @@ def elbo(state: KnownVarianceGMMState, x, prior: KnownVarianceGMMPrior) -> Array
     Args:
       state: :class:`KnownVarianceGMMState`; x: [N, D]; prior: :class:`KnownVarianceGMMPrior`.
     Returns:
-      [] the ELBO (not its negative) in nats, dtype of ``x``.
+      [] the ELBO itself (not its negative) in nats, dtype of ``x``.
     Raises:
-      As :func:`step`.
+      TypeError / ValueError: as :func:`step` (``x``, ``prior``, the state's type, shapes
+        and parameter values), and also, for concrete values, ValueError naming
+        ``state.responsibilities`` when they are negative, non-finite or have rows not
+        summing to 1 (within 1e-4).
     """
     x, prior = _checked(x, prior)
-    return _elbo(_check_state(state, x), x, prior)
+    return _elbo(_check_state(state, x, responsibilities=True), x, prior)
 
 
 def init(rng_key: Array, x, num_components: int, prior: KnownVarianceGMMPrior
@@ -165,19 +176,21 @@ def init(rng_key: Array, x, num_components: int, prior: KnownVarianceGMMPrior
     phi uniform (it is overwritten by the first block).
 
     Args:
-      rng_key: PRNG key; x: [N, D]; num_components: K (Python int, K <= N);
-      prior: :class:`KnownVarianceGMMPrior`.
+      rng_key: PRNG key (``jax.random.key(seed)``); x: [N, D]; num_components: K (Python
+      int, K <= N); prior: :class:`KnownVarianceGMMPrior`.
     Returns:
       :class:`KnownVarianceGMMState`: responsibilities [N, K], loc [K, D], variance [K], in
       the dtype of ``x``.
     Raises:
-      TypeError: ``x`` is not a float32/float64 array; ``prior`` is not a
+      TypeError: ``rng_key`` is not a JAX PRNG key (e.g. an int seed); ``x`` is not a
+        float32/float64 array; ``prior`` is not a
         :class:`KnownVarianceGMMPrior` or one of its fields is not a real number;
         ``num_components`` is not a Python int.
       ValueError: ``x`` is not 2-D, has no rows or no columns, or has NaN/inf rows;
         ``prior.prior_variance`` or ``prior.noise_variance`` is not a scalar, finite and > 0;
         ``num_components`` < 1 or > N.
     """
+    check_rng_key(rng_key)
     x, prior = _checked(x, prior)
     k = check_num_components(num_components, x.shape[0])
     idx = jax.random.choice(rng_key, x.shape[0], (k,), replace=False)
@@ -231,9 +244,11 @@ def step(state: KnownVarianceGMMState, x, prior: KnownVarianceGMMPrior
       ValueError: ``x`` is not 2-D, has no rows or no columns, or has NaN/inf rows;
         ``prior.prior_variance`` or ``prior.noise_variance`` is not a scalar, finite and > 0;
         ``state.responsibilities`` is not [N, K] with 1 <= K <= N, or ``state.loc`` /
-        ``state.variance`` is not [K, D] / [K].
+        ``state.variance`` is not [K, D] / [K]; ``state.loc`` not finite or
+        ``state.variance`` not finite and > 0.
     Value checks (finiteness, ranges) run on concrete inputs only, not on traced ones under
-    ``jit``; shapes and types are always checked. The values in ``state`` are not checked.
+    ``jit``; shapes and types are always checked. The values of
+    ``state.responsibilities`` are not checked here (the first block replaces them).
     """
     x, prior = _checked(x, prior)
     state = sweep(UPDATE_FNS, _check_state(state, x), (x, prior))
@@ -259,12 +274,13 @@ def fit(state: KnownVarianceGMMState, x, prior: KnownVarianceGMMPrior, *, tol: f
       ``initial_elbo`` [] (nats, of the input state), ``num_iter`` [] int32 and
       ``converged`` [] bool.
     Raises:
-      TypeError / ValueError: as :func:`step`; also ValueError for ``max_iter`` not a Python
-      int >= 1 or a concrete ``tol`` that is negative or NaN, TypeError for a non-numeric
-      ``tol``.
+      TypeError / ValueError: as :func:`elbo` (responsibilities included: they give the
+      initial ELBO); also ValueError for ``max_iter`` < 1 or a concrete ``tol`` that is
+      negative or NaN, TypeError for ``max_iter`` not an int (e.g. ``10.0``) or a
+      non-numeric ``tol``.
     """
     x, prior = _checked(x, prior)
-    state = _check_state(state, x)
+    state = _check_state(state, x, responsibilities=True)
     return cavi(UPDATE_FNS, state, (x, prior), elbo_fn=unpack_data(_elbo), tol=tol,
                 max_iter=max_iter)
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.scipy.special import digamma, gammaln
 
 from vijax.meanfield._cavi import CAVIInfo, cavi
-from vijax.meanfield._common import check_data, check_scalar, unpack_data
+from vijax.meanfield._common import check_data, check_scalar, check_state_type, unpack_data
 
 Array = jax.Array
 
@@ -77,11 +77,12 @@ def _prior_as(prior: NormalGammaPrior, dtype) -> NormalGammaPrior:
     if not isinstance(prior, NormalGammaPrior):
         raise TypeError(f"prior must be a NormalGammaPrior, got {type(prior).__name__}")
     return NormalGammaPrior(
-        loc=check_scalar(prior.loc, "prior.loc", dtype, lower=-math.inf),
+        loc=check_scalar(prior.loc, "prior.loc", dtype),
         precision_scale=check_scalar(prior.precision_scale, "prior.precision_scale", dtype,
-                                     lower=0.0),
-        concentration=check_scalar(prior.concentration, "prior.concentration", dtype, lower=0.0),
-        rate=check_scalar(prior.rate, "prior.rate", dtype, lower=0.0),
+                                     exclusive_minimum=0.0),
+        concentration=check_scalar(prior.concentration, "prior.concentration", dtype,
+                                   exclusive_minimum=0.0),
+        rate=check_scalar(prior.rate, "prior.rate", dtype, exclusive_minimum=0.0),
     )
 
 
@@ -94,10 +95,11 @@ def _check_state(state: NormalGammaState, dtype) -> NormalGammaState:
     if not isinstance(state, NormalGammaState):
         raise TypeError(f"state must be a NormalGammaState, got {type(state).__name__}")
     return NormalGammaState(
-        loc=check_scalar(state.loc, "state.loc", dtype, lower=-math.inf),
-        precision=check_scalar(state.precision, "state.precision", dtype, lower=0.0),
-        concentration=check_scalar(state.concentration, "state.concentration", dtype, lower=0.0),
-        rate=check_scalar(state.rate, "state.rate", dtype, lower=0.0),
+        loc=check_scalar(state.loc, "state.loc", dtype),
+        precision=check_scalar(state.precision, "state.precision", dtype, exclusive_minimum=0.0),
+        concentration=check_scalar(state.concentration, "state.concentration", dtype,
+                                   exclusive_minimum=0.0),
+        rate=check_scalar(state.rate, "state.rate", dtype, exclusive_minimum=0.0),
     )
 
 
@@ -259,7 +261,8 @@ def fit(state: NormalGammaState, x, prior: NormalGammaPrior, *, tol: float = 1e-
       ValueError: ``x`` is not 1-D, is empty or has NaN/inf entries; a prior or state field
         is not a finite scalar; the prior's ``precision_scale``, ``concentration``, ``rate``
         or the state's ``precision``, ``concentration``, ``rate`` is not > 0;
-        ``max_iter`` is not a Python int >= 1; ``tol`` is negative or NaN.
+        ``max_iter`` < 1; ``tol`` is negative or NaN. (TypeError, not ValueError, for a
+        ``max_iter`` that is not an int, e.g. ``10.0``, or a non-numeric ``tol``.)
     Value checks (finiteness, ranges) run on concrete inputs only, not on traced ones under
     ``jit``; shapes and types are always checked.
     """
@@ -298,8 +301,27 @@ def exact_posterior(x, prior: NormalGammaPrior) -> NormalGammaPosterior:
 def exact_mu_marginal(posterior: NormalGammaPosterior) -> StudentT:
     """Marginal of mu under the exact posterior: Student-t(2a, loc, sqrt(b / (a lambda))).
 
-    PRML eq. 2.159. Returns a :class:`StudentT` with fields []. Unchecked.
+    PRML eq. 2.159 (integrating tau out of N(mu | loc, 1/(lambda tau)) Gam(tau | a, b)).
+
+    Args:
+      posterior: :class:`NormalGammaPosterior` (e.g. from :func:`exact_posterior`).
+    Returns:
+      :class:`StudentT` with fields [] (df, loc, scale), in the dtype of the posterior.
+    Raises:
+      TypeError: ``posterior`` is not a :class:`NormalGammaPosterior` (e.g. a prior or a
+        plain tuple), or a field is not a real number.
+      ValueError: a field is not a finite scalar, or ``precision_scale``, ``concentration``
+        or ``rate`` is not > 0 (concrete values only).
     """
+    check_state_type(posterior, NormalGammaPosterior, "posterior")
+    dtype = jnp.result_type(*(jnp.asarray(v) for v in posterior), float)
+    posterior = NormalGammaPosterior(
+        loc=check_scalar(posterior.loc, "posterior.loc", dtype),
+        precision_scale=check_scalar(posterior.precision_scale, "posterior.precision_scale",
+                                     dtype, exclusive_minimum=0.0),
+        concentration=check_scalar(posterior.concentration, "posterior.concentration", dtype,
+                                   exclusive_minimum=0.0),
+        rate=check_scalar(posterior.rate, "posterior.rate", dtype, exclusive_minimum=0.0))
     df = 2.0 * posterior.concentration
     scale = jnp.sqrt(posterior.rate / (posterior.concentration * posterior.precision_scale))
     return StudentT(df=df, loc=posterior.loc, scale=scale)
@@ -344,9 +366,13 @@ def _log_normal_density(value, loc, precision):
 def log_density_q(state: NormalGammaState, mu, tau) -> Array:
     """log q(mu) + log q(tau) at (broadcast) points ``mu``, ``tau > 0``.
 
-    Returns the log density in nats, shape of the broadcast of ``mu`` and ``tau``. Unchecked
-    (``tau <= 0`` gives NaN or -inf).
+    Returns the log density in nats, shape of the broadcast of ``mu`` and ``tau``. The
+    values are unchecked (``tau <= 0`` gives NaN or -inf).
+
+    Raises:
+      TypeError: ``state`` is not a :class:`NormalGammaState`.
     """
+    check_state_type(state, NormalGammaState)
     mu, tau = jnp.asarray(mu), jnp.asarray(tau)
     return (_log_normal_density(mu, state.loc, state.precision)
             + _log_gamma_density(tau, state.concentration, state.rate))
@@ -355,9 +381,13 @@ def log_density_q(state: NormalGammaState, mu, tau) -> Array:
 def log_density_exact(posterior: NormalGammaPosterior, mu, tau) -> Array:
     """log p(mu, tau | x) of the exact Normal-Gamma posterior at (broadcast) points.
 
-    Returns the log density in nats, shape of the broadcast of ``mu`` and ``tau``. Unchecked
-    (``tau <= 0`` gives NaN or -inf).
+    Returns the log density in nats, shape of the broadcast of ``mu`` and ``tau``. The
+    values are unchecked (``tau <= 0`` gives NaN or -inf).
+
+    Raises:
+      TypeError: ``posterior`` is not a :class:`NormalGammaPosterior`.
     """
+    check_state_type(posterior, NormalGammaPosterior, "posterior")
     mu, tau = jnp.asarray(mu), jnp.asarray(tau)
     return (_log_normal_density(mu, posterior.loc, posterior.precision_scale * tau)
             + _log_gamma_density(tau, posterior.concentration, posterior.rate))
