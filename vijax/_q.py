@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vijax._checks import is_concrete
+from vijax._checks import check_callable, check_int, check_rng_key, is_concrete
 
 Array = jax.Array
 PyTree = Any
@@ -97,6 +97,16 @@ def tree_vdot(a: PyTree, b: PyTree, *, batch_ndim: int) -> Array:
 
 
 # ----------------------------------------------------------------------------- checks
+
+
+def check_estimator_call(rng_key: Any, fn: Callable, fn_name: str,
+                         num_samples: Any = None) -> int | None:
+    """The checks every bound and estimator starts with: ``rng_key`` a PRNG key, ``fn`` (named
+    ``fn_name``) callable, and ``num_samples`` (when not None) an int >= 1, returned as a
+    Python int. TypeError / ValueError naming the argument."""
+    check_rng_key(rng_key)
+    check_callable(fn, fn_name)
+    return None if num_samples is None else check_int(num_samples, "`num_samples`", minimum=1)
 
 
 def check_finite(x: Any, name: str) -> None:

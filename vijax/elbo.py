@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vijax import _q
-from vijax._checks import check_callable, check_int, check_real, check_rng_key
+from vijax._checks import check_real
 
 Array = jax.Array
 PyTree = Any
@@ -311,9 +311,7 @@ def elbo(
         of ``q``, or a concrete Gaussian scale of ``q`` that is not positive; ``LeaveOneOut``
         baseline with S < 2; a ``baseline`` array not broadcastable to ``[batch]``.
     """
-    check_rng_key(rng_key)
-    check_callable(log_joint_fn, "log_joint_fn")
-    num_samples = check_int(num_samples, "`num_samples`", minimum=1)
+    num_samples = _q.check_estimator_call(rng_key, log_joint_fn, "log_joint_fn", num_samples)
     _q.check_estimator(estimator, ELBO_ESTIMATORS, "elbo")
     shape = _q.check_q(q)
     _check_loo(estimator, num_samples)
@@ -385,9 +383,7 @@ def elbo_analytic_kl(
         or a batch shape that does not broadcast to q's batch shape (``[]`` and ``[batch]``
         do); a KL whose shape is not ``[batch]`` (a safeguard for unusual distributions).
     """
-    check_rng_key(rng_key)
-    check_callable(log_likelihood_fn, "log_likelihood_fn")
-    num_samples = check_int(num_samples, "`num_samples`", minimum=1)
+    num_samples = _q.check_estimator_call(rng_key, log_likelihood_fn, "log_likelihood_fn", num_samples)
     _q.check_estimator(estimator, ELBO_ANALYTIC_KL_ESTIMATORS, "elbo_analytic_kl")
     shape = _q.check_q(q)
     q_factors, prior_factors = _q.factors(q), _q.factors(prior, "prior")
@@ -521,9 +517,7 @@ def iwae_bound(
       TypeError / ValueError: as ``elbo`` (``rng_key``, ``log_joint_fn``, ``num_samples``,
         ``q``, ``estimator``, its ``baseline``).
     """
-    check_rng_key(rng_key)
-    check_callable(log_joint_fn, "log_joint_fn")
-    num_samples = check_int(num_samples, "`num_samples`", minimum=1)
+    num_samples = _q.check_estimator_call(rng_key, log_joint_fn, "log_joint_fn", num_samples)
     _q.check_estimator(estimator, IWAE_ESTIMATORS, "iwae_bound")
     shape = _q.check_q(q)
     _check_loo(estimator, num_samples)
@@ -594,9 +588,7 @@ def renyi_bound(
         ``elbo`` (``rng_key``, ``log_joint_fn``, ``num_samples``, ``q``).
       ValueError: ``alpha`` negative or not finite; others as ``elbo``.
     """
-    check_rng_key(rng_key)
-    check_callable(log_joint_fn, "log_joint_fn")
-    num_samples = check_int(num_samples, "`num_samples`", minimum=1)
+    num_samples = _q.check_estimator_call(rng_key, log_joint_fn, "log_joint_fn", num_samples)
     if isinstance(alpha, jax.core.Tracer):
         raise TypeError("`alpha` must be a concrete number (it selects the bound), not a traced value")
     alpha = check_real(alpha, "`alpha`", minimum=0.0, array=True)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from vijax import _q
-from vijax._checks import check_callable, check_int, check_rng_key
+from vijax._checks import check_int
 
 Array = jax.Array
 PyTree = Any
@@ -56,9 +56,7 @@ def log_mean_exp_chunked(
         callable.
       TypeError / ValueError: ``num_samples`` or ``chunk_size`` not a positive int.
     """
-    check_rng_key(rng_key)
-    check_callable(log_weight_fn, "log_weight_fn")
-    num_samples = check_int(num_samples, "`num_samples`", minimum=1)
+    num_samples = _q.check_estimator_call(rng_key, log_weight_fn, "log_weight_fn", num_samples)
     chunk_size = check_int(chunk_size, "`chunk_size`", minimum=1, optional=True)
     chunk = num_samples if chunk_size is None else min(chunk_size, num_samples)
     keys = jax.random.split(rng_key, num_samples)
@@ -113,8 +111,7 @@ def importance_sampling(
       TypeError / ValueError: bad ``num_samples``/``chunk_size``/``q`` (as
         ``vijax.elbo.elbo``); ``log_joint_fn`` output not ``[batch]`` (q's batch shape).
     """
-    check_rng_key(rng_key)
-    check_callable(log_joint_fn, "log_joint_fn")
+    _q.check_estimator_call(rng_key, log_joint_fn, "log_joint_fn")
     shape = _q.check_q(q)
 
     def log_weight(key):
@@ -159,8 +156,7 @@ def naive_monte_carlo(
         of that shape (checked at trace time, as ``importance_sampling`` checks
         ``log_joint_fn``).
     """
-    check_rng_key(rng_key)
-    check_callable(log_likelihood_fn, "log_likelihood_fn")
+    _q.check_estimator_call(rng_key, log_likelihood_fn, "log_likelihood_fn")
     shape = _q.check_q(prior, "prior")
     expected = shape if shape else None  # a batch-[] prior is shared: any output shape
 
