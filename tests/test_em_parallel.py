@@ -81,13 +81,14 @@ SCRIPT = textwrap.dedent(
                  em.fit(jax.random.key(1), x, 3), 1e-9, 1e-9)
     print("EM-MESH-OK", flush=True)
 
-    # the Bayesian GMM's CAVI step on the same meshes: float64 one-pass sweep, float32
-    # centred two-pass sweep (padding rows at N = 1001 and 203)
+    # the Bayesian GMM's CAVI step on the same meshes: float64 one-pass sweep (packed layout
+    # at D = 5, blocked at D = 30), float32 centred two-pass sweep; padding rows at N = 1001,
+    # none at N = 200. One mesh per case (both kinds of axes are covered, and the EM cases
+    # above run every route on both): each sharded sweep is slow to compile.
     from vijax.meanfield import bayesian_gmm as bg
-    # (D = 30 takes the blocked layout, whose sharded sweep is the slowest to compile: one
-    # mesh, no fit)
-    for dtype, n, d, thorough in [("float64", 1000, 3, False), ("float64", 1001, 5, True),
-                                  ("float64", 203, 30, False), ("float32", 1001, 4, True)]:
+    for dtype, n, d, mesh, thorough in [("float64", 1001, 5, explicit_mesh, True),
+                                        ("float64", 200, 30, auto_mesh, False),
+                                        ("float32", 1001, 4, auto_mesh, True)]:
         x = blobs(n, d, dtype)
         tol = 1e-10 if dtype == "float64" else 2e-4
         prior = bg.default_prior(x, 4)
@@ -95,16 +96,15 @@ SCRIPT = textwrap.dedent(
         one = jax.jit(bg.step)(state, x, prior)
         two = jax.jit(bg.step)(one[0], x, prior)
         assert one[1].elbo.dtype == x.dtype
-        for mesh in (explicit_mesh, auto_mesh) if thorough else (explicit_mesh,):
-            step = jax.jit(lambda s, x: bg.step(s, x, prior, mesh=mesh))
-            first = step(state, x)
-            assert first[0].responsibilities.shape == (n, 4)
-            assert_close(first, one, tol, tol)
-            second = step(first[0], x)  # from a state with row-split responsibilities
-            assert_close(second, two, tol, tol)
-            compiled = step._cache_size()  # 2: the input shardings differ from the first call
-            step(second[0], x)
-            assert step._cache_size() == compiled  # steady state: no recompilation
+        step = jax.jit(lambda s, x: bg.step(s, x, prior, mesh=mesh))
+        first = step(state, x)
+        assert first[0].responsibilities.shape == (n, 4)
+        assert_close(first, one, tol, tol)
+        second = step(first[0], x)  # from a state with row-split responsibilities
+        assert_close(second, two, tol, tol)
+        compiled = step._cache_size()  # 2: the input shardings differ from the first call
+        step(second[0], x)
+        assert step._cache_size() == compiled  # steady state: no recompilation
         hlo = step.lower(state, x).as_text()  # lowered as above
         assert "all_reduce" in hlo and "lapack" not in hlo.lower(), (n, d)
         if not thorough:
@@ -116,7 +116,7 @@ SCRIPT = textwrap.dedent(
         fit_args = dict(tol=1e-8, max_iter=40) if dtype == "float64" else dict(tol=0.0,
                                                                              max_iter=12)
         fit_1 = bg.fit(state, x, prior, **fit_args)
-        fit_4 = jax.jit(lambda s, x: bg.fit(s, x, prior, mesh=explicit_mesh, **fit_args))(
+        fit_4 = jax.jit(lambda s, x: bg.fit(s, x, prior, mesh=mesh, **fit_args))(
             state, x)
         assert int(fit_4[1].num_iter) == int(fit_1[1].num_iter)
         assert_close(fit_4, fit_1, 10 * tol, 10 * tol)
