@@ -171,9 +171,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         final = vt.train_and_evaluate(config, args.workdir, resume=args.resume,
                                       progress=args.progress)
-    except (FileExistsError, FileNotFoundError, ValueError) as err:
+    except (FileExistsError, FileNotFoundError, ValueError, FloatingPointError) as err:
         # input problems (an existing run without --resume, a resume with another
-        # configuration, missing data, --num-train too large): one line, not a traceback
+        # configuration, missing data, --num-train too large) and a diverged run (its message
+        # says which epoch and to lower the learning rate): one line, not a traceback
         logging.debug("train_and_evaluate failed", exc_info=True)
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     summary = {k: final[k] for k in ("test_elbo", "test_nll", "test_nll_se", "eval_num_samples",

@@ -241,6 +241,9 @@ def test_named_folder_that_does_not_exist_is_an_error_not_a_download(tmp_path, m
     monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
     with pytest.raises(FileNotFoundError, match=r"does not exist.*data_dir"):
         data.load_mnist(tmp_path / "typo")
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"")  # a file named as the folder
+    with pytest.raises(FileNotFoundError, match=r"is a file, not a folder"):
+        data.load_mnist(tmp_path / "train-images-idx3-ubyte.gz")
     monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path / "typo"))
     with pytest.raises(FileNotFoundError, match=r"\$VIJAX_DATA_DIR\) does not exist"):
         data.load_mnist()

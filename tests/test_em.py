@@ -765,3 +765,65 @@ def test_int_seed_is_refused_naming_rng_key(call):
         fn()
     assert {"OnePassSums", "one_pass_sums", "one_pass_risk", "e_step_sums",
             "scatter_sums"} <= set(em.__all__)  # the documented low-level kernels
+
+
+def test_bad_state_fields_and_reg_covar_out_of_the_dtypes_range_raise():
+    """A state field of the wrong shape would broadcast silently (weights [1] with K = 3);
+    a reg_covar that under- or overflows the data's dtype would store 0 or inf."""
+    x = np.random.default_rng(0).normal(size=(30, 2)).astype(np.float32)
+    state = em.init(jax.random.key(0), x, 3)
+    for field, bad in (("weights", np.ones(1, np.float32)),
+                       ("covariances", np.ones((3, 2), np.float32)),
+                       ("precision_cholesky", np.ones((3, 2, 3), np.float32)),
+                       ("reg_covar", np.ones(3, np.float32))):
+        broken = state._replace(**{field: bad})
+        for call in (lambda s: em.predict_proba(s, x), lambda s: em.log_likelihood(s, x),
+                     lambda s: em.step(s, x), lambda s: em.fit_from_state(s, x, max_iter=2),
+                     lambda s: em.sample(jax.random.key(1), s, 4),
+                     lambda s: em.dense_covariances(s)):
+            with pytest.raises(ValueError, match=f"`state.{field}` must have shape"):
+                call(broken)
+    for bad in (1e-50, 1e39):  # 0 and inf in float32
+        with pytest.raises(ValueError, match="`reg_covar`.*float32"):
+            em.init(jax.random.key(0), x, 2, reg_covar=bad)
+
+
+def test_float32_responsibilities_sum_to_one_beside_a_far_outlier(x64):
+    """One outlier 1000 standard deviations away has log-joints of about -4.5e6 nats: there
+    float32 rounds logsumexp by more than log 2, and exp(l - logsumexp(l)) gave that row
+    responsibilities [1, 1] (the counts summed to 101.2 for N = 101 and the means moved by
+    6). Normalised by the sum of the shifted exponentials, the float32 step matches the
+    float64 one to float32 accuracy."""
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(size=(100, 2)) + np.repeat([[-3.0, 0.0], [3.0, 0.0]], 50, 0),
+                        [[0.0, 3e3]]])
+    results = {}
+    for dtype in (np.float32, np.float64):
+        state = em.state_from_parameters(np.array([0.5, 0.5], dtype),
+                                         np.array([[-3.0, 0.0], [3.0, 0.0]], dtype),
+                                         np.stack([np.eye(2, dtype=dtype)] * 2))
+        new, info = jax.jit(em.step)(state, jnp.asarray(x, dtype))
+        results[dtype] = (np.asarray(info.component_counts, np.float64),
+                          np.asarray(new.means, np.float64))
+    counts32, means32 = results[np.float32]
+    counts64, means64 = results[np.float64]
+    assert abs(counts64.sum() - 101) < 1e-9
+    assert abs(counts32.sum() - 101) < 101 * 1e-5  # float32 rounding of 101 ones
+    np.testing.assert_allclose(means32, means64, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("offset", [1e3, 1e5])
+def test_float32_log_likelihood_is_accurate_far_from_the_origin(x64, offset):
+    """log p(x_n) of float32 parameters and data, evaluated in float32, equals the float64
+    evaluation of the same (float32-valued) numbers to 1e-5 nats: the expanded quadratic
+    form is taken about the mixture mean, not the origin (about the origin it lost 5.6e-4
+    nats at offset 1e3 and 4.3e-2 at 1e5)."""
+    rng = np.random.default_rng(0)
+    x = (np.concatenate([rng.normal(size=(200, 2)) * 0.5 - 2, rng.normal(size=(200, 2)) * 0.5 + 2])
+         + offset).astype(np.float32)
+    s32 = em.fit(jax.random.key(0), jnp.asarray(x), 2, max_iter=20)[0]
+    s64 = jax.tree.map(lambda a: a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating)
+                       else a, s32)
+    ll32 = np.asarray(em.log_likelihood(s32, jnp.asarray(x)), np.float64)
+    ll64 = np.asarray(em.log_likelihood(s64, jnp.asarray(x, np.float64)))
+    np.testing.assert_allclose(ll32, ll64, rtol=0, atol=1e-5)

@@ -525,6 +525,10 @@ _BAD_CALLS = {
     "epoch_plan-float-batch": (lambda t: vae.epoch_plan(t.key, 10, 2.5), TypeError,
                                "batch_size"),
     "epoch_plan-float-n": (lambda t: vae.epoch_plan(t.key, 10.0, 2), TypeError, "num_examples"),
+    "init-data_dim-float": (lambda t: vae.init_train_state(t.key, t.model, t.opt, 16.0),
+                            TypeError, "data_dim must be an int"),
+    "init-data_dim-str": (lambda t: vae.init_train_state(t.key, t.model, t.opt, "16"),
+                          TypeError, "data_dim must be an int"),
     "bounds-repeated-k": (lambda t: vae.evaluate_bounds(
         t.key, t.state.params, t.model, t.images, num_samples=(5, 5)), ValueError,
         "num_samples must not repeat"),
@@ -536,3 +540,25 @@ def test_bad_arguments_raise_errors_naming_them(tiny, name):
     call, error, match = _BAD_CALLS[name]
     with pytest.raises(error, match=match):
         call(tiny)
+
+
+def test_objectives_and_estimates_run_under_rank_promotion_raise():
+    """Callers may set jax_numpy_rank_promotion="raise"; the distrax prior's implicit
+    [L] -> [batch, L] broadcast inside the log-joint must not trip it, and the values equal
+    those computed with promotion allowed."""
+    model, images = _small_problem()
+    state = vae.init_train_state(jax.random.key(0), model, optax.sgd(0.1), 16)
+    key = jax.random.key(1)
+    calls = {
+        "iwae": lambda: vae.objective_value(vae.IWAE(num_samples=3), key, state.params, model,
+                                            images),
+        "elbo-mc": lambda: vae.objective_value(vae.ELBOMonteCarlo(), key, state.params, model,
+                                               images),
+        "log_px": lambda: vae.log_likelihood_is(key, state.params, model, images,
+                                                num_samples=6, chunk_size=3),
+    }
+    for name, call in calls.items():
+        allowed = call()
+        with jax.numpy_rank_promotion("raise"):
+            raised = call()
+        np.testing.assert_array_equal(np.asarray(raised), np.asarray(allowed), err_msg=name)

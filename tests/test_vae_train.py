@@ -198,6 +198,25 @@ def test_resume_config_checks(tiny_runs, tmp_path):
                               resume=True, progress=False)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         vt.restore_checkpoint(tmp_path, config)
+    # restoring with another architecture names the field, not orbax's shape mismatch
+    with pytest.raises(ValueError, match="config differs.*hidden_sizes"):
+        vt.restore_checkpoint(tiny_runs["straight"],
+                              dataclasses.replace(config, hidden_sizes=(8,)))
+    state, epochs = vt.restore_checkpoint(tiny_runs["straight"],
+                                          dataclasses.replace(config, eval_num_samples=7))
+    assert epochs == 2 and int(state.step) == 30
+
+
+def test_metrics_file_is_strict_json(tiny_runs):
+    """Row 0 has no training objective: it is written as null (Python's json would write
+    the non-standard NaN, which other JSON readers refuse) and read back as nan."""
+    lines = (tiny_runs["straight"] / "metrics.jsonl").read_text().splitlines()
+    strict = [json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in {line}"))
+              for line in lines]
+    assert strict[0]["train_objective"] is None and np.isfinite(strict[1]["train_objective"])
+    assert np.isnan(vt.read_metrics(tiny_runs["straight"])[0]["train_objective"])
+    json.loads((tiny_runs["straight"] / "final_metrics.json").read_text(),
+               parse_constant=lambda name: pytest.fail(f"{name} in final_metrics.json"))
 
 
 def test_resume_allows_a_moved_mnist_folder_but_not_another_split():
@@ -527,6 +546,8 @@ def test_one_device_fallback_for_an_indivisible_batch_is_logged(monkeypatch, cap
     (lambda: vt.Config(adam_eps=None), TypeError, "adam_eps"),
     (lambda: vt.Config(latent_dim=2.0), TypeError, "latent_dim"),
     (lambda: vt.Config(seed=1.0), TypeError, "seed"),
+    (lambda: vt.Config(seed=2**32), ValueError, "seed"),
+    (lambda: vt.Config(eval_iwae_ks=(5, 5)), ValueError, "eval_iwae_ks.*repeat"),
     (lambda: vt.Config(dataset=vt.Digits(), batch_size=5000), ValueError, "batch_size"),
     (lambda: vt.Config(dataset=vt.Mnist(num_train=50)), ValueError, "batch_size"),
     (lambda: vt.CosineLR(final_fraction="a"), TypeError, "final_fraction"),
@@ -538,6 +559,7 @@ def test_one_device_fallback_for_an_indivisible_batch_is_logged(monkeypatch, cap
     (lambda: vt.Mnist(num_test=10_001), ValueError, "num_test"),
     (lambda: vt.image_grid(np.zeros((0, 16)), num_rows=0, num_cols=2), ValueError, "num_rows"),
 ], ids=["hidden-int", "ks-int", "b1-str", "eps-none", "latent-float", "seed-float",
+        "seed-2**32", "ks-repeated",
         "batch-digits", "batch-mnist", "cosine-str", "digits-5", "digits-float", "fixed-neg",
         "fixed-str", "data_dir-int", "mnist-test-big", "grid-rows-0"])
 def test_config_pieces_reject_bad_fields_naming_them(make, error, match):
@@ -579,3 +601,18 @@ def test_input_errors_write_nothing_to_the_workdir(monkeypatch, tmp_path):
         vt.restore_checkpoint(tmp_path / "empty", config, epoch="1")
     with pytest.raises(ValueError, match=r"images must have shape \[n, pixels\]"):
         vt.plot_image_grid(np.zeros(16), tmp_path / "g.png", title="t")
+
+
+def test_cli_reports_a_diverged_run_in_one_line(monkeypatch, tmp_path, capsys):
+    """train_and_evaluate raises FloatingPointError when the objective becomes NaN/inf (its
+    message names the epoch and the fix); the CLI prints it as one line with exit status 2."""
+    def diverge(*args, **kwargs):
+        raise FloatingPointError("epoch 1: non-finite objective (train nan); lower the "
+                                 "learning rate")
+
+    monkeypatch.setattr(vt, "train_and_evaluate", diverge)
+    with pytest.raises(SystemExit) as info:
+        cli.main(TINY + ["--epochs", "1", "--workdir", str(tmp_path / "run")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: epoch 1: non-finite objective" in err and "Traceback" not in err

@@ -280,8 +280,9 @@ def load_mnist(data_dir: str | os.PathLike | None = None) -> Dataset:
     folder, origin = _candidate_folder(data_dir)
     if folder is not None and not folder.is_dir() and origin != "no local folder given":
         # a named folder that does not exist is a typo, not a request to download
+        problem = "is a file, not a folder" if folder.exists() else "does not exist"
         raise FileNotFoundError(
-            f"MNIST folder {folder} ({origin}) does not exist. Pass the folder holding the "
+            f"MNIST folder {folder} ({origin}) {problem}. Pass the folder holding the "
             f"four IDX files ({', '.join(MNIST_FILES.values())}), or name no folder "
             f"(data_dir=None, {DATA_DIR_ENV} unset) to fall back to TensorFlow Datasets.")
     if folder is not None:

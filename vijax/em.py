@@ -57,6 +57,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from vijax._checks import (check_int, check_num_components, check_real, check_rng_key,
                            check_row_stochastic, is_concrete)
 from vijax._linalg import cholesky_and_inverse
+from vijax._softmax import normalize_log_weights
 
 Array = jax.Array
 
@@ -454,7 +455,11 @@ def _check_data(x, name: str = "x", dim: int | None = None, *, matrix: bool = Tr
 
 
 def _check_reg_covar(reg_covar, dtype) -> Array:
-    check_real(reg_covar, "`reg_covar`", exclusive_minimum=0.0, array=True)
+    value = check_real(reg_covar, "`reg_covar`", exclusive_minimum=0.0, array=True)
+    info = jnp.finfo(dtype)
+    if value is not None and not float(info.tiny) <= value <= float(info.max):
+        raise ValueError(f"`reg_covar` = {value:g} under- or overflows {jnp.dtype(dtype)}; use "
+                         f"a value between {float(info.tiny):g} and {float(info.max):g}")
     return jnp.asarray(reg_covar, dtype=dtype)
 
 
@@ -467,9 +472,29 @@ def _check_covariance_type(covariance_type) -> CovarianceType:
     return covariance_type
 
 
-def _check_state(state, x, name: str = "x", *, matrix: bool = True) -> Array:
+def _check_state_fields(state) -> GMMState:
+    """``state`` itself after checking its type and its fields' shapes against K and D of
+    ``state.means`` (so a field of the wrong shape cannot broadcast silently)."""
     if not isinstance(state, GMMState):
         raise TypeError(f"`state` must be a GMMState; got {type(state).__name__}")
+    _check_covariance_type(state.covariance_type)
+    if jnp.ndim(state.means) != 2:
+        raise ValueError(f"`state.means` must have shape [K, D]; got {list(jnp.shape(state.means))}")
+    k, d = state.means.shape
+    cov_shape = state.covariance_type.covariance_shape(k, d)
+    expected = {"weights": (k,), "covariances": cov_shape, "precision_cholesky": cov_shape,
+                "iteration": (), "last_log_likelihood": (), "reg_covar": ()}
+    for field, shape in expected.items():
+        got = tuple(jnp.shape(getattr(state, field)))
+        if got != tuple(shape):
+            raise ValueError(f"`state.{field}` must have shape {list(shape)} for K = {k}, "
+                             f"D = {d} ({type(state.covariance_type).__name__}()); got "
+                             f"{list(got)}")
+    return state
+
+
+def _check_state(state, x, name: str = "x", *, matrix: bool = True) -> Array:
+    _check_state_fields(state)
     x = _check_data(x, name, dim=state.means.shape[-1], matrix=matrix)
     if x.dtype != state.means.dtype:
         raise TypeError(
@@ -692,10 +717,8 @@ def e_step_sums(log_joint_chunk_fn: Callable[[Array], Array], x: Array, chunk_si
     def chunk_fn(xb, wb=None):
         if centre is not None:
             xb = xb - centre[None, :]
-        logp = log_joint_chunk_fn(xb)
-        log_norm = jax.nn.logsumexp(logp, axis=-1)
-        log_resp = logp - log_norm[:, None]
-        resp = _masked(jnp.exp(log_resp), wb)
+        log_norm, log_resp, resp = normalize_log_weights(log_joint_chunk_fn(xb))
+        resp = _masked(resp, wb)
         totals = (jnp.sum(resp, axis=0), resp.T @ xb)
         if with_entropy:
             totals += (jnp.sum(resp * log_resp),)
@@ -727,8 +750,8 @@ def scatter_sums(covariance_type, x: Array, responsibilities: Array, means: Arra
 
     Returns:
       sum_n r_nk (x_n - m_k)(x_n - m_k)^T in squared data units (times counts), dtype of
-      ``x``: ``[K, D, D]`` for ``Full()``, its diagonal ``[K, D]`` for ``Diag()``, its mean
-      diagonal ``[K]`` for ``Spherical()``.
+      ``x``: ``[K, D, D]`` for ``Full()``, its diagonal ``[K, D]`` for ``Diag()`` and for
+      ``Spherical()`` (whose M-step averages it over the D dimensions afterwards).
     """
     def chunk_fn(xb, rb):
         if centre is not None:
@@ -913,10 +936,8 @@ def one_pass_sums(x: Array, log_const: Array, locs: Array, precision_cholesky: A
     def chunk_fn(xb, wb=None):
         xc = xb - centre[None, :]
         sq_maha, feats = sq_mahalanobis_and_features(xc)
-        logp = const[None, :] - 0.5 * sq_maha
-        log_norm = jax.nn.logsumexp(logp, axis=-1)
-        log_resp = logp - log_norm[:, None]
-        resp = _masked(jnp.exp(log_resp), wb)
+        log_norm, log_resp, resp = normalize_log_weights(const[None, :] - 0.5 * sq_maha)
+        resp = _masked(resp, wb)
         sq_radius = _masked(jnp.sum(xc * xc, axis=-1), wb)
         resp_t = _transposed(resp)  # [K, B]
         totals = (jnp.sum(resp, axis=0), resp_t @ xc, scatter(resp, resp_t, xc, feats))
@@ -1174,7 +1195,8 @@ def step(state: GMMState, x: Array, *, chunk_size: int | None = None,
 
     Raises:
       TypeError / ValueError naming ``x`` (dimensionality, dtype, NaN/inf rows if concrete);
-      TypeError naming ``mesh``.
+      TypeError naming ``mesh``; ValueError naming the field of ``state`` whose shape does
+      not match its K and D.
     """
     x = _check_state(state, x)
     chunk_size = check_int(chunk_size, "`chunk_size`", minimum=1, optional=True)
@@ -1233,7 +1255,8 @@ def fit_from_state(
       (NaN-padded), ``info.num_iterations`` and ``info.converged``.
 
     Raises:
-      TypeError / ValueError naming ``x``, ``max_iter``, ``tol`` or ``mesh``.
+      TypeError / ValueError naming ``x``, ``max_iter``, ``tol``, ``mesh`` or a field of
+      ``state`` of the wrong shape.
     """
     x = _check_state(state, x)
     max_iter = check_int(max_iter, "`max_iter`", minimum=1)
@@ -1299,13 +1322,18 @@ def fit(
 
 
 def _rows_log_joint(state: GMMState, x: Array) -> Array:
-    """log pi_k + log N(x | mu_k, Sigma_k) for x ``[..., D]``: ``[..., K]``, streamed."""
+    """log pi_k + log N(x | mu_k, Sigma_k) for x ``[..., D]``: ``[..., K]``, streamed.
+
+    Computed about the mixture mean c = sum_k pi_k mu_k (x and the means shifted alike; c
+    depends on the state only, so each row's value is independent of the other rows), which
+    keeps the expanded quadratic forms accurate in float32 for data far from the origin."""
     batch_shape = x.shape[:-1]
     flat = x.reshape((-1, x.shape[-1]))
     if flat.shape[0] == 0:
         return jnp.zeros(batch_shape + (state.means.shape[0],), x.dtype)
-    log_joint_chunk = _log_joint_fn(state)
-    out, _ = _over_chunks(lambda xb: (log_joint_chunk(xb), ()), (flat,),
+    centre = state.weights @ state.means
+    log_joint_chunk = _log_joint_fn(state._replace(means=state.means - centre[None, :]))
+    out, _ = _over_chunks(lambda xb: (log_joint_chunk(xb - centre[None, :]), ()), (flat,),
                           _chunk(state, flat.shape[0], None))
     return out.reshape(batch_shape + (state.means.shape[0],))
 
@@ -1314,7 +1342,8 @@ def log_joint(state: GMMState, x: Array) -> Array:
     """log p(x, z = k | theta) = log pi_k + log N(x | mu_k, Sigma_k), nats.
 
     Args: ``x`` ``[..., D]`` in the state's dtype. Returns ``[..., K]``.
-    Raises ``ValueError`` naming ``x`` on a dimensionality mismatch or NaN/inf (if concrete).
+    Raises ``ValueError`` naming ``x`` on a dimensionality mismatch or NaN/inf (if concrete),
+    or naming a field of ``state`` whose shape does not match its K and D.
     """
     return _rows_log_joint(state, _check_state(state, x, matrix=False))
 
@@ -1368,11 +1397,10 @@ def sample(rng_key: Array, state: GMMState, num_samples: int) -> tuple[Array, Ar
     Raises:
       TypeError: ``rng_key`` is not a JAX PRNG key (e.g. an int seed); ``state`` is not a
         :class:`GMMState` (e.g. None or a plain tuple); ``num_samples`` is not an int.
-      ValueError: ``num_samples`` < 1.
+      ValueError: ``num_samples`` < 1; a field of ``state`` does not match its K and D.
     """
     check_rng_key(rng_key)
-    if not isinstance(state, GMMState):
-        raise TypeError(f"`state` must be a GMMState; got {type(state).__name__}")
+    _check_state_fields(state)
     num_samples = check_int(num_samples, "`num_samples`", minimum=1)
     key_z, key_x = jax.random.split(rng_key)
     dtype = state.means.dtype
@@ -1395,7 +1423,7 @@ def dense_covariances(state: GMMState) -> Array:
 
     Raises:
       TypeError: ``state`` is not a :class:`GMMState` (e.g. None or a plain tuple).
+      ValueError: a field of ``state`` does not match its K and D.
     """
-    if not isinstance(state, GMMState):
-        raise TypeError(f"`state` must be a GMMState; got {type(state).__name__}")
+    _check_state_fields(state)
     return state.covariance_type._dense(state.covariances, state.means.shape[-1])

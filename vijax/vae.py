@@ -218,7 +218,11 @@ def _check_optimizer(optimizer, name: str = "optimizer") -> None:
 
 def _log_joint_fn(log_likelihood_fn, prior):
     def log_joint_fn(z):
-        return log_likelihood_fn(z) + prior.log_prob(z)
+        # distrax's batch-[] prior broadcasts its [L] parameters against z [batch, L]
+        # implicitly; allow that here, so callers may keep jax_numpy_rank_promotion="raise"
+        with jax.numpy_rank_promotion("allow"):
+            log_prior = prior.log_prob(z)
+        return log_likelihood_fn(z) + log_prior
     return log_joint_fn
 
 
@@ -304,8 +308,9 @@ def init_train_state(rng_key: jax.Array, model, optimizer: optax.GradientTransfo
 
     Raises:
       TypeError: ``rng_key`` is not a PRNG key; ``model`` is not a :class:`vijax.nn.VAE`;
-        ``optimizer`` lacks callable ``init`` and ``update``.
-      ValueError: ``data_dim`` is neither an int nor a rank-2 array, or differs from
+        ``optimizer`` lacks callable ``init`` and ``update``; ``data_dim`` is neither an int
+        nor an array (e.g. ``16.0`` or ``"16"``).
+      ValueError: ``data_dim`` is an array not of rank 2, or differs from
         ``model.decoder.data_dim``.
     """
     check_rng_key(rng_key)
@@ -314,6 +319,10 @@ def init_train_state(rng_key: jax.Array, model, optimizer: optax.GradientTransfo
     if isinstance(data_dim, (int, np.integer)) and not isinstance(data_dim, bool):
         example = jnp.zeros((1, int(data_dim)), jnp.float32)
     else:
+        if isinstance(data_dim, bool) or not (hasattr(data_dim, "shape")
+                                              or isinstance(data_dim, (list, tuple))):
+            raise TypeError("data_dim must be an int or an example batch [batch, D] (an "
+                            f"array), got {type(data_dim).__name__} {data_dim!r}")
         shape = np.shape(data_dim)
         if len(shape) != 2:
             raise ValueError(

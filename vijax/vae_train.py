@@ -15,6 +15,7 @@ What :func:`train_and_evaluate` writes into ``workdir``:
   ``learning_rate``, ``epoch_time_s`` (training wall time, including compilation in the first
   epoch), ``epoch_cpu_time_s`` (CPU seconds of this process over all its threads during the
   epoch: on a shared machine a better measure of the work than wall time) and ``eval_time_s``;
+  strict JSON, a non-finite value (row 0's ``train_objective``) written as ``null``;
 * ``checkpoints/<epoch>/`` -- an orbax checkpoint after every epoch (the last
   ``keep_checkpoints`` kept) holding the :class:`vijax.vae.TrainState` (parameters, Adam state,
   step) and the epoch count; the training key is stored too, as a check;
@@ -324,7 +325,9 @@ class Config:
         ``keep_checkpoints``) not an int; ``hidden_sizes`` or ``eval_iwae_ks`` not a tuple/list
         of ints (e.g. ``200``); ``learning_rate``, ``adam_b1``, ``adam_b2``, ``adam_eps`` not a
         real number (e.g. ``"0.9"`` or None). The message names the field.
-      ValueError: a value out of range: integer fields < 1 (``seed`` < 0); ``learning_rate``
+      ValueError: a value out of range: integer fields < 1 (``seed`` outside
+        [0, 2**32 - 1]: ``jax.random.key`` keeps only its low 32 bits); a repeated k in
+        ``eval_iwae_ks``; ``learning_rate``
         or ``adam_eps`` not positive and finite; ``adam_b1``/``adam_b2`` outside [0, 1);
         ``batch_size`` larger than the data set's training images (1797 - ``num_test`` for
         :class:`Digits`, ``num_train`` or 60000 for :class:`Mnist`).
@@ -362,12 +365,14 @@ class Config:
                 f"schedule must be ConstantLR, IwaeLR or CosineLR, got {self.schedule!r}")
         _set(self, "hidden_sizes", check_int_sequence(self.hidden_sizes, "hidden_sizes"))
         _set(self, "eval_iwae_ks", check_int_sequence(self.eval_iwae_ks, "eval_iwae_ks"))
+        if len(set(self.eval_iwae_ks)) != len(self.eval_iwae_ks):
+            raise ValueError(f"eval_iwae_ks must not repeat a k, got {self.eval_iwae_ks}")
         for name in ("latent_dim", "epochs", "batch_size", "eval_num_samples", "eval_chunk_size",
                      "eval_batch_size", "keep_checkpoints"):
             _set(self, name, check_int(getattr(self, name), name, minimum=1))
         _set(self, "eval_num_test",
              check_int(self.eval_num_test, "eval_num_test", minimum=1, optional=True))
-        _set(self, "seed", check_int(self.seed, "seed", minimum=0))
+        _set(self, "seed", check_int(self.seed, "seed", minimum=0, maximum=MAX_NUMPY_SEED))
         for name in ("learning_rate", "adam_eps"):
             _set(self, name, check_real(getattr(self, name), name, exclusive_minimum=0.0))
         for name in ("adam_b1", "adam_b2"):
@@ -565,7 +570,9 @@ def restore_checkpoint(workdir: str | os.PathLike, config: Config,
 
     Raises:
       TypeError: ``config`` is not a :class:`Config`; ``epoch`` neither None nor an int.
-      ValueError: ``epoch`` < 0.
+      ValueError: ``epoch`` < 0; ``config`` differs from the run's saved ``config.json`` in
+        a field that shapes training (the message lists them; the evaluation settings,
+        ``epochs`` and the MNIST ``data_dir`` may differ).
       FileNotFoundError: no checkpoint in ``workdir``, or none for ``epoch`` (the message
         lists the epochs kept); the data set cannot be found (see
         :func:`vijax.data.load_mnist`).
@@ -580,6 +587,15 @@ def restore_checkpoint(workdir: str | os.PathLike, config: Config,
     try:
         if manager.latest_step() is None:
             raise FileNotFoundError(f"no checkpoint in {workdir / _CHECKPOINT_DIR}")
+        saved_path = workdir / _CONFIG_FILE
+        if saved_path.exists():  # the run's own record of its configuration
+            differences = _config_differences(json.loads(saved_path.read_text()),
+                                              config_to_dict(config), allow_epochs=True)
+            if differences:
+                raise ValueError(
+                    f"config differs from the one {workdir} was trained with (its "
+                    f"{_CONFIG_FILE}) in {', '.join(differences)}; pass the Config that run "
+                    "used")
         kept = sorted(manager.all_steps())
         if epoch is not None and epoch not in kept:
             raise FileNotFoundError(f"no checkpoint for epoch {epoch!r} in "
@@ -599,12 +615,29 @@ def restore_checkpoint(workdir: str | os.PathLike, config: Config,
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict]:
-    """The per-epoch rows of ``workdir/metrics.jsonl`` (row with epoch 0 = initialisation)."""
+    """The per-epoch rows of ``workdir/metrics.jsonl`` (row with epoch 0 = initialisation);
+    a ``null`` in the file (a value that is not a finite number, such as row 0's
+    ``train_objective``) is read back as ``nan``."""
     path = pathlib.Path(workdir) / _METRICS_JSONL
     if not path.exists():
         return []
     with path.open() as f:
-        return [json.loads(line) for line in f if line.strip()]
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [{k: float("nan") if v is None else v for k, v in row.items()} for row in rows]
+
+
+def _to_json(obj: Any, **kwargs) -> str:
+    """Strict JSON: floats that are not finite (NaN, inf) become ``null``, which every JSON
+    reader accepts (Python's ``json`` would write the non-standard ``NaN``)."""
+    def finite(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(v) for v in value]
+        return value
+    return json.dumps(finite(obj), allow_nan=False, **kwargs)
 
 
 def _write_metrics(workdir: pathlib.Path, rows: list[dict]) -> None:
@@ -613,7 +646,7 @@ def _write_metrics(workdir: pathlib.Path, rows: list[dict]) -> None:
     tmp = jsonl.with_suffix(".jsonl.tmp")
     with tmp.open("w") as f:
         for row in rows:
-            f.write(json.dumps(row) + "\n")
+            f.write(_to_json(row) + "\n")
     tmp.replace(jsonl)
     tmp = workdir / (_METRICS_CSV + ".tmp")
     with tmp.open("w", newline="") as f:
@@ -625,7 +658,7 @@ def _write_metrics(workdir: pathlib.Path, rows: list[dict]) -> None:
 
 def _write_json(path: pathlib.Path, obj: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(_to_json(obj, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
 
 

@@ -178,13 +178,18 @@ def default_prior(x, num_components: int | None = None) -> BGMMPrior:
     Raises:
       TypeError: ``x`` is not a float32/float64 array; ``num_components`` is None or not a
         Python int.
-      ValueError: ``x`` is not 2-D, has fewer than 2 rows or no columns, or has NaN/inf rows;
-        ``num_components`` < 1 or > N.
+      ValueError: ``x`` is not 2-D, has fewer than 2 rows or no columns, has N <= D rows
+        (singular sample covariance), or has NaN/inf rows; ``num_components`` < 1 or > N.
     """
     x = check_data(x, "x", ndim=2, min_rows=2)
     if num_components is None:
         raise TypeError("default_prior needs num_components (alpha_0 = 1 / num_components)")
     k = check_num_components(num_components, x.shape[0])
+    if x.shape[0] <= x.shape[1]:
+        raise ValueError(f"default_prior needs more rows than columns in `x` (its scale_inv is "
+                         f"the sample covariance, singular for N <= D); got N = {x.shape[0]}, "
+                         f"D = {x.shape[1]}: build a BGMMPrior with a positive-definite "
+                         f"scale_inv instead")
     centred = x - jnp.mean(x, axis=0, keepdims=True)
     cov = centred.T @ centred / (x.shape[0] - 1)
     return BGMMPrior(concentration=jnp.asarray(1.0 / k, x.dtype),

@@ -27,8 +27,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.scipy.special import xlogy
 
-from vijax._checks import check_int, check_num_components, check_rng_key
+from vijax._checks import check_int, check_num_components, check_rng_key, is_concrete
 from vijax.meanfield import bayesian_gmm
 from vijax.meanfield._cavi import CAVIInfo, cavi, sweep
 from vijax.meanfield._common import (
@@ -211,7 +213,8 @@ def _log_prior_kernel(state: DiracEMState, prior: BGMMPrior) -> Array:
     quad = sq_mahalanobis(prior.loc[None, :], state.loc, whitening)[0]  # [K]
     # Tr(W_0^{-1} Lambda_k) = Tr(C^{-1} W_0^{-1} C^{-T}) (W_0^{-1} may be singular: no Cholesky)
     trace = jnp.einsum("ked,df,kef->k", whitening, prior.scale_inv, whitening)
-    return ((prior.concentration - 1.0) * jnp.sum(jnp.log(state.weights))
+    # xlogy: a weight of 0 under the flat prior (alpha_0 = 1) adds 0, not 0 * (-inf)
+    return (jnp.sum(xlogy(prior.concentration - 1.0, state.weights))
             + jnp.sum(0.5 * (prior.dof - dim) * log_det_lambda - 0.5 * prior.mean_precision * quad
                       - 0.5 * trace))
 
@@ -250,7 +253,16 @@ def _from_responsibilities(r: Array, x: Array, prior: BGMMPrior) -> DiracEMState
     k, d = r.shape[1], x.shape[1]
     empty = DiracEMState(r, jnp.full((k,), 1.0 / k, x.dtype), jnp.zeros((k, d), x.dtype),
                          jnp.broadcast_to(jnp.eye(d, dtype=x.dtype), (k, d, d)))
-    return update_theta(empty, x, prior)
+    state = update_theta(empty, x, prior)
+    params = (state.weights, state.loc, state.covariance_tril)
+    if all(is_concrete(p) for p in params) and not all(np.all(np.isfinite(p)) for p in params):
+        raise ValueError(
+            "the initial responsibilities give non-finite parameters: a component has too few "
+            "distinct points of `x` for its covariance (under the flat prior, the "
+            "maximum-likelihood M-step, it needs D + 1 points in general position, e.g. "
+            "repeated rows of x can leave it one); use fewer `num_components`, other "
+            "responsibilities, or a proper prior such as bayesian_gmm.default_prior(x, K)")
+    return state
 
 
 def init_from_responsibilities(x, responsibilities, prior: BGMMPrior) -> DiracEMState:
@@ -270,7 +282,9 @@ def init_from_responsibilities(x, responsibilities, prior: BGMMPrior) -> DiracEM
         ``mean_precision`` or ``dof`` is not a scalar; a prior field is out of range (see
         :func:`check_prior`);
         ``responsibilities`` is not [N, K] with 1 <= K <= N, or has negative or non-finite
-        entries or rows not summing to 1 (within 1e-4; concrete values only).
+        entries or rows not summing to 1 (within 1e-4; concrete values only); the M-step
+        gives non-finite parameters (concrete values only: a component with too few
+        distinct points under the flat prior).
     """
     x, prior = _checked(x, prior)
     r = check_responsibilities(responsibilities, x.shape[0], x.dtype)
@@ -294,7 +308,9 @@ def init(rng_key: Array, x, num_components: int, prior: BGMMPrior) -> DiracEMSta
         ``prior.loc`` / ``prior.scale_inv`` is not [D] / [D, D]; ``prior.concentration``,
         ``mean_precision`` or ``dof`` is not a scalar; a prior field is out of range (see
         :func:`check_prior`);
-        ``num_components`` < 1 or > N.
+        ``num_components`` < 1 or > N; the initial M-step gives non-finite parameters
+        (concrete values only: e.g. repeated rows of ``x`` leaving a component one distinct
+        point under the flat prior).
     """
     check_rng_key(rng_key)
     x, prior = _checked(x, prior)

@@ -115,8 +115,17 @@ def update_responsibilities(state: KnownVarianceGMMState, x: Array,
     """q(c_i) block: phi_ik ∝ exp{E[mu_k].x_i / s_x^2 - E[|mu_k|^2] / (2 s_x^2)} (eq. 17).
 
     Returns ``state`` with new responsibilities [N, K]. Unchecked (used inside the CAVI loop).
+
+    The logits are eq. 17's k-dependent part only, with D s_k^2 taken relative to its
+    smallest value: |x_i|^2 and a common variance (``init`` sets s_k^2 = sigma^2, perhaps
+    1e8) would otherwise add a large constant whose rounding in float32 swamps the
+    differences between components.
     """
-    return state._replace(responsibilities=categorical_update(_log_rho(state, x, prior)))
+    n_dim = x.shape[-1]
+    spread = n_dim * (state.variance - jnp.min(state.variance))  # D (s_k^2 - min_j s_j^2)
+    expected_sq = jnp.sum(jnp.square(state.loc), axis=-1) + spread
+    logits = (x @ state.loc.T - 0.5 * expected_sq[None, :]) / prior.noise_variance
+    return state._replace(responsibilities=categorical_update(logits))
 
 
 def update_q_mu(state: KnownVarianceGMMState, x: Array,
