@@ -479,7 +479,8 @@ def _check_state_fields(state) -> GMMState:
         raise TypeError(f"`state` must be a GMMState; got {type(state).__name__}")
     _check_covariance_type(state.covariance_type)
     if jnp.ndim(state.means) != 2:
-        raise ValueError(f"`state.means` must have shape [K, D]; got {list(jnp.shape(state.means))}")
+        raise ValueError(
+            f"`state.means` must have shape [K, D]; got {list(jnp.shape(state.means))}")
     k, d = state.means.shape
     cov_shape = state.covariance_type.covariance_shape(k, d)
     expected = {"weights": (k,), "covariances": cov_shape, "precision_cholesky": cov_shape,
