@@ -117,6 +117,11 @@ def main() -> None:
     parser.add_argument("--latent", type=int, default=5)
     parser.add_argument("--data", type=int, default=10)
     args = parser.parse_args()
+    if args.reps < 2:
+        parser.error(f"--reps must be >= 2 (a variance needs two samples); got {args.reps}")
+    for flag in ("latent", "data"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be >= 1; got {getattr(args, flag)}")
     jax.config.update("jax_enable_x64", True)
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}; reps={args.reps}, "
           f"latent_dim={args.latent}, data_dim={args.data}, float64")

@@ -221,6 +221,13 @@ def main(argv=None) -> dict:
         parser.error(f"--concentration must be a finite number > 0; got {args.concentration}")
     if not args.data.is_file():
         parser.error(f"--data: no file {args.data}")
+    try:  # read before anything is written
+        x = load_old_faithful(args.data)
+    except ValueError as err:
+        parser.error(f"--data: {args.data} is not the Old Faithful CSV ({err})")
+    if args.num_components > x.shape[0]:
+        parser.error(f"--num-components must be at most the {x.shape[0]} rows of --data; got "
+                     f"{args.num_components}")
 
     import matplotlib
 
@@ -230,7 +237,6 @@ def main(argv=None) -> dict:
     ng_run = run_normal_gamma(seed=args.seed)
     plot_normal_gamma(ng_run, args.out / "normal_gamma.png")
 
-    x = load_old_faithful(args.data)
     bgmm_run = run_bgmm_old_faithful(x, num_components=args.num_components, seed=args.seed,
                                      concentration=args.concentration)
     plot_bgmm(bgmm_run, args.out / "bgmm_old_faithful.png")

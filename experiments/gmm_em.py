@@ -240,10 +240,14 @@ def main(argv=None) -> dict:
         parser.error("--synthetic-n must be at least --synthetic-k")
     if not args.data.is_file():
         parser.error(f"--data: no file {args.data}")
+    try:  # read before anything is written
+        old_faithful = load_old_faithful(args.data)
+    except ValueError as err:
+        parser.error(f"--data: {args.data} is not the Old Faithful CSV ({err})")
     jax.config.update("jax_enable_x64", True)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    run = run_old_faithful(standardise(load_old_faithful(args.data)))
+    run = run_old_faithful(standardise(old_faithful))
     plot_snapshots(run, args.out / "old_faithful_em.png")
     plot_log_likelihood(run, args.out / "old_faithful_log_likelihood.png")
     final = run.snapshots[run.num_iterations]

@@ -67,6 +67,12 @@ def test_bench_vae_smoke_and_flop_count(tmp_path):
     ("gmm_em.py", ["--data", "/nonexistent.csv"], "--data: no file"),
     ("cavi.py", ["--concentration", "-1"], "--concentration must be a finite number > 0"),
     ("cavi.py", ["--data", "/nonexistent.csv"], "--data: no file"),
+    ("bench_em.py", ["--sizes", "inf"], "comma-separated finite numbers"),
+    ("bench_em.py", ["--tol", "-1"], "--tol must be >= 0"),
+    ("bench_em.py", ["--sklearn-threads", "-1"], "--sklearn-threads must be >= 1"),
+    ("gmm_em.py", ["--data", str(REPO_ROOT / "README.md")], "is not the Old Faithful CSV"),
+    ("cavi.py", ["--data", str(REPO_ROOT / "README.md")], "is not the Old Faithful CSV"),
+    ("cavi.py", ["--num-components", "300"], "--num-components must be at most the 272 rows"),
 ])
 def test_experiment_scripts_reject_bad_flags_before_any_work(tmp_path, script, args, message):
     """Bad values stop with a one-line usage error (exit 2), before anything is written
@@ -79,3 +85,17 @@ def test_experiment_scripts_reject_bad_flags_before_any_work(tmp_path, script, a
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--reps", "1"], "--reps must be >= 2"),
+    (["--latent", "0"], "--latent must be >= 1"),
+])
+def test_bench_estimators_rejects_bad_flags(args, message):
+    """Before: --reps 1 printed a table of NaN variances with exit 0, --reps 0 an IndexError."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT))
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "experiments" / "bench_estimators.py"), *args],
+        env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr and "Traceback" not in result.stderr

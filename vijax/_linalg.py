@@ -32,7 +32,8 @@ def cholesky_and_inverse(matrix: Array) -> tuple[Array, Array]:
     lower triangle is read) and L^{-1}, both ``[..., D, D]`` lower triangular.
 
     Recursive blocking (the right-looking blocked Cholesky of LAPACK's ``potrf``): for
-    S = [[A, .], [B, C]] with A = L_A L_A^T, W = B L_A^{-T}, C - W W^T = L_C L_C^T,
+    S = [[A, .], [B, C]] with A = L_A L_A^T, W = B L_A^{-T} (from the explicit inverse plus one
+    refinement step), C - W W^T = L_C L_C^T,
     L = [[L_A, 0], [W, L_C]] and L^{-1} = [[L_A^{-1}, 0], [-L_C^{-1} W L_A^{-1}, L_C^{-1}]];
     1 x 1 blocks are square roots. A matrix that is not positive definite gives NaN entries
     (like ``jnp.linalg.cholesky``), never an exception.
@@ -43,7 +44,12 @@ def cholesky_and_inverse(matrix: Array) -> tuple[Array, Array]:
         return chol, 1.0 / chol
     h = d // 2
     chol_a, inv_a = cholesky_and_inverse(matrix[..., :h, :h])
-    w = matrix[..., h:, :h] @ jnp.swapaxes(inv_a, -1, -2)
+    lower_left = matrix[..., h:, :h]
+    w = lower_left @ jnp.swapaxes(inv_a, -1, -2)
+    # one step of refinement, W += (B - W L_A^T) L_A^{-T}: the explicit inverse alone left W
+    # inaccurate enough, for float32 covariances of condition ~1e7, that the Schur complement
+    # below lost positive definiteness (NaN) where LAPACK's triangular solve did not
+    w = w + (lower_left - w @ jnp.swapaxes(chol_a, -1, -2)) @ jnp.swapaxes(inv_a, -1, -2)
     schur = matrix[..., h:, h:] - w @ jnp.swapaxes(w, -1, -2)
     chol_c, inv_c = cholesky_and_inverse(schur)
     return (_blocks(chol_a, w, chol_c),
