@@ -66,10 +66,13 @@ SCRIPT = textwrap.dedent(
         if not thorough:
             print("case ok", dtype, type(cov).__name__, n, d, flush=True)
             continue
-        # a whole fit inside one shard_map: same iterations, trace and parameters
-        fit_1 = em.fit_from_state(state, x, max_iter=30, tol=1e-6)
-        fit_4 = jax.jit(lambda s, x: em.fit_from_state(s, x, max_iter=30, tol=1e-6,
-                                                       mesh=auto_mesh))(state, x)
+        # a whole fit inside one shard_map: same iterations, trace and parameters (float32: a
+        # fixed number of iterations, since summation order can move a relative-tolerance stop
+        # near convergence, where the change is a few ulps, by one iteration)
+        fit_args = dict(max_iter=30, tol=1e-6) if tight else dict(max_iter=15, tol=0.0)
+        fit_1 = em.fit_from_state(state, x, **fit_args)
+        fit_4 = jax.jit(lambda s, x: em.fit_from_state(s, x, mesh=auto_mesh, **fit_args))(
+            state, x)
         assert int(fit_4[1].num_iterations) == int(fit_1[1].num_iterations)
         assert_close(fit_4, fit_1, 10 * rtol, 10 * atol)
         print("case ok", dtype, type(cov).__name__, n, d, int(fit_1[1].num_iterations),
