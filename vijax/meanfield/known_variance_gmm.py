@@ -95,37 +95,38 @@ def _check_state(state: KnownVarianceGMMState, x: Array, *, responsibilities: bo
     return state
 
 
+def _logits(state: KnownVarianceGMMState, x: Array, prior: KnownVarianceGMMPrior) -> Array:
+    """Blei et al. eq. 17's k-dependent part, [N, K]: (x_i.m_k - (|m_k|^2 + D (s_k^2 - s_min^2))
+    / 2) / s_x^2 with s_min^2 = min_j s_j^2. Leaving out |x_i|^2 and D s_min^2 (constant in k)
+    keeps the values small: ``init`` sets every s_k^2 = sigma^2 (perhaps 1e8), whose rounding
+    in float32 would otherwise swamp the differences between components."""
+    n_dim = x.shape[-1]
+    spread = n_dim * (state.variance - jnp.min(state.variance))  # D (s_k^2 - s_min^2)
+    expected_sq = jnp.sum(jnp.square(state.loc), axis=-1) + spread
+    return (x @ state.loc.T - 0.5 * expected_sq[None, :]) / prior.noise_variance
+
+
 def _log_rho(state: KnownVarianceGMMState, x: Array, prior: KnownVarianceGMMPrior) -> Array:
     """E_q(mu)[log p(c_i = k) + log p(x_i | c_i = k, mu)], [N, K] (unnormalised log phi).
 
-    = -log K - D/2 log(2 pi s_x^2) - (|x_i|^2 - 2 x_i.m_k + |m_k|^2 + D s_k^2) / (2 s_x^2).
-    Dropping the terms constant in k gives Blei et al. eq. 17.
+    = -log K - D/2 log(2 pi s_x^2) - (|x_i|^2 - 2 x_i.m_k + |m_k|^2 + D s_k^2) / (2 s_x^2):
+    :func:`_logits` plus the terms constant in k.
     """
     n_dim = x.shape[-1]
     num_components = state.loc.shape[0]
-    expected_sq = jnp.sum(jnp.square(state.loc), axis=-1) + n_dim * state.variance  # E|mu_k|^2
-    quad = (jnp.sum(jnp.square(x), axis=-1, keepdims=True) - 2.0 * x @ state.loc.T
-            + expected_sq[None, :])
+    row_sq = jnp.sum(jnp.square(x), axis=-1, keepdims=True) + n_dim * jnp.min(state.variance)
     return (-math.log(num_components) - 0.5 * n_dim * (_LOG_2PI + jnp.log(prior.noise_variance))
-            - 0.5 * quad / prior.noise_variance)
+            - 0.5 * row_sq / prior.noise_variance + _logits(state, x, prior))
 
 
 def update_responsibilities(state: KnownVarianceGMMState, x: Array,
                             prior: KnownVarianceGMMPrior) -> KnownVarianceGMMState:
-    """q(c_i) block: phi_ik ∝ exp{E[mu_k].x_i / s_x^2 - E[|mu_k|^2] / (2 s_x^2)} (eq. 17).
+    """q(c_i) block: phi_ik ∝ exp{E[mu_k].x_i / s_x^2 - E[|mu_k|^2] / (2 s_x^2)} (eq. 17),
+    from :func:`_logits`.
 
     Returns ``state`` with new responsibilities [N, K]. Unchecked (used inside the CAVI loop).
-
-    The logits are eq. 17's k-dependent part only, with D s_k^2 taken relative to its
-    smallest value: |x_i|^2 and a common variance (``init`` sets s_k^2 = sigma^2, perhaps
-    1e8) would otherwise add a large constant whose rounding in float32 swamps the
-    differences between components.
     """
-    n_dim = x.shape[-1]
-    spread = n_dim * (state.variance - jnp.min(state.variance))  # D (s_k^2 - min_j s_j^2)
-    expected_sq = jnp.sum(jnp.square(state.loc), axis=-1) + spread
-    logits = (x @ state.loc.T - 0.5 * expected_sq[None, :]) / prior.noise_variance
-    return state._replace(responsibilities=categorical_update(logits))
+    return state._replace(responsibilities=categorical_update(_logits(state, x, prior)))
 
 
 def update_q_mu(state: KnownVarianceGMMState, x: Array,
