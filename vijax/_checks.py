@@ -232,3 +232,14 @@ def check_callable(fn, name: str) -> None:
     """Raise TypeError naming ``name`` unless ``fn`` is callable."""
     if not callable(fn):
         raise TypeError(f"{name} must be a callable, got {type(fn).__name__}")
+
+
+def check_optimizer(optimizer, name: str = "optimizer") -> None:
+    """TypeError naming ``name`` unless ``optimizer`` has callable ``init`` and ``update``
+    (an ``optax.GradientTransformation`` instance such as ``optax.adam(1e-3)``)."""
+    if isinstance(optimizer, type) or not (callable(getattr(optimizer, "init", None))
+                                           and callable(getattr(optimizer, "update", None))):
+        hint = (" (a function: call it, e.g. optax.adam(1e-3))" if callable(optimizer)
+                and not isinstance(optimizer, type) else "")
+        raise TypeError(f"{name} must be an optax.GradientTransformation instance with init "
+                        f"and update, e.g. optax.adam(1e-3), got {optimizer!r}{hint}")

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vijax import _q
-from vijax._checks import check_real
+from vijax._checks import check_int, check_real
 
 Array = jax.Array
 PyTree = Any
@@ -57,6 +57,7 @@ __all__ = [
     "LeaveOneOut",
     "StickingTheLanding",
     "DReG",
+    "Enumerate",
     "elbo",
     "elbo_analytic_kl",
     "iwae_bound",
@@ -148,6 +149,32 @@ class DReG:
     ``StickingTheLanding``."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Enumerate:
+    """Exact expectation over a discrete ``q`` with a small support:
+    E_q f(z) = sum_z q(z) f(z), so the ELBO sum_z q(z) [log p(x, z) - log q(z)] is exact and its
+    gradient is the exact gradient (no sampling; ``rng_key`` is unused and ``num_samples``
+    must be 1). CENG796 notes §3.3 ("L(x; theta, phi) = sum_z q log p(z, x) + H(q)").
+
+    Supported ``q``: ``distrax.Categorical`` and ``distrax.OneHotCategorical`` (K classes),
+    ``distrax.Bernoulli`` and ``distrax.Independent(distrax.Bernoulli(...), 1)`` (d bits, 2^d
+    configurations); ``log_joint_fn`` is evaluated once per support point.
+
+    Attributes:
+      max_support: the largest support enumerated (default 1024); a larger one is refused.
+
+    Raises:
+      TypeError / ValueError: ``max_support`` not an int >= 1; (in ``elbo``) a ``q`` that is
+        not one of the supported discrete distributions, a pytree ``q``, a support larger
+        than ``max_support``, ``num_samples != 1``.
+    """
+
+    max_support: int = 1024
+
+    def __post_init__(self):
+        check_int(self.max_support, "`max_support`", minimum=1)
+
+
 # ------------------------------------------------------------------ shared pieces
 
 
@@ -186,7 +213,7 @@ def _score_term(signal: Array, log_q: Array) -> Array:
 
 
 # The estimators each bound accepts (vijax.vae's objectives check against the same tuples).
-ELBO_ESTIMATORS = (Pathwise, ScoreFunction, StickingTheLanding)
+ELBO_ESTIMATORS = (Pathwise, ScoreFunction, StickingTheLanding, Enumerate)
 ELBO_ANALYTIC_KL_ESTIMATORS = (Pathwise, ScoreFunction)
 IWAE_ESTIMATORS = (Pathwise, ScoreFunction, StickingTheLanding, DReG)
 
@@ -195,6 +222,16 @@ def _check_loo(estimator: Any, num_samples: int) -> None:
     if isinstance(estimator, ScoreFunction) and isinstance(estimator.baseline, LeaveOneOut):
         if num_samples < 2:
             raise ValueError("`estimator` ScoreFunction(LeaveOneOut()) needs `num_samples` >= 2")
+
+
+def _check_objective_fields(objective: Any) -> None:
+    """Construction-time checks of an objective dataclass (``vijax.svi``'s and ``vijax.vae``'s),
+    with the rules of the bounds here: ``num_samples`` a positive int, ``estimator`` one of
+    ``type(objective).estimators``, ``ScoreFunction(LeaveOneOut())`` only with
+    ``num_samples >= 2``. TypeError / ValueError naming the field."""
+    check_int(objective.num_samples, "num_samples", minimum=1)
+    _q.check_estimator(objective.estimator, objective.estimators, type(objective).__name__)
+    _check_loo(objective.estimator, objective.num_samples)
 
 
 def _leave_one_out_mean(values: Array) -> Array:
@@ -275,6 +312,61 @@ def _log_mean_exp(log_w: Array) -> Array:
 # ------------------------------------------------------------------ objectives
 
 
+def _support(q: Any, max_support: int) -> Array:
+    """The support of a small discrete ``q`` as an array ``[M, *batch, *event]`` (every point
+    broadcast to the batch shape). TypeError for an unsupported ``q``, ValueError if M is
+    larger than ``max_support``."""
+    import distrax  # local: only the enumerating path needs the classes
+
+    batch = tuple(q.batch_shape)
+    if isinstance(q, (distrax.Categorical, distrax.OneHotCategorical)):
+        k = int(q.num_categories)
+        if k > max_support:
+            raise ValueError(f"`q` has {k} categories, more than `estimator.max_support` = "
+                             f"{max_support}")
+        if isinstance(q, distrax.OneHotCategorical):
+            points = jnp.eye(k, dtype=q.dtype)
+            return jnp.broadcast_to(points.reshape((k,) + (1,) * len(batch) + (k,)),
+                                    (k,) + batch + (k,))
+        points = jnp.arange(k, dtype=q.dtype)
+        return jnp.broadcast_to(points.reshape((k,) + (1,) * len(batch)), (k,) + batch)
+    if isinstance(q, distrax.Bernoulli):
+        return jnp.broadcast_to(jnp.array([0, 1], q.dtype).reshape((2,) + (1,) * len(batch)),
+                                (2,) + batch)
+    if (isinstance(q, distrax.Independent) and isinstance(q.distribution, distrax.Bernoulli)
+            and len(q.event_shape) == 1):
+        d = int(q.event_shape[0])
+        if d > 60 or 2**d > max_support:
+            raise ValueError(f"`q` has 2^{d} configurations, more than `estimator.max_support` "
+                             f"= {max_support}")
+        bits = (np.arange(2**d)[:, None] >> np.arange(d)[None, :]) & 1  # [2^d, d]
+        points = jnp.asarray(bits, q.dtype)
+        return jnp.broadcast_to(points.reshape((2**d,) + (1,) * len(batch) + (d,)),
+                                (2**d,) + batch + (d,))
+    raise TypeError(
+        "`estimator` Enumerate() needs a discrete `q`: distrax.Categorical, OneHotCategorical, "
+        f"Bernoulli or Independent(Bernoulli, 1); got {type(q).__name__}")
+
+
+def _enumerated_elbo(log_joint_fn, q, shape, num_samples, estimator) -> Array:
+    """sum_z q(z) [log p(x, z) - log q(z)] over the support of ``q``, ``[batch]`` (nats)."""
+    if num_samples != 1:
+        raise ValueError("`estimator` Enumerate() computes the expectation exactly: use "
+                         f"`num_samples` = 1, got {num_samples}")
+    factors = _q.factors(q)
+    if len(factors) != 1 or factors[0] is not q:
+        raise TypeError("`estimator` Enumerate() takes a single discrete distribution as `q`, "
+                        "not a pytree of factors")
+    points = _support(q, estimator.max_support)
+
+    def term(z):
+        log_p = _q.call_log_density(log_joint_fn, z, shape, "log_joint_fn", q)
+        return log_p, q.log_prob(z)
+
+    log_p, log_q = jax.vmap(term)(points)  # [M, batch]
+    return _weighted_sum(jnp.exp(log_q), log_p - log_q)
+
+
 def elbo(
     rng_key: Array,
     log_joint_fn: Callable[[PyTree], Array],
@@ -295,8 +387,9 @@ def elbo(
       log_joint_fn: ``z -> log p(x, z)``, ``[batch, latent_dim] -> [batch]`` for one sample.
       q: distrax distribution (batch ``[batch]``, event ``[latent_dim]``) or pytree of them.
       num_samples: S >= 1, a Python int.
-      estimator: ``Pathwise()`` (default), ``ScoreFunction(baseline)`` or
-        ``StickingTheLanding()``. Changes the gradient only.
+      estimator: ``Pathwise()`` (default), ``ScoreFunction(baseline)``,
+        ``StickingTheLanding()`` (these change the gradient only), or ``Enumerate()`` for a
+        small discrete ``q``: the exact expectation, no sampling (``num_samples`` = 1).
 
     Returns:
       ``[batch]`` ELBO estimates (nats), dtype of ``log_joint_fn``'s output.
@@ -314,6 +407,8 @@ def elbo(
     num_samples = _q.check_estimator_call(rng_key, log_joint_fn, "log_joint_fn", num_samples)
     _q.check_estimator(estimator, ELBO_ESTIMATORS, "elbo")
     shape = _q.check_q(q)
+    if isinstance(estimator, Enumerate):
+        return _enumerated_elbo(log_joint_fn, q, shape, num_samples, estimator)
     _check_loo(estimator, num_samples)
     _check_continuous_q(q, estimator, "elbo")
     is_score = isinstance(estimator, ScoreFunction)

@@ -45,7 +45,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vijax import _q
 from vijax import data as vdata
-from vijax._checks import check_bool, check_callable, check_int, check_real, check_rng_key
+from vijax._checks import (check_bool, check_callable, check_int, check_optimizer, check_real,
+                           check_rng_key)
 from vijax import elbo as velbo
 from vijax import marginal
 from vijax import nn as vnn
@@ -83,15 +84,6 @@ BATCH_AXIS = "batch"
 # Objectives
 # ----------------------------------------------------------------------------------------------
 
-def _check_objective(objective) -> None:
-    """Construction-time checks of an objective, with :mod:`vijax.elbo`'s own rules: ``num_samples``
-    a positive int, ``estimator`` one of ``type(objective).estimators``, and
-    ``ScoreFunction(LeaveOneOut())`` only with ``num_samples >= 2``."""
-    check_int(objective.num_samples, "num_samples", minimum=1)
-    _q.check_estimator(objective.estimator, objective.estimators, type(objective).__name__)
-    velbo._check_loo(objective.estimator, objective.num_samples)
-
-
 @dataclasses.dataclass(frozen=True)
 class ELBOAnalyticKL:
     """ELBO with closed-form Gaussian KL: ``mean_s log p(x | z_s) - KL(q(z | x) || N(0, I))``.
@@ -110,7 +102,7 @@ class ELBOAnalyticKL:
     estimator: Any = velbo.Pathwise()
 
     def __post_init__(self):
-        _check_objective(self)
+        velbo._check_objective_fields(self)
 
     def value(self, rng_key, log_likelihood_fn, q, prior) -> jax.Array:
         """``[batch]`` ELBO (nats, not negated) from ``log_likelihood_fn(z [batch, L]) ->
@@ -137,7 +129,7 @@ class ELBOMonteCarlo:
     estimator: Any = velbo.Pathwise()
 
     def __post_init__(self):
-        _check_objective(self)
+        velbo._check_objective_fields(self)
 
     def value(self, rng_key, log_likelihood_fn, q, prior) -> jax.Array:
         """``[batch]`` ELBO (nats, not negated) from ``log_likelihood_fn(z [batch, L]) ->
@@ -165,7 +157,7 @@ class IWAE:
     estimator: Any = velbo.Pathwise()
 
     def __post_init__(self):
-        _check_objective(self)
+        velbo._check_objective_fields(self)
 
     def value(self, rng_key, log_likelihood_fn, q, prior) -> jax.Array:
         """``[batch]`` IWAE-K bound (nats, not negated); arguments as in
@@ -203,17 +195,6 @@ def _check_params(params, name: str = "params") -> None:
     if not isinstance(params, collections.abc.Mapping):
         raise TypeError(f"{name} must be the model's parameter dict (model.init output, e.g. "
                         f"state.params), got {type(params).__name__}")
-
-
-def _check_optimizer(optimizer, name: str = "optimizer") -> None:
-    """TypeError naming ``name`` unless ``optimizer`` has callable ``init`` and ``update``
-    (an ``optax.GradientTransformation`` instance such as ``optax.adam(1e-3)``)."""
-    if isinstance(optimizer, type) or not (callable(getattr(optimizer, "init", None))
-                                           and callable(getattr(optimizer, "update", None))):
-        hint = (" (a function: call it, e.g. optax.adam(1e-3))" if callable(optimizer)
-                and not isinstance(optimizer, type) else "")
-        raise TypeError(f"{name} must be an optax.GradientTransformation instance with init "
-                        f"and update, e.g. optax.adam(1e-3), got {optimizer!r}{hint}")
 
 
 def _log_joint_fn(log_likelihood_fn, prior):
@@ -315,7 +296,7 @@ def init_train_state(rng_key: jax.Array, model, optimizer: optax.GradientTransfo
     """
     check_rng_key(rng_key)
     _check_model(model)
-    _check_optimizer(optimizer)
+    check_optimizer(optimizer)
     if isinstance(data_dim, (int, np.integer)) and not isinstance(data_dim, bool):
         example = jnp.zeros((1, int(data_dim)), jnp.float32)
     else:
@@ -391,7 +372,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation, objective: O
         ValueError when ``mesh`` is given and the batch size is not divisible by the size of
         its ``"batch"`` axis.
     """
-    _check_optimizer(optimizer)
+    check_optimizer(optimizer)
     _check_mesh(mesh)
     check_bool(with_grad_norm, "with_grad_norm")
     loss_fn = make_loss_fn(model, objective)
