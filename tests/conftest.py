@@ -5,20 +5,49 @@
   (the device count is fixed when JAX initialises) and return its stdout.
 * ``mnist_dir``: the real MNIST folder ``../shared/data/mnist``; a test that needs it is
   skipped with a reason when it is absent, except under CI (``CI=true``), where absence fails.
+
+Compilation dominates the suite's time, so one session shares one JAX persistent compilation
+cache (a temporary folder, removed at the end; ``JAX_COMPILATION_CACHE_DIR`` set beforehand
+names another): the pytest-xdist workers and the fresh interpreters of the subprocess tests
+(which inherit the environment) load a program another process or test already compiled
+instead of compiling it again. A cached executable is the one XLA compiled, so results are
+the same.
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import jax
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+def pytest_configure(config):
+    # The first process of the session (the xdist controller, or the only process without
+    # xdist) makes the cache folder; the workers and subprocesses find it in the environment.
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        cache_dir = tempfile.mkdtemp(prefix="vijax-test-xla-cache-")
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = cache_dir
+        # cache every program: most of the suite's programs compile in well under a second
+        os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+        def cleanup():
+            os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+            shutil.rmtree(cache_dir, ignore_errors=True)
+
+        config.add_cleanup(cleanup)
+    # jax read its environment when conftest imported it, before the lines above
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")))
 
 
 @pytest.fixture

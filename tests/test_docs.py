@@ -26,14 +26,18 @@ PAGES = ["README.md", *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "d
 # (page, first code line of the block); a block not listed here may use no free names.
 PLACEHOLDERS = {
     ("README.md", "import distrax, jax, jax.numpy as jnp"): {"encoder", "log_likelihood", "log_prior"},
+    ("docs/index.md", "import distrax, jax.numpy as jnp"): {"encoder", "log_likelihood", "log_prior"},
     ("docs/elbo.md", "import distrax, jax, jax.numpy as jnp"): {
         "loc", "scale", "x", "log_p_x_given_z", "log_p_z", "log_likelihood_fn", "prior", "rng_key"},
     ("docs/em.md", "import jax, jax.numpy as jnp"): {"data", "x_new", "q", "weights", "means",
                                                       "covariances"},
     ("docs/meanfield.md", "from vijax import meanfield"): {"update_fns", "state", "data", "elbo_fn"},
     ("docs/meanfield.md", "import jax"): {"x"},
+    ("docs/svi.md", "import distrax, jax, jax.numpy as jnp, optax"): {"x", "y", "D"},
+    ("docs/svi.md", "import jax, jax.numpy as jnp, optax"): {"x", "y"},
     ("docs/vae_engine.md", "import jax, optax"): {"train_images", "test_images", "num_epochs", "key",
                                                   "key_is", "key_b"},
+    ("docs/discrete.md", "from vijax import discrete, elbo"): {"logits", "log_likelihood"},
 }
 
 

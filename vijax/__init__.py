@@ -3,7 +3,9 @@
 Modules: ``vijax.elbo`` (objectives and gradient estimators), ``vijax.reparam``
 (reparameterized sampling with log q by change of variables), ``vijax.marginal``
 (log p(x) estimators), ``vijax.families`` (variational families), ``vijax.svi``
-(stochastic VI for any model), ``vijax.em`` (Gaussian mixtures by EM), ``vijax.meanfield``
+(stochastic VI for any model), ``vijax.amortized`` (per-datapoint, amortized and
+semi-amortized inference; inference gaps), ``vijax.discrete`` (Concrete relaxations and
+straight-through draws for discrete latents), ``vijax.em`` (Gaussian mixtures by EM), ``vijax.meanfield``
 (coordinate-ascent VI), ``vijax.data`` (MNIST and small data sets), ``vijax.nn``
 (Flax encoder/decoder modules), ``vijax.vae`` (amortized inference training),
 ``vijax.vae_train`` (the MNIST training driver), ``vijax.linear_gaussian`` (a conjugate
@@ -17,8 +19,8 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("data", "elbo", "em", "families", "linear_gaussian", "marginal", "meanfield",
-               "nn", "reparam", "svi", "vae", "vae_train")
+_SUBMODULES = ("amortized", "data", "discrete", "elbo", "em", "families", "linear_gaussian",
+               "marginal", "meanfield", "nn", "reparam", "svi", "vae", "vae_train")
 
 __all__ = list(_SUBMODULES)
 

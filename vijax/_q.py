@@ -57,7 +57,11 @@ def _factor_keys(rng_key: Array, q: PyTree):
 def sample(rng_key: Array, q: PyTree) -> PyTree:
     """One reparameterized draw from ``q`` (a pytree shaped like ``q``)."""
     leaves, treedef, keys = _factor_keys(rng_key, q)
-    return jax.tree_util.tree_unflatten(treedef, [d.sample(seed=k) for d, k in zip(leaves, keys)])
+    # distrax samplers (e.g. Gamma's) broadcast [n, *batch] draws against [*batch] parameters
+    # implicitly: allow that inside distrax only, as in sample_and_log_prob below.
+    with jax.numpy_rank_promotion("allow"):
+        draws = [d.sample(seed=k) for d, k in zip(leaves, keys)]
+    return jax.tree_util.tree_unflatten(treedef, draws)
 
 
 def sample_and_log_prob(rng_key: Array, q: PyTree) -> tuple[PyTree, Array]:

@@ -127,7 +127,8 @@ class RelaxedOneHotCategorical(distrax.Distribution):
         """log x for n draws, ``[n, *batch, K]`` (log-space Gumbel-softmax)."""
         logits = self.logits
         gumbel = jax.random.gumbel(key, (n,) + logits.shape, logits.dtype)
-        return jax.nn.log_softmax((logits + gumbel) / self.temperature[..., None], axis=-1)
+        temperature = self.temperature[None, ..., None]
+        return jax.nn.log_softmax((logits[None] + gumbel) / temperature, axis=-1)
 
     def _log_prob_from_log_x(self, log_x: Array) -> Array:
         k = self.event_shape[0]
@@ -147,8 +148,14 @@ class RelaxedOneHotCategorical(distrax.Distribution):
         return jnp.exp(log_x), self._log_prob_from_log_x(log_x)
 
     def log_prob(self, value: Array) -> Array:
-        """log p(x) in nats for x on the simplex (``[*batch, K]``, broadcastable)."""
-        return self._log_prob_from_log_x(jnp.log(value))
+        """log p(x) in nats for x on the simplex (``[*batch, K]``, broadcastable).
+
+        A coordinate that is exactly 0 (a low-temperature draw whose exp(log x) underflowed)
+        is read as the dtype's smallest normal number, so the density stays finite; the exact
+        value is available from ``sample_and_log_prob``, which never rounds x."""
+        value = jnp.asarray(value)
+        tiny = jnp.finfo(value.dtype).tiny if jnp.issubdtype(value.dtype, jnp.floating) else 0
+        return self._log_prob_from_log_x(jnp.log(jnp.maximum(value, tiny)))
 
     def probs(self) -> Array:
         """softmax(logits): the class probabilities of the limiting categorical."""
@@ -197,7 +204,7 @@ class RelaxedBernoulli(distrax.Distribution):
     def _pre_sigmoid(self, key, n: int) -> Array:
         logits = self.logits
         noise = jax.random.logistic(key, (n,) + logits.shape, logits.dtype)
-        return (logits + noise) / self.temperature
+        return (logits[None] + noise) / self.temperature[None]
 
     def _log_prob_from_pre_sigmoid(self, y: Array) -> Array:
         # log x = log_sigmoid(y), log(1 - x) = log_sigmoid(-y): finite for |y| large
@@ -205,8 +212,9 @@ class RelaxedBernoulli(distrax.Distribution):
 
     def _log_prob_from_logs(self, log_x: Array, log_1mx: Array) -> Array:
         lam, logits = self.temperature, self.logits
-        return (jnp.log(lam) + logits - (lam + 1) * (log_x + log_1mx)
-                - 2 * jnp.logaddexp(logits - lam * log_x, -lam * log_1mx))
+        with jax.numpy_rank_promotion("allow"):  # values may carry sample axes [n, *batch]
+            return (jnp.log(lam) + logits - (lam + 1) * (log_x + log_1mx)
+                    - 2 * jnp.logaddexp(logits - lam * log_x, -lam * log_1mx))
 
     def _sample_n(self, key, n: int) -> Array:
         return jax.nn.sigmoid(self._pre_sigmoid(key, n))
@@ -216,8 +224,12 @@ class RelaxedBernoulli(distrax.Distribution):
         return jax.nn.sigmoid(y), self._log_prob_from_pre_sigmoid(y)
 
     def log_prob(self, value: Array) -> Array:
-        """log p(x) in nats for x in (0, 1)."""
-        return self._log_prob_from_logs(jnp.log(value), jnp.log1p(-value))
+        """log p(x) in nats for x in (0, 1) (an x rounded to exactly 0 or 1 is read as the
+        nearest representable interior point, as in :class:`RelaxedOneHotCategorical`)."""
+        value = jnp.asarray(value)
+        tiny = jnp.finfo(value.dtype).tiny if jnp.issubdtype(value.dtype, jnp.floating) else 0
+        return self._log_prob_from_logs(jnp.log(jnp.maximum(value, tiny)),
+                                        jnp.log(jnp.maximum(1 - value, tiny)))
 
     def probs(self) -> Array:
         """sigmoid(logits): P(x > 1/2), the limiting Bernoulli's probability of 1."""
@@ -241,7 +253,7 @@ class StraightThroughOneHotCategorical(RelaxedOneHotCategorical):
     def _sample_n(self, key, n: int) -> Array:
         y = jnp.exp(self._log_sample(key, n))
         hard = jax.nn.one_hot(jnp.argmax(y, axis=-1), y.shape[-1], dtype=y.dtype)
-        return hard + y - jax.lax.stop_gradient(y)
+        return hard + (y - jax.lax.stop_gradient(y))  # exactly one-hot in value
 
     def _sample_n_and_log_prob(self, key, n: int):
         x = self._sample_n(key, n)

@@ -331,6 +331,9 @@ def _support(q: Any, max_support: int) -> Array:
         points = jnp.arange(k, dtype=q.dtype)
         return jnp.broadcast_to(points.reshape((k,) + (1,) * len(batch)), (k,) + batch)
     if isinstance(q, distrax.Bernoulli):
+        if max_support < 2:
+            raise ValueError(f"`q` has 2 outcomes, more than `estimator.max_support` = "
+                             f"{max_support}")
         return jnp.broadcast_to(jnp.array([0, 1], q.dtype).reshape((2,) + (1,) * len(batch)),
                                 (2,) + batch)
     if (isinstance(q, distrax.Independent) and isinstance(q.distribution, distrax.Bernoulli)
@@ -357,7 +360,8 @@ def _enumerated_elbo(log_joint_fn, q, shape, num_samples, estimator) -> Array:
     if len(factors) != 1 or factors[0] is not q:
         raise TypeError("`estimator` Enumerate() takes a single discrete distribution as `q`, "
                         "not a pytree of factors")
-    points = _support(q, estimator.max_support)
+    with jax.numpy_rank_promotion("allow"):  # distrax's dtype property traces a sample
+        points = _support(q, estimator.max_support)
 
     def term(z):
         log_p = _q.call_log_density(log_joint_fn, z, shape, "log_joint_fn", q)

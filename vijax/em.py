@@ -37,7 +37,7 @@ recomputed centred; other steps read it twice (E-step, then the centred scatter,
 scikit-learn does), both about the data mean. ``step``/``fit_from_state``/``fit`` take
 ``mesh=`` to split the rows over several devices (``jax.shard_map``, one ``psum`` of the
 sums per pass); on a CPU with ``--xla_force_host_platform_device_count=<cores>`` that uses
-every core. See ``docs/em.md`` for the benchmark against scikit-learn. No function here calls ``jax.jit``:
+every core. See the Results page of the docs (``docs/results.md``) for the benchmark against scikit-learn. No function here calls ``jax.jit``:
 the caller decides.
 """
 
@@ -85,7 +85,7 @@ __all__ = [
     "sample",
     "dense_covariances",
     # Low-level kernels: unchecked building blocks shared with vijax.meanfield.bayesian_gmm
-    # (docs/em.md section 4). No argument checks; use the functions above unless you are
+    # (docs/performance.md). No argument checks; use the functions above unless you are
     # writing a new mixture step on top of the same streamed passes.
     "OnePassSums",
     "one_pass_sums",
@@ -789,7 +789,7 @@ def _with_parameters(state: GMMState, params) -> GMMState:
 # ============================================================================================
 
 # Up to this dimension the one-pass step uses packed quadratic features; above it, the
-# whitened form with a two-block split of the triangular factors (see docs/em.md, section 4).
+# whitened form with a two-block split of the triangular factors (see docs/performance.md).
 _PACKED_MAX_DIM = 28
 
 
@@ -798,7 +798,7 @@ def _transposed(a: Array) -> Array:
     reads it (``a.T @ b`` contracting a's leading axis), which XLA:CPU runs as an Eigen dot at
     about half the speed of the YNNPACK product it emits for a ``[M, B] x [B, N]`` operand in
     row-major order (measured on the one-pass step's chunk products: the step is 5-15 % faster;
-    docs/em.md, section 4)."""
+    docs/performance.md)."""
     return lax.optimization_barrier(a.T)
 
 
@@ -964,7 +964,7 @@ def one_pass_sums(x: Array, log_const: Array, locs: Array, precision_cholesky: A
 # eps * max_n ||x_n - c||^2 * lambda_max(Lambda_k) of relative accuracy (Lambda_k the
 # precisions entering or leaving the step). Above this, the step is recomputed by the centred
 # two-pass route: at 1e-7 the one-pass log-likelihood still agrees with scikit-learn to a few
-# 1e-9 relative and a collapsed component's covariance to ~2e-7 relative (docs/em.md, sec. 4).
+# 1e-9 relative and a collapsed component's covariance to ~2e-7 relative (docs/performance.md).
 _ONE_PASS_MAX_RISK = 1e-7
 
 
@@ -1132,8 +1132,8 @@ def state_from_parameters(
       ``reg_covar`` as a ``[]`` array.
 
     Raises:
-      TypeError / ValueError naming the offending argument (shapes, dtypes, non-finite or
-      non-positive-definite values when concrete, weights not summing to one).
+      TypeError / ValueError: naming the offending argument (shapes, dtypes, non-finite or
+        non-positive-definite values when concrete, weights not summing to one).
     """
     covariance_type = _check_covariance_type(covariance_type)
     means = _check_float_array(means, "means")
@@ -1184,8 +1184,8 @@ def step(state: GMMState, x: Array, *, chunk_size: int | None = None,
         all-reduced (``psum``), so the result equals the one-device step up to summation
         order. Any N works (the last rows are zero-padded with weight 0). On a CPU, start
         Python with ``XLA_FLAGS=--xla_force_host_platform_device_count=<cores>`` and pass
-        ``jax.make_mesh((jax.device_count(),), ("rows",))`` to use every core (docs/em.md,
-        sections 4 and 6). ``chunk_size`` is then per device.
+        ``jax.make_mesh((jax.device_count(),), ("rows",))`` to use every core (measured in docs/results.md;
+        the design in docs/performance.md). ``chunk_size`` is then per device.
 
     Returns:
       ``(new_state, info)``: ``info.log_likelihood`` is the mean log p(x_n | theta) (nats per
@@ -1195,9 +1195,9 @@ def step(state: GMMState, x: Array, *, chunk_size: int | None = None,
       exception can be raised under tracing).
 
     Raises:
-      TypeError / ValueError naming ``x`` (dimensionality, dtype, NaN/inf rows if concrete);
-      TypeError naming ``mesh``; ValueError naming the field of ``state`` whose shape does
-      not match its K and D.
+      TypeError / ValueError: naming ``x`` (dimensionality, dtype, NaN/inf rows if concrete);
+        TypeError naming ``mesh``; ValueError naming the field of ``state`` whose shape does
+        not match its K and D.
     """
     x = _check_state(state, x)
     chunk_size = check_int(chunk_size, "`chunk_size`", minimum=1, optional=True)
@@ -1256,8 +1256,8 @@ def fit_from_state(
       (NaN-padded), ``info.num_iterations`` and ``info.converged``.
 
     Raises:
-      TypeError / ValueError naming ``x``, ``max_iter``, ``tol``, ``mesh`` or a field of
-      ``state`` of the wrong shape.
+      TypeError / ValueError: naming ``x``, ``max_iter``, ``tol``, ``mesh`` or a field of
+        ``state`` of the wrong shape.
     """
     x = _check_state(state, x)
     max_iter = check_int(max_iter, "`max_iter`", minimum=1)

@@ -158,7 +158,8 @@ def _lower_triangular(off_diagonal: Array, raw_diagonal: Array) -> Array:
     """L = strict_lower(off_diagonal) + diag(softplus(raw_diagonal)), ``[*batch, d, d]``."""
     d = raw_diagonal.shape[-1]
     strict = jnp.tril(off_diagonal, k=-1)
-    return strict + _scale(raw_diagonal)[..., None] * jnp.eye(d, dtype=raw_diagonal.dtype)
+    eye = jnp.eye(d, dtype=raw_diagonal.dtype).reshape((1,) * (raw_diagonal.ndim - 1) + (d, d))
+    return strict + _scale(raw_diagonal)[..., None] * eye
 
 
 @dataclasses.dataclass(frozen=True)

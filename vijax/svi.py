@@ -667,8 +667,14 @@ def fit_from_state(rng_key: Array, state: SVIState, log_joint_fn: Callable, num_
     times its magnitude; a non-finite step stops the fit (unless ``skip_nonfinite``).
 
     Args:
-      rng_key, state, log_joint_fn, num_steps, objective, data, batch_size, schedule: as
-        :func:`run`.
+      rng_key: a JAX PRNG key (as :func:`run`).
+      state: the state to continue from (as :func:`run`).
+      log_joint_fn: as :func:`step`.
+      num_steps: a Python int >= 1, the most steps to take.
+      objective: as :func:`step`.
+      data: as :func:`run`.
+      batch_size: as :func:`run`.
+      schedule: as :func:`run`.
       tol: relative-change tolerance (> 0), or None to run all ``num_steps``.
       check_every: chunk length (default: all steps in one chunk when neither ``tol`` nor
         ``progress`` is set, else ``max(1, min(1000, num_steps // 20))``).
@@ -845,7 +851,8 @@ def log_marginal_estimate(rng_key: Array, family: PyTree, params: PyTree,
 
     Args:
       rng_key: a JAX PRNG key.
-      family, params: the fitted family and its parameters (``state.params``).
+      family: the fitted family (``state.family``).
+      params: its parameters (``state.params``).
       log_joint_fn: as in :func:`step` (called with ``model_params`` and ``batch`` when given).
       num_samples: K >= 1.
       model_params: theta, if ``log_joint_fn`` takes it.

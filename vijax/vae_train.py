@@ -127,7 +127,7 @@ class Mnist:
       TypeError: ``data_dir`` neither None, a str nor a path; ``num_train``/``num_test``
         neither None nor an int.
       ValueError: ``num_train`` outside [1, 60000] or ``num_test`` outside [1, 10000].
-      (Whether the folder exists and holds MNIST is checked when the data are loaded.)
+        (Whether the folder exists and holds MNIST is checked when the data are loaded.)
     """
 
     data_dir: str | None = None

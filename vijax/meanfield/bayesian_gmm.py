@@ -694,7 +694,7 @@ def step(state: BGMMState, x, prior: BGMMPrior, *, mesh=None
     Args:
       state: :class:`BGMMState`; x: [N, D]; prior: :class:`BGMMPrior`.
       mesh: optional ``jax.sharding.Mesh``: the rows of x are split over all its devices
-        with ``jax.shard_map`` (as in :func:`vijax.em.step`, docs/em.md section 4); each
+        with ``jax.shard_map`` (as in :func:`vijax.em.step`, docs/performance.md); each
         device streams its rows and the statistics and the ELBO's q(Z) terms are summed with
         ``psum`` (float64: one per sweep; float32: two, one per pass). The returned
         responsibilities stay split over the devices by rows (when N is a multiple of the

@@ -361,9 +361,11 @@ def fit(state: DiracEMState, x, prior: BGMMPrior, *, tol: float = 1e-8, max_iter
     sweeps.
 
     Args:
-      state: starting :class:`DiracEMState` (e.g. from :func:`init`); x: [N, D];
-      prior: BGMMPrior. tol: relative ELBO tolerance, >= 0. max_iter: Python int >= 1, the
-      maximum number of sweeps and the trace length.
+      state: starting :class:`DiracEMState` (e.g. from :func:`init`).
+      x: [N, D] data.
+      prior: BGMMPrior.
+      tol: relative ELBO tolerance, >= 0.
+      max_iter: Python int >= 1, the maximum number of sweeps and the trace length.
     Returns:
       ``(state, info)``: the final :class:`DiracEMState` (shapes as in :func:`step`) and a
       :class:`vijax.meanfield.CAVIInfo` with ``elbo`` [max_iter], the restricted ELBO of
