@@ -691,7 +691,7 @@ def test_regression_log_prob_of_own_low_temperature_sample_is_finite():
     value = velbo.elbo(key, prior.log_prob, q, num_samples=4)
     assert np.all(np.isfinite(np.asarray(value)))
     g = jax.jit(jax.grad(lambda lg: jnp.sum(velbo.elbo(
-        key, prior.log_prob, discrete.RelaxedOneHotCategorical(0.01, lg), num_samples=4)))(
+        key, prior.log_prob, discrete.RelaxedOneHotCategorical(0.01, lg), num_samples=4))))(
         jnp.zeros((2, 3)))
     assert np.all(np.isfinite(np.asarray(g)))
     b = discrete.RelaxedBernoulli(0.01, jnp.array([0.0, 100.0, -100.0]))

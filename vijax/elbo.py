@@ -274,8 +274,10 @@ def _check_continuous_q(q: PyTree, estimator: Any, function: str) -> None:
 
 
 def _weighted_sum(weights: Array, x: Array) -> Array:
-    """sum_k weights_k * x_k over axis 0, with zero-weight terms dropped (0 * -inf is not NaN)."""
-    return jnp.sum(jnp.where(weights != 0, weights * x, 0), axis=0)
+    """sum_k weights_k * x_k over axis 0, with zero-weight terms dropped (0 * -inf is not NaN,
+    in the value or in the gradient: x is replaced by 0 before the product where weight = 0)."""
+    keep = weights != 0
+    return jnp.sum(jnp.where(keep, weights * jnp.where(keep, x, 0), 0), axis=0)
 
 
 def _log_q_fixed_parameters(q: PyTree, z: PyTree, log_q: Array, batch_ndim: int) -> Array:
