@@ -12,18 +12,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import logging
 import math
 import os
 import pathlib
-import platform
-import shlex
-import sys
 from typing import Any, NamedTuple
 
 import numpy as np
+
+import _cli
+
+# `python experiments/inference_gaps.py` imports this checkout's vijax without installing it
+REPO_ROOT = _cli.put_repo_root_on_path()
 
 # jax and vijax are imported inside the functions that need them, so that a bad flag is
 # reported (exit 2) in a fraction of a second, before JAX starts.
@@ -31,9 +32,8 @@ import numpy as np
 ARCHITECTURE = {"latent_dim": 50, "hidden_sizes": (200, 200), "data_dim": 784}
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line on stderr, exit 2 (no multi-line usage block)
-        self.exit(2, f"{self.prog}: error: {message}\n")
+# One-line usage errors (exit 2) and the output-folder and seed checks: experiments/_cli.py.
+Parser = _cli.Parser
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -55,10 +55,7 @@ def check_common(args, parser, default_out: pathlib.Path) -> None:
     """One-line errors (exit 2) for bad flags, before anything is written."""
     if args.out is None:
         args.out = default_out
-    if args.out.exists() and not args.out.is_dir():
-        parser.error(f"--out: {args.out} exists and is not a folder")
-    if not 0 <= args.seed < 2**32:
-        parser.error(f"--seed must be in [0, 2^32), got {args.seed}")
+    _cli.check_seed(parser, args.seed)
     if args.epochs is not None and args.epochs < 1:
         parser.error(f"--epochs must be >= 1, got {args.epochs}")
     if args.checkpoint is not None:
@@ -69,6 +66,7 @@ def check_common(args, parser, default_out: pathlib.Path) -> None:
                          "experiments/vae.py (no config.json)")
     if args.data_dir is not None and not pathlib.Path(args.data_dir).is_dir():
         parser.error(f"--data-dir: {args.data_dir} is not a folder")
+    _cli.check_output_folder(parser, args.out, "--out")
 
 
 class Model(NamedTuple):
@@ -146,32 +144,42 @@ def model_description(m: Model) -> dict:
             "training_metrics": m.training}
 
 
-def machine_info() -> dict:
-    cpu = "unknown"
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import distrax
-    import flax
+def main(argv, make_parser, config_from_args, imports, run) -> dict:
+    """A script's entry point: its flags parsed and checked (``config_from_args(args, parser)``:
+    a bad one exits 2 with one line, before JAX starts), then ``imports()`` (JAX and vijax) and
+    ``run(args, parser)``, whose results it returns."""
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    config_from_args(args, parser)
+    imports()
+    return run(args, parser)
+
+
+def jax_modules():
+    """``(jax, jax.numpy, optax, vijax.amortized, vijax.families, vijax.svi)``, imported only
+    when called: the scripts check their flags first (a bad flag exits at once, before JAX
+    starts)."""
     import jax
+    import jax.numpy as jnp
     import optax
+
+    from vijax import amortized, families, svi
+
+    return jax, jnp, optax, amortized, families, svi
+
+
+def machine_info(script: str) -> dict:
+    """:func:`_cli.environment` of ``experiments/<script>`` (its command, no machine paths),
+    with the load average at the start and JAX's backend."""
+    import jax
 
     try:
         load = os.getloadavg()
     except OSError:
         load = None
-    return {"cpu_model": cpu, "cpu_count": os.cpu_count(),
+    return {**_cli.environment(script, packages=("jax", "optax", "distrax", "flax", "numpy")),
             "load_average_at_start": None if load is None else [round(v, 2) for v in load],
-            "jax_backend": jax.default_backend(),
-            "versions": {"python": platform.python_version(), "jax": jax.__version__,
-                         "optax": optax.__version__, "distrax": distrax.__version__,
-                         "flax": flax.__version__, "numpy": np.__version__},
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(shlex.quote(a) for a in [sys.executable] + sys.argv)}
+            "jax_backend": jax.default_backend()}
 
 
 def finite_json(obj):

@@ -48,7 +48,6 @@ import dataclasses
 import datetime
 import json
 import os
-import pathlib
 import platform
 import time
 import warnings
@@ -65,6 +64,7 @@ jax.config.update("jax_enable_x64", True)  # float64 runs need it; float32 input
 from sklearn.exceptions import ConvergenceWarning  # noqa: E402
 from sklearn.mixture import BayesianGaussianMixture, GaussianMixture  # noqa: E402
 
+import _cli  # noqa: E402  (experiments/_cli.py: sys.path[0] when run as a script)
 from vijax import em  # noqa: E402
 
 try:  # the Bayesian GMM column needs vijax.meanfield
@@ -511,10 +511,8 @@ def main(argv=None) -> list[Row]:
         if any(r.vj_bgmm_mesh_ms == r.vj_bgmm_mesh_ms for r in rows):
             print("\nBayesian GMM, whole CPU:\n"
                   + bgmm_mesh_table(rows, args.sklearn_threads, jax.device_count()))
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"environment": env, "args": vars(args),
-                               "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))
+    out = _cli.write_json(args.out, {"environment": env, "args": vars(args),
+                                     "rows": [dataclasses.asdict(r) for r in rows]})
     print(f"\nwrote {out}")
     return rows
 

@@ -28,15 +28,27 @@ Problems:
     (its CPU subsampling is a partial Fisher-Yates shuffle, without replacement); Blackjax in
     a scan that draws ``jax.random.randint`` indices (with replacement, like vijax).
 
+The model is the same everywhere: NumPyro's ``Bernoulli(logits=x @ w)`` and, for vijax and
+Blackjax, a log density with NumPyro's arithmetic for log(1 + e^l) (``max(l, 0) +
+log1p(exp(-|l|))``; ``--jax-softplus`` writes it with ``jax.nn.softplus`` instead, which costs
+more per row than either library's own overhead on (a)).
+
 Reported per (problem, family, library): ms/step after compilation (each timed call is one
 full compiled run of all the steps, divided by the step count; median and minimum over
-``--repeats`` calls, the libraries interleaved so that they share the background load), the
-first-call time (compile + one run) and the final ELBO of the fitted q, evaluated the same way
-for every library: a ``distrax`` distribution built from its fitted parameters, passed to
-``vijax.elbo.elbo`` on the *full* data with ``--eval-samples`` independent draws (mean and
-standard error; independent evaluation keys per library), and ``z``: the difference to vijax's
-ELBO over the combined standard error. The ratio column is vijax's ms/step over the faster
-peer's (the goal: <= 0.8 with the ELBOs equal within Monte Carlo error).
+``--repeats`` calls, the libraries interleaved so that they share the background load; also
+the process CPU time, less sensitive to other processes on a shared machine), the first-call
+time (compile + one run; the libraries' ``init`` runs before it) and the final ELBO of the
+fitted q. Every call is a separate fit with its own keys (``repeats + 1`` fits per library,
+the first call's included), and each fitted q is evaluated the same way for every library: a
+``distrax`` distribution built from its parameters, passed to ``vijax.elbo.elbo`` on the
+*full* data with ``--eval-samples / (repeats + 1)`` independent draws. The ELBO reported is
+the mean over the fits, its standard error the spread over fits / sqrt(fits) (at least the
+evaluation's own Monte Carlo error of that mean), which holds the
+optimisation noise of a constant-step-size last iterate as well as the evaluation's Monte
+Carlo error; ``z`` is the difference to vijax's ELBO over the combined standard error. The
+ratio table gives vijax's ms/step over the faster peer's (median, minimum and CPU-time
+minimum); the goal tracked: a ratio <= 0.8 with the peers' ELBOs within 3 standard errors of
+vijax's.
 
 Usage::
 
@@ -53,16 +65,18 @@ import datetime
 import json
 import math
 import os
-import pathlib
-import platform
-import sys
 import time
 from typing import Callable
+
+import _cli  # experiments/_cli.py: sys.path[0] when run as a script
 
 PROBLEMS = ("breast_cancer", "synthetic")
 FAMILIES = ("meanfield", "fullrank")
 MF_GUIDES = ("AutoNormal", "AutoDiagonalNormal")
 INIT_SCALE = 0.1  # NumPyro's autoguide default; vijax's families' default too
+# Evaluation keys per (library, is svi.fit), independent of which rows a run has
+EVAL_KEY_INDEX = {("vijax", False): 0, ("vijax", True): 1, ("numpyro", False): 2,
+                  ("blackjax", False): 3}
 
 # Defaults: full run / --quick
 DEFAULTS = {"steps_a": (20_000, 2_000), "steps_b": (5_000, 500), "repeats": (5, 3),
@@ -102,7 +116,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed calls per library (default 5; --quick 3)")
     parser.add_argument("--eval-samples", type=int, default=None,
-                        help="draws for the final-ELBO evaluation (default 20000; --quick 5000)")
+                        help="draws for the final-ELBO evaluation, shared out over the "
+                        "repeats + 1 fits of each library (default 20000; --quick 5000)")
     parser.add_argument("--jax-softplus", action="store_true",
                         help="write vijax's and Blackjax's log-likelihood with jax.nn.softplus "
                         "(default: NumPyro's Bernoulli-logits arithmetic)")
@@ -134,6 +149,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{flag.replace('_', '-')} must be a finite number > 0; got {value}")
     if not 0 <= args.seed < 2**32:
         parser.error(f"--seed must be in [0, 2**32); got {args.seed}")
+    if os.path.isdir(args.out) or not args.out.endswith(".json"):
+        parser.error(f"--out must be the path of a .json file; got {args.out!r}")
     return args
 
 
@@ -224,20 +241,21 @@ def full_log_joint(w, x, y):
 
 @dataclasses.dataclass
 class Runner:
-    """One library's fit: ``call()`` runs all the steps once (blocking) and returns its output;
+    """One library's fit: ``program(*make_args(i))`` runs all the steps of fit number ``i``
+    (its own keys, derived from the case's key and ``i``) and returns its output;
+    ``make_args`` (the library's ``init``, untimed) runs before the timer starts.
     ``q(output)`` gives ``(kind, loc, scale)``: "diag" with a scale vector or "tri" with a
     lower-triangular scale matrix, the fitted q."""
 
     library: str
     variant: str
-    call: Callable[[], object]
+    program: Callable[..., object]
+    make_args: Callable[[int], tuple]
     q: Callable[[object], tuple]
-    program: object = None  # the jitted program and its arguments (for profiling), if any
-    args: tuple = ()
     first_call_s: float = float("nan")
     times: list = dataclasses.field(default_factory=list)
     cpu_times: list = dataclasses.field(default_factory=list)
-    output: object = None
+    outputs: list = dataclasses.field(default_factory=list)  # one per fit, fit 0 first
 
     @property
     def name(self) -> str:
@@ -262,9 +280,10 @@ def vijax_runners(problem: Problem, family_name: str, num_samples: int, key) -> 
         log_joint_fn = svi.minibatch_log_joint(
             lambda w: log_prior(w), lambda w, batch: log_lik_rows(w, *batch), n)
     data = (problem.x, problem.y)
-    # svi.fit's key convention, so that both rows fit the same q
-    init_key, run_key = jax.random.split(key)
-    state0 = svi.init(init_key, family, optimizer)
+
+    def run_args(i):  # svi.fit's key convention, so that both rows fit the same q
+        init_key, run_key = jax.random.split(jax.random.fold_in(key, i))
+        return run_key, svi.init(init_key, family, optimizer), data
 
     @jax.jit
     def run(run_key, state, data):
@@ -279,14 +298,13 @@ def vijax_runners(problem: Problem, family_name: str, num_samples: int, key) -> 
         dist = family.distribution(params)
         return "tri", params["loc"], dist.scale_tri
 
-    def fit():
-        state, info = svi.fit(key, family, optimizer, log_joint_fn, problem.steps,
+    def fit(fit_key):
+        state, info = svi.fit(fit_key, family, optimizer, log_joint_fn, problem.steps,
                               objective=objective, data=data, batch_size=b)
         return state.params, info.objective
 
-    return [Runner("vijax", "svi.run (jit)", lambda: run(run_key, state0, data), q,
-                   program=run, args=(run_key, state0, data)),
-            Runner("vijax", "svi.fit", fit, q)]
+    return [Runner("vijax", "svi.run (jit)", run, run_args, q),
+            Runner("vijax", "svi.fit", fit, lambda i: (jax.random.fold_in(key, i),), q)]
 
 
 def numpyro_runner(problem: Problem, family_name: str, num_samples: int, key,
@@ -312,8 +330,10 @@ def numpyro_runner(problem: Problem, family_name: str, num_samples: int, key,
     guide = getattr(autoguide, guide_name)(model, init_loc_fn=init, init_scale=INIT_SCALE)
     engine = SVI(model, guide, numpyro.optim.Adam(problem.lr),
                  Trace_ELBO(num_particles=num_samples))
-    init_key, run_key = jax.random.split(key)
-    state0 = engine.init(init_key, problem.x, problem.y)
+
+    def run_args(i):
+        init_key, run_key = jax.random.split(jax.random.fold_in(key, i))
+        return run_key, engine.init(init_key, problem.x, problem.y), problem.x, problem.y
 
     @jax.jit
     def run(run_key, state, x, y):
@@ -328,9 +348,7 @@ def numpyro_runner(problem: Problem, family_name: str, num_samples: int, key,
             return "diag", params["auto_loc"], params["auto_scale"]
         return "tri", params["auto_loc"], params["auto_scale_tril"]
 
-    return Runner("numpyro", f"SVI.run + {guide_name}",
-                  lambda: run(run_key, state0, problem.x, problem.y), q,
-                  program=run, args=(run_key, state0, problem.x, problem.y))
+    return Runner("numpyro", f"SVI.run + {guide_name}", run, run_args, q)
 
 
 def blackjax_runner(problem: Problem, family_name: str, num_samples: int, key) -> Runner:
@@ -381,9 +399,8 @@ def blackjax_runner(problem: Problem, family_name: str, num_samples: int, key) -
         return "tri", state.mu, blackjax.vi.fullrank_vi._unflatten_cholesky(state.chol_params, d)
 
     name = "meanfield_vi" if family_name == "meanfield" else "fullrank_vi"
-    return Runner("blackjax", f"{name}.step in lax.scan",
-                  lambda: run(key, state0, problem.x, problem.y), q,
-                  program=run, args=(key, state0, problem.x, problem.y))
+    return Runner("blackjax", f"{name}.step in lax.scan", run,
+                  lambda i: (jax.random.fold_in(key, i), state0, problem.x, problem.y), q)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -425,41 +442,21 @@ def _block(out):
 
 
 def time_runners(runners: list[Runner], repeats: int) -> None:
-    """First call (compile + run) of each, then ``repeats`` rounds, round-robin; wall-clock
-    and process CPU time (all threads) of every call."""
+    """First call (compile + fit 0) of each, then ``repeats`` rounds (fits 1..repeats, each
+    with its own keys), round-robin; wall-clock and process CPU time (all threads) of every
+    call, the arguments made before the timer starts. Every fit's output is kept."""
     for r in runners:
+        args = _block(r.make_args(0))
         start = time.perf_counter()
-        r.output = _block(r.call())
+        r.outputs.append(_block(r.program(*args)))
         r.first_call_s = time.perf_counter() - start
-    for _ in range(repeats):
+    for i in range(1, repeats + 1):
         for r in runners:
+            args = _block(r.make_args(i))
             cpu, start = time.process_time(), time.perf_counter()
-            _block(r.call())
+            r.outputs.append(_block(r.program(*args)))
             r.times.append(time.perf_counter() - start)
             r.cpu_times.append(time.process_time() - cpu)
-
-
-# ----------------------------------------------------------------------------- environment
-
-def cpu_model() -> str:
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def versions() -> dict:
-    import importlib.metadata as md
-    out = {"python": platform.python_version()}
-    for pkg in ("vijax", "jax", "jaxlib", "numpyro", "blackjax", "optax", "distrax", "numpy"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
 
 
 # ----------------------------------------------------------------------------- report
@@ -484,14 +481,17 @@ def table(rows: list[dict]) -> str:
 
 def ratio_table(ratios: list[dict]) -> str:
     lines = ["| problem | family | vijax svi.run ms/step | faster peer (ms/step) | "
-             "vijax / peer (median) | (min) | vijax svi.fit / peer | goal <= 0.8 |",
-             "|---|---|---:|---|---:|---:|---:|---|"]
+             "vijax / peer: median | min | CPU min | vijax svi.fit / peer | max abs z of "
+             "the peers' ELBOs | goal: <= 0.8 and abs z <= 3 |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---|"]
     for r in ratios:
+        met = r["ratio_median"] <= 0.8 and r["max_abs_z"] <= 3
         lines.append(
             f"| {r['problem']} | {r['family']} | {_fmt(r['vijax_ms'], 4)} | {r['peer']} "
             f"({_fmt(r['peer_ms'], 4)}) | {_fmt(r['ratio_median'], 2)} | "
-            f"{_fmt(r['ratio_min'], 2)} | {_fmt(r['fit_ratio_median'], 2)} | "
-            f"{'met' if r['ratio_median'] <= 0.8 else 'not met'} |")
+            f"{_fmt(r['ratio_min'], 2)} | {_fmt(r['ratio_cpu_min'], 2)} | "
+            f"{_fmt(r['fit_ratio_median'], 2)} | {_fmt(r['max_abs_z'], 1)} | "
+            f"{'met' if met else 'not met'} |")
     return "\n".join(lines)
 
 
@@ -513,10 +513,12 @@ def main(argv=None) -> dict:
         print(f"not installed: {', '.join(missing)} (pip install -e '.[bench]'): their rows "
               "are skipped")
 
-    command = " ".join([os.path.basename(sys.executable), *sys.argv])
-    env = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": cpu_model(),
-           "cores": os.cpu_count(), "devices": [str(dv) for dv in jax.devices()],
-           "versions": versions(), "command": command,
+    env = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+           "cpu": _cli.cpu_model(), "cores": os.cpu_count(),
+           "devices": [str(dv) for dv in jax.devices()],
+           "versions": _cli.versions("vijax", "jax", "jaxlib", "numpyro", "blackjax", "optax",
+                                     "distrax", "numpy"),
+           "command": _cli.command("bench_svi.py", argv),
            "xla_flags": os.environ.get("XLA_FLAGS", ""), "loadavg_start": os.getloadavg()}
     print(json.dumps(env))
 
@@ -526,7 +528,9 @@ def main(argv=None) -> dict:
     if "synthetic" in args.problems:
         problems.append(synthetic(args.synth_n, args.synth_d, args.batch_size, args.steps_b,
                                   args.lr_b, args.seed))
-    evaluate = make_elbo_evaluator(args.eval_samples, chunk=min(args.eval_samples, 500))
+    num_fits = args.repeats + 1  # the first call's fit and one per timed call
+    eval_per_fit = max(2, -(-args.eval_samples // num_fits))
+    evaluate = make_elbo_evaluator(eval_per_fit, chunk=min(eval_per_fit, 500))
     rows, ratios = [], []
     key = jax.random.key(args.seed)
     eval_key = jax.random.fold_in(key, 1)
@@ -546,10 +550,20 @@ def main(argv=None) -> dict:
                   f"lr={problem.lr:g}, S={args.num_samples}), {family}", flush=True)
             time_runners(runners, args.repeats)
             group = []
-            for i, r in enumerate(runners):
-                kind, loc, scale = r.q(r.output)
-                elbo, se = evaluate(jax.random.fold_in(eval_key, 1000 * p_index + 100 * f_index + i),
-                                    kind, loc, scale, problem.x, problem.y)
+            for r in runners:
+                eval_index = 1000 * p_index + 100 * f_index + EVAL_KEY_INDEX[r.library, r.variant
+                                                                            == "svi.fit"]
+                per_fit = [evaluate(jax.random.fold_in(jax.random.fold_in(eval_key, eval_index), j),
+                                    *r.q(output), problem.x, problem.y)
+                           for j, output in enumerate(r.outputs)]
+                fit_elbos = np.asarray([e for e, _ in per_fit])
+                elbo = float(fit_elbos.mean())
+                # the spread over fits holds both the optimisation noise and the evaluation's;
+                # with few fits it is a rough estimate, so never below the evaluation's own
+                # Monte Carlo error of the mean over fits
+                eval_se = math.sqrt(sum(s * s for _, s in per_fit)) / fit_elbos.size
+                se = (max(float(fit_elbos.std(ddof=1) / math.sqrt(fit_elbos.size)), eval_se)
+                      if fit_elbos.size > 1 else eval_se)
                 t = np.asarray(r.times) / problem.steps * 1e3
                 c = np.asarray(r.cpu_times) / problem.steps * 1e3
                 med = float(np.median(t))
@@ -564,12 +578,22 @@ def main(argv=None) -> dict:
                        "spread": float((t.max() - t.min()) / med),
                        "first_call_s": r.first_call_s,
                        "final_objective_trace_mean_last10pct": float(np.mean(np.asarray(
-                           r.output[1])[-max(1, problem.steps // 10):])),
-                       "elbo": elbo, "elbo_se": se, "z_vs_vijax": float("nan")}
+                           r.outputs[0][1])[-max(1, problem.steps // 10):])),
+                       "elbo": elbo, "elbo_se": se, "elbo_per_fit": fit_elbos.tolist(),
+                       "elbo_sd_over_fits": (float(fit_elbos.std(ddof=1)) if fit_elbos.size > 1
+                                             else float("nan")),
+                       "elbo_eval_se_per_fit": [s for _, s in per_fit],
+                       "z_vs_vijax": float("nan"),
+                       "same_q_as_svi_run": None}
                 group.append(row)
                 print(f"  {r.name:45s} {med:8.4f} ms/step (min {t.min():.4f}), first call "
                       f"{r.first_call_s:6.2f} s, ELBO {elbo:10.3f} ± {se:.3f}", flush=True)
             ref = group[0]
+            if not args.no_fit:  # svi.fit uses svi.run's keys: the same q, bit for bit
+                group[1]["same_q_as_svi_run"] = all(
+                    np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(
+                        runners[0].outputs[0][0]),
+                        jax.tree_util.tree_leaves(runners[1].outputs[0][0])))
             for row in group[1:]:
                 row["z_vs_vijax"] = (row["elbo"] - ref["elbo"]) / math.hypot(ref["elbo_se"],
                                                                              row["elbo_se"])
@@ -586,9 +610,11 @@ def main(argv=None) -> dict:
                     "ratio_median": ref["ms_per_step_median"] / fast["ms_per_step_median"],
                     "ratio_min": ref["ms_per_step_min"]
                     / min(row["ms_per_step_min"] for row in peers),
+                    "ratio_cpu_min": ref["cpu_ms_per_step_min"]
+                    / min(row["cpu_ms_per_step_min"] for row in peers),
                     "fit_ratio_median": (fit_row["ms_per_step_median"]
                                          / fast["ms_per_step_median"]) if fit_row else math.nan,
-                    "max_abs_z": max(abs(row["z_vs_vijax"]) for row in group[1:])})
+                    "max_abs_z": max(abs(row["z_vs_vijax"]) for row in peers)})
     env["loadavg_end"] = os.getloadavg()
     print(f"\nCPU: {env['cpu']} ({env['cores']} cores); load average at start "
           f"{env['loadavg_start'][0]:.2f}, at end {env['loadavg_end'][0]:.2f}; spread = "
@@ -598,10 +624,7 @@ def main(argv=None) -> dict:
         print("\nvijax's step against the faster of NumPyro and Blackjax (median ms/step):")
         print(ratio_table(ratios))
     result = {"environment": env, "args": vars(args), "rows": rows, "ratios": ratios}
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"\nwrote {out}")
+    print(f"\nwrote {_cli.write_json(args.out, result)}")
     return result
 
 

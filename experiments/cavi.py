@@ -19,7 +19,6 @@ Writes ``normal_gamma.png``, ``bgmm_old_faithful.png``, ``bgmm_elbo.png`` and
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
@@ -29,9 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # allow `python experiments/cavi.py` without installing
-    sys.path.insert(0, str(REPO_ROOT))
+_HERE = str(pathlib.Path(__file__).resolve().parent)
+if _HERE not in sys.path:  # experiments/_cli.py, also when this file is loaded by path
+    sys.path.insert(0, _HERE)
+
+import _cli  # noqa: E402
+
+REPO_ROOT = _cli.put_repo_root_on_path()  # `python experiments/cavi.py` without installing
 
 from vijax import data as vdata  # noqa: E402
 from vijax.meanfield import bayesian_gmm as bg  # noqa: E402
@@ -206,7 +209,7 @@ def plot_elbo(bgmm: BGMMRun, normal_gamma: NormalGammaRun, path: pathlib.Path) -
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = _cli.Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=pathlib.Path, default=REPO_ROOT / "outputs" / "cavi")
     parser.add_argument("--data", type=pathlib.Path, default=DEFAULT_DATA,
                         help="Old Faithful CSV (default ../shared/data/old_faithful.csv)")
@@ -219,12 +222,9 @@ def main(argv=None) -> dict:
         parser.error(f"--num-components must be >= 1; got {args.num_components}")
     if not (np.isfinite(args.concentration) and args.concentration > 0):
         parser.error(f"--concentration must be a finite number > 0; got {args.concentration}")
-    if not args.data.is_file():
-        parser.error(f"--data: no file {args.data}")
-    try:  # read before anything is written
-        x = load_old_faithful(args.data)
-    except ValueError as err:
-        parser.error(f"--data: {args.data} is not the Old Faithful CSV ({err})")
+    _cli.check_seed(parser, args.seed)
+    _cli.check_output_folder(parser, args.out, "--out")  # every flag before the data are read
+    x = _cli.read_input(parser, args.data, load_old_faithful, "the Old Faithful CSV")
     if args.num_components > x.shape[0]:
         parser.error(f"--num-components must be at most the {x.shape[0]} rows of --data; got "
                      f"{args.num_components}")

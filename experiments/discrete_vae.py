@@ -73,6 +73,7 @@ import optax
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+import _cli  # noqa: E402  (experiments/_cli.py: sys.path[0] when run as a script)
 from vijax import data as vdata  # noqa: E402
 from vijax import discrete  # noqa: E402
 from vijax import elbo as velbo  # noqa: E402
@@ -80,7 +81,7 @@ from vijax import marginal  # noqa: E402
 from vijax import nn as vnn  # noqa: E402
 from vijax import vae  # noqa: E402
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+REPO_ROOT = _cli.REPO_ROOT
 ESTIMATORS = ("score_loo", "gumbel_softmax", "gumbel_softmax_catkl", "straight_through",
               "enumerate")
 RELAXED = ("gumbel_softmax", "gumbel_softmax_catkl", "straight_through")
@@ -364,13 +365,8 @@ def plot_curves(curves: dict, path: pathlib.Path) -> None:
 # ---------------------------------------------------------------------------------- main
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, nothing written
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def make_parser() -> argparse.ArgumentParser:
-    p = _Parser(description=__doc__.split("\n\n")[0])
+    p = _cli.Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=pathlib.Path, default=REPO_ROOT / "outputs" / "discrete_vae",
                    help="output folder (default outputs/discrete_vae)")
     p.add_argument("--data-dir", default=None,
@@ -437,16 +433,6 @@ def _check_args(p, args) -> list[str]:
     if args.out.exists() and not args.out.is_dir():
         p.error(f"--out {args.out} is a file")
     return kinds
-
-
-def cpu_model() -> str:
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv=None) -> dict:
@@ -565,10 +551,9 @@ def main(argv=None) -> dict:
     plot_curves(curves, args.out / "training_curves.png")
     summary = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+        "cpu": _cli.cpu_model(), "cpu_count": os.cpu_count(),
         "load_average_at_start": load_before,
-        "command": "python " + " ".join(["experiments/discrete_vae.py"]
-                                        + (sys.argv[1:] if argv is None else list(argv))),
+        "command": _cli.command("discrete_vae.py", argv),
         "jax_version": jax.__version__, "python": platform.python_version(),
         "backend": jax.default_backend(),
         "config": {k_: (str(v) if isinstance(v, pathlib.Path) else v)
@@ -578,7 +563,7 @@ def main(argv=None) -> dict:
         "total_wall_s": time.perf_counter() - started,
         "total_cpu_s": time.process_time() - cpu_started,
     }
-    (args.out / "results.json").write_text(json.dumps(summary, indent=1))
+    _cli.write_json(args.out / "results.json", summary)
     for name in ("results.json", "samples.png", "training_curves.png"):
         print("wrote", args.out / name)
     return summary

@@ -21,10 +21,10 @@ Nothing is downloaded; the Old Faithful CSV must be present.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import pathlib
+import sys
 import time
 
 import jax
@@ -40,7 +40,14 @@ from scipy.optimize import linear_sum_assignment  # noqa: E402
 from vijax import data as vdata  # noqa: E402
 from vijax import em  # noqa: E402
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+_HERE = str(pathlib.Path(__file__).resolve().parent)
+if _HERE not in sys.path:  # experiments/_cli.py, also when this file is loaded by path
+    sys.path.insert(0, _HERE)
+
+import _cli  # noqa: E402
+
+REPO_ROOT = _cli.REPO_ROOT
+
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "old_faithful.csv"
 SNAPSHOTS = (0, 1, 2, 5, 20)
 
@@ -220,7 +227,7 @@ def plot_synthetic(result: dict, path: pathlib.Path) -> None:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = _cli.Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=pathlib.Path, default=DEFAULT_DATA,
                         help="Old Faithful CSV (default ../shared/data/old_faithful.csv)")
     parser.add_argument("--out", type=pathlib.Path, default=REPO_ROOT / "outputs" / "gmm_em",
@@ -238,12 +245,9 @@ def main(argv=None) -> dict:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1; got {getattr(args, flag)}")
     if args.synthetic_n < args.synthetic_k:
         parser.error("--synthetic-n must be at least --synthetic-k")
-    if not args.data.is_file():
-        parser.error(f"--data: no file {args.data}")
-    try:  # read before anything is written
-        old_faithful = load_old_faithful(args.data)
-    except ValueError as err:
-        parser.error(f"--data: {args.data} is not the Old Faithful CSV ({err})")
+    _cli.check_seed(parser, args.seed)
+    _cli.check_output_folder(parser, args.out, "--out")  # every flag before the data are read
+    old_faithful = _cli.read_input(parser, args.data, load_old_faithful, "the Old Faithful CSV")
     jax.config.update("jax_enable_x64", True)
     args.out.mkdir(parents=True, exist_ok=True)
 

@@ -32,35 +32,23 @@ compilation (first calls).
 from __future__ import annotations
 
 import pathlib
-import sys
 import time
 
 import numpy as np
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # allow `python experiments/inference_gaps.py` uninstalled
-    sys.path.insert(0, str(REPO_ROOT))
+# experiments/ is sys.path[0] when run as a script; this puts the repository root there too
+import _amortized_common as common
 
-import _amortized_common as common  # noqa: E402
-
-# jax and vijax are imported by _imports(), after the flags are checked (a bad flag exits at
-# once, before JAX starts)
+# jax and vijax are imported by _imports(), after the flags are checked
 jax = jnp = optax = am = vfam = svi = None
 
 
 def _imports():
     global jax, jnp, optax, am, vfam, svi
-    import jax as _jax
-    import jax.numpy as _jnp
-    import optax as _optax
+    jax, jnp, optax, am, vfam, svi = common.jax_modules()
 
-    from vijax import amortized as _am
-    from vijax import families as _vfam
-    from vijax import svi as _svi
 
-    jax, jnp, optax, am, vfam, svi = _jax, _jnp, _optax, _am, _vfam, _svi
-
-DEFAULT_OUT = REPO_ROOT / "outputs" / "inference_gaps"
+DEFAULT_OUT = common.REPO_ROOT / "outputs" / "inference_gaps"
 # Cremer, Li & Duvenaud 2018, Table 2, MNIST, fully factorised Gaussian (nats)
 CREMER_MNIST_FFG = {"log_px": -89.80, "elbo_local": -91.23, "elbo_amortized": -92.57,
                     "approximation_gap": 1.43, "amortization_gap": 1.34}
@@ -173,7 +161,7 @@ def run(args, parser, log=print) -> dict:
 
     matplotlib.use("Agg")
     t_start = time.perf_counter()
-    meta = common.machine_info()
+    meta = common.machine_info("inference_gaps.py")
     m = common.load_model(args, parser, args.quick, log)
     x = jnp.asarray(common.test_images(m.config, args.num_test))
     n, latent_dim = x.shape[0], m.model.latent_dim
@@ -373,11 +361,7 @@ def plot_gaps(gaps, path):
 
 
 def main(argv=None) -> dict:
-    parser = make_parser()
-    args = parser.parse_args(argv)
-    config_from_args(args, parser)
-    _imports()
-    return run(args, parser)
+    return common.main(argv, make_parser, config_from_args, _imports, run)
 
 
 if __name__ == "__main__":

@@ -30,15 +30,12 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import itertools
-import json
 import math
 import os
 import pathlib
 import platform
-import sys
 import time
 
 import jax
@@ -54,11 +51,12 @@ import optax  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+import _cli  # noqa: E402  (experiments/_cli.py: sys.path[0] when run as a script)
 from vijax import data as vdata  # noqa: E402
 from vijax import elbo as velbo  # noqa: E402
 from vijax import em  # noqa: E402
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+REPO_ROOT = _cli.REPO_ROOT
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "old_faithful.csv"
 K = 2
 
@@ -257,23 +255,8 @@ def plot_fits(x, fits: dict, path: pathlib.Path) -> None:
 # --------------------------------------------------------------------------------- main
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, nothing written
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def cpu_model() -> str:
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main(argv=None) -> dict:
-    p = _Parser(description=__doc__.split("\n\n")[0])
+    p = _cli.Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=pathlib.Path, default=DEFAULT_DATA,
                    help="Old Faithful CSV (default ../shared/data/old_faithful.csv)")
     p.add_argument("--out", type=pathlib.Path,
@@ -296,12 +279,9 @@ def main(argv=None) -> dict:
         value = getattr(args, name)
         if not (math.isfinite(value) and value > 0):
             p.error(f"--{name} must be a finite number > 0; got {value}")
-    if not args.data.is_file():
-        p.error(f"--data: no file {args.data}")
-    try:  # read before anything is written
-        x_np = vdata.load_old_faithful(args.data, standardize=True)
-    except ValueError as err:
-        p.error(f"--data: {args.data} is not the Old Faithful CSV ({err})")
+    x_np = _cli.read_input(  # read before anything is written
+        p, args.data, lambda path: vdata.load_old_faithful(path, standardize=True),
+        "the Old Faithful CSV")
     if args.out.exists() and not args.out.is_dir():
         p.error(f"--out {args.out} is a file")
     started = time.perf_counter()
@@ -356,10 +336,9 @@ def main(argv=None) -> dict:
               args.out / "mixture_fits.png")
     summary = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+        "cpu": _cli.cpu_model(), "cpu_count": os.cpu_count(),
         "load_average_at_start": os.getloadavg()[0],
-        "command": "python " + " ".join(["experiments/mixture_enumerated.py"]
-                                        + (sys.argv[1:] if argv is None else list(argv))),
+        "command": _cli.command("mixture_enumerated.py", argv),
         "jax_version": jax.__version__, "python": platform.python_version(),
         "config": {"adam_iters": args.adam_iters, "lbfgs_iters": args.lbfgs_iters,
                    "lr": args.lr, "gap": args.gap, "quick": args.quick,
@@ -368,7 +347,7 @@ def main(argv=None) -> dict:
         "traces": {k: r["trace"].tolist() for k, r in runs.items()},
         "total_wall_s": time.perf_counter() - started,
     }
-    (args.out / "results.json").write_text(json.dumps(summary, indent=1))
+    _cli.write_json(args.out / "results.json", summary)
     for name in ("results.json", "mixture_convergence.png", "mixture_fits.png"):
         print("wrote", args.out / name)
     return summary

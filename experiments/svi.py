@@ -38,12 +38,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
 import math
 import pathlib
-import platform
-import shlex
 import sys
 import time
 from typing import Callable, NamedTuple
@@ -53,9 +49,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # allow `python experiments/svi.py` without installing
-    sys.path.insert(0, str(REPO_ROOT))
+_HERE = str(pathlib.Path(__file__).resolve().parent)
+if _HERE not in sys.path:  # experiments/_cli.py, also when this file is loaded by path
+    sys.path.insert(0, _HERE)
+
+import _cli  # noqa: E402
+
+REPO_ROOT = _cli.put_repo_root_on_path()  # `python experiments/svi.py` without installing
 
 from vijax import families as vfam  # noqa: E402
 from vijax import svi  # noqa: E402
@@ -729,34 +729,10 @@ def plot_toy_elbo(arrays: dict, results: dict, cfg: Config, path: pathlib.Path) 
 # --------------------------------------------------------------------------------------------
 
 def machine_info(argv=None) -> dict:
-    cpu = "unknown"
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import distrax
-    import flax
-
-    versions = {"python": platform.python_version(), "jax": jax.__version__,
-                "optax": optax.__version__, "distrax": distrax.__version__,
-                "flax": flax.__version__, "numpy": np.__version__}
-    for mod in ("sklearn", "blackjax", "matplotlib"):
-        try:
-            versions[mod] = __import__(mod).__version__
-        except ImportError:
-            versions[mod] = None
-    import os
-
-    return {"cpu_model": cpu, "cpu_count": os.cpu_count(), "jax_backend": jax.default_backend(),
-            "jax_devices": [str(d) for d in jax.devices()], "versions": versions,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(shlex.quote(a) for a in ["python", "experiments/svi.py",
-                                                          *(sys.argv[1:] if argv is None
-                                                            else argv)]),
-            "python_executable": sys.executable}
+    return {**_cli.environment("svi.py", argv, ("jax", "optax", "distrax", "flax", "numpy",
+                                                "sklearn", "blackjax", "matplotlib")),
+            "jax_backend": jax.default_backend(),
+            "jax_devices": [str(d) for d in jax.devices()]}
 
 
 def run_all(cfg: Config, out: pathlib.Path, log=print, argv=None) -> dict:
@@ -776,17 +752,12 @@ def run_all(cfg: Config, out: pathlib.Path, log=print, argv=None) -> dict:
     results = {"meta": {**machine_info(argv), "config": dataclasses.asdict(cfg),
                         "total_wall_s": total, "wall_times_include_jit_compilation": True},
                "logistic_regression": logreg, **toys}
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    _cli.write_json(out / "results.json", results, indent=2)
     return results
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line on stderr, exit 2 (no multi-line usage block)
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def make_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="svi.py", description=__doc__.split("\n\n")[0])
+    p = _cli.Parser(prog="svi.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT,
                    help="output folder (default outputs/svi)")
     p.add_argument("--quick", action="store_true", help="smoke test: fewer steps and draws")
@@ -835,8 +806,6 @@ def config_from_args(args: argparse.Namespace) -> Config:
     if not 1 <= cfg.batch_size <= num_train:
         raise ValueError(f"--batch-size must be in [1, {num_train}] (the training rows); got "
                          f"{cfg.batch_size}")
-    if args.out.exists() and not args.out.is_dir():
-        raise ValueError(f"--out: {args.out} exists and is not a folder")
     return cfg
 
 
@@ -847,6 +816,7 @@ def main(argv=None) -> dict:
         cfg = config_from_args(args)
     except ValueError as err:
         parser.error(str(err))
+    _cli.check_output_folder(parser, args.out, "--out")
     results = run_all(cfg, args.out, argv=argv)
     lr = results["logistic_regression"]
     print(f"wrote {args.out}/results.json and 4 PNGs in {results['meta']['total_wall_s']:.1f} s "

@@ -28,35 +28,23 @@ Writes ``results.json`` (every number, date, CPU model, command) and ``elbo_vs_t
 from __future__ import annotations
 
 import pathlib
-import sys
 import time
 
 import numpy as np
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # allow `python experiments/svi_vs_amortized.py` uninstalled
-    sys.path.insert(0, str(REPO_ROOT))
+# experiments/ is sys.path[0] when run as a script; this puts the repository root there too
+import _amortized_common as common
 
-import _amortized_common as common  # noqa: E402
-
-# jax and vijax are imported by _imports(), after the flags are checked (a bad flag exits at
-# once, before JAX starts)
+# jax and vijax are imported by _imports(), after the flags are checked
 jax = jnp = optax = am = vfam = svi = None
 
 
 def _imports():
     global jax, jnp, optax, am, vfam, svi
-    import jax as _jax
-    import jax.numpy as _jnp
-    import optax as _optax
+    jax, jnp, optax, am, vfam, svi = common.jax_modules()
 
-    from vijax import amortized as _am
-    from vijax import families as _vfam
-    from vijax import svi as _svi
 
-    jax, jnp, optax, am, vfam, svi = _jax, _jnp, _optax, _am, _vfam, _svi
-
-DEFAULT_OUT = REPO_ROOT / "outputs" / "svi_vs_amortized"
+DEFAULT_OUT = common.REPO_ROOT / "outputs" / "svi_vs_amortized"
 
 
 def make_parser():
@@ -171,7 +159,7 @@ def run(args, parser, log=print) -> dict:
 
     matplotlib.use("Agg")
     t_start = time.perf_counter()
-    meta = common.machine_info()
+    meta = common.machine_info("svi_vs_amortized.py")
     m = common.load_model(args, parser, args.quick, log)
     x = jnp.asarray(common.test_images(m.config, args.num_images))
     n = x.shape[0]
@@ -305,11 +293,7 @@ def plot(curves, n, path, reference=None):
 
 
 def main(argv=None) -> dict:
-    parser = make_parser()
-    args = parser.parse_args(argv)
-    config_from_args(args, parser)
-    _imports()
-    return run(args, parser)
+    return common.main(argv, make_parser, config_from_args, _imports, run)
 
 
 if __name__ == "__main__":

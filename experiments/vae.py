@@ -29,12 +29,19 @@ import argparse
 import dataclasses
 import json
 import logging
+import pathlib
 import sys
 from typing import Sequence
 
-from vijax import elbo as velbo
-from vijax import vae
-from vijax import vae_train as vt
+_HERE = str(pathlib.Path(__file__).resolve().parent)
+if _HERE not in sys.path:  # experiments/_cli.py, also when this file is loaded by path
+    sys.path.insert(0, _HERE)
+
+import _cli  # noqa: E402
+
+from vijax import elbo as velbo  # noqa: E402
+from vijax import vae  # noqa: E402
+from vijax import vae_train as vt  # noqa: E402
 
 ESTIMATORS = {
     "pathwise": velbo.Pathwise,
@@ -58,7 +65,7 @@ IWAE_PAPER_EPOCHS = int(vt.IwaeLR().stage_ends()[-1])  # 3280
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = _cli.Parser(description=__doc__.split("\n\n")[0])
     # Numeric flags default to None: only the flags given override the base configuration
     # (Config() or, with --quick, quick_config()); the effective values go to config.json.
     p.add_argument("--quick", action="store_true",
@@ -101,6 +108,9 @@ def make_parser() -> argparse.ArgumentParser:
                         "run (--epochs, or --quick) follows its first stages (e.g. 10 epochs: "
                         "1 at lr, 3 at lr*10^(-1/7), 6 at lr*10^(-2/7))")
     p.add_argument("--seed", type=int, default=None, help="default 0")
+    p.add_argument("--max-consecutive-skips", type=int, default=None,
+                   help="skip (and count) training steps whose gradient is NaN/inf, stopping "
+                        "after this many in a row (default: no skipping)")
     p.add_argument("--eval-num-samples", type=int, default=None,
                    help="k of the final importance-sampling log p(x) (default 5000)")
     p.add_argument("--eval-num-test", type=int, default=None,
@@ -150,6 +160,7 @@ def config_from_args(args: argparse.Namespace) -> vt.Config:
     for flag, field in (("latent_dim", "latent_dim"), ("epochs", "epochs"),
                         ("batch_size", "batch_size"), ("learning_rate", "learning_rate"),
                         ("seed", "seed"), ("eval_num_samples", "eval_num_samples"),
+                        ("max_consecutive_skips", "max_consecutive_skips"),
                         ("eval_num_test", "eval_num_test")):
         value = getattr(args, flag)
         if value is not None:
@@ -162,10 +173,13 @@ def config_from_args(args: argparse.Namespace) -> vt.Config:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
+    _cli.check_seed(parser, args.seed)
     try:
         config = config_from_args(args)
     except (ValueError, TypeError) as err:
         parser.error(str(err))
+    # before any data are loaded: an empty path (the current folder), a file, an unwritable place
+    _cli.check_output_folder(parser, args.workdir, "--workdir")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
     try:

@@ -236,7 +236,8 @@ def test_exact_e_steps_make_the_alternating_scheme_ascend_monotonically():
         n = xb.shape[0]
         return {"loc": loc,
                 "raw_diag": jnp.broadcast_to(am.inverse_softplus(jnp.diagonal(chol)), (n, PPCA_L)),
-                "off_diag": jnp.broadcast_to(chol, (n, PPCA_L, PPCA_L))}
+                "off_diag": jnp.broadcast_to(chol / jnp.diagonal(chol)[:, None],
+                                             (n, PPCA_L, PPCA_L))}
 
     def mean_log_likelihood(theta):
         return jnp.mean(lg.log_marginal(_ppca_model(theta), x))
@@ -270,7 +271,10 @@ def test_learn_by_local_svi_follows_the_notes_steps_and_approaches_the_ml_fit():
     assert trace.shape == (300,)
     ll = float(jnp.mean(lg.log_marginal(_ppca_model(theta), x)))
     assert ll > ll_0 + 5.0
-    assert ll > ll_ml - 0.05  # minibatches of 50: a looser tolerance than full-batch EM
+    # minibatches of 50 and a constant-length run: over 14 seeds the gap ll_ml - ll was
+    # 0.01-0.19 nats per point (mean 0.11), so 0.3 leaves room for the seed and still fails a
+    # fit that misses the ML solution (ll_0 is about 5 nats below)
+    assert ll > ll_ml - 0.3
 
 
 def test_alternating_optimizer_moves_the_encoder_then_the_decoder():

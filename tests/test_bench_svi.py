@@ -35,7 +35,7 @@ def test_bench_svi_quick_tiny_rows_and_elbos_agree(tmp_path):
     result = _run("--quick", "--no-fit", "--families", "meanfield", "--num-samples", "8",
                   "--steps-a", "1500", "--lr-a", "0.02", "--synth-n", "500", "--synth-d", "8",
                   "--batch-size", "100", "--steps-b", "1500", "--lr-b", "0.003",
-                  "--repeats", "1", "--eval-samples", "2000", "--out", str(out))
+                  "--repeats", "3", "--eval-samples", "4000", "--out", str(out))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     data = json.loads(out.read_text())
     env = data["environment"]

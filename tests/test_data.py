@@ -458,3 +458,36 @@ _HALF = np.full((2, 3), 0.5, np.float32)
 def test_bad_arguments_raise_errors_naming_them(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_load_old_faithful_names_the_file_and_refuses_zero_variance(tmp_path):
+    """Before: standardize=True on one row or a constant column returned NaN; text in a column
+    gave NumPy's "could not convert string" without the file name."""
+    one_row = tmp_path / "one_row.csv"
+    one_row.write_text("eruptions_min,waiting_min\n3.6,79\n")
+    with pytest.raises(ValueError, match=r"one_row\.csv: cannot standardize column\(s\) "
+                                         r"'eruptions_min', 'waiting_min': zero variance"):
+        data.load_old_faithful(one_row, standardize=True)
+    assert data.load_old_faithful(one_row).shape == (1, 2)  # fine unstandardized
+    constant = tmp_path / "constant.csv"
+    constant.write_text("eruptions_min,waiting_min\n3.6,79\n1.8,79\n2.3,79\n")
+    with pytest.raises(ValueError, match=r"column\(s\) 'waiting_min': zero variance over 3"):
+        data.load_old_faithful(constant, standardize=True)
+    text = tmp_path / "text.csv"
+    text.write_text("eruptions_min,waiting_min\n3.6,79\n1.8,fifty\n")
+    with pytest.raises(ValueError, match=r"text\.csv, line 3, column 'waiting_min': 'fifty' is "
+                                         "not a number"):
+        data.load_old_faithful(text)
+
+
+def test_a_path_argument_of_the_wrong_type_or_empty_is_refused_naming_it(tmp_path, monkeypatch):
+    """Before: pathlib's "expected str, bytes or os.PathLike object, not int"; an empty string
+    silently meant the current folder."""
+    with pytest.raises(TypeError, match=r"data_dir must be a path \(str or os.PathLike, or "
+                                        r"None\), got 123 of type int"):
+        data.load_mnist(123)
+    with pytest.raises(TypeError, match="path must be a path"):
+        data.load_old_faithful(123)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="data_dir must not be empty"):
+        data.load_mnist("")

@@ -528,3 +528,56 @@ def test_scalar_event_q_is_a_one_dimensional_latent_per_entry():
     value = velbo.elbo(_K, lambda z: -0.5 * z * z, q, num_samples=2)
     assert value.shape == (4, 2)
     np.testing.assert_allclose(value, 0.5 * np.log(2 * np.pi), rtol=1e-6)
+
+
+# ------------------------------------------------------------------ one check of every distribution
+
+
+def test_prior_is_checked_like_q():
+    """Before, a NaN prior loc gave an all-NaN ELBO and a negative prior scale was used as
+    |scale|, with no error, while `q` (and naive_monte_carlo's prior) refused both."""
+    bad_priors = {
+        "nan-loc": (distrax.MultivariateNormalDiag(jnp.full((2,), jnp.nan), jnp.ones(2)),
+                    r"`prior \(its loc/scale parameters\)` contains non-finite"),
+        "negative-scale": (distrax.MultivariateNormalDiag(jnp.zeros(2), -jnp.ones(2)),
+                           "`prior` must have a positive scale: its `scale_diag`"),
+        "independent-normal": (distrax.Independent(distrax.Normal(jnp.zeros((4, 2)),
+                                                                  -jnp.ones((4, 2))), 1),
+                               "`prior` must have a positive scale: its `scale`"),
+    }
+    for prior, match in bad_priors.values():
+        with pytest.raises(ValueError, match=match):
+            velbo.elbo_analytic_kl(_K, _lj, _q42(), prior)
+    # a valid prior gives a finite ELBO
+    assert np.isfinite(velbo.elbo_analytic_kl(_K, _lj, _q42(), _std_prior())).all()
+
+
+def test_a_batch_of_keys_is_refused_naming_rng_key():
+    """Before, split(key, 2) passed the key check and failed inside JAX without naming
+    rng_key (or, for a raw batch, silently used a [2, 2] key)."""
+    typed, raw = jax.random.split(_K, 2), jax.random.split(jax.random.PRNGKey(0), 2)
+    for keys in (typed, raw, jax.random.split(_K, (2, 3))):
+        with pytest.raises(TypeError, match=r"rng_key must be a single .*batch of keys"):
+            velbo.elbo(keys, _lj, _q42())
+        with pytest.raises(TypeError, match=r"rng_key must be a single"):
+            velbo.iwae_bound(keys, _lj, _q42(), num_samples=2)
+    # a single key of either kind, and a key batch under vmap, are fine
+    for key in (typed[0], raw[0]):
+        assert velbo.elbo(key, _lj, _q42()).shape == (4,)
+    assert jax.vmap(lambda k: velbo.elbo(k, _lj, _q42()))(typed).shape == (2, 4)
+
+
+def test_non_floating_q_parameters_are_refused_naming_them():
+    """A q whose leaves were cast by jax.tree.map (distrax's constructor is bypassed) used to
+    fail inside distrax with its dtype message."""
+    q = _q42()
+    for cast, dtype in ((lambda a: a > 0, "bool"), (lambda a: a.astype(jnp.int32), "int32")):
+        bad = jax.tree.map(cast, q)
+        with pytest.raises(TypeError, match=rf"`q` must have floating-point parameters: its "
+                                            rf"`loc` has dtype {dtype}"):
+            velbo.elbo(_K, _lj, bad)
+        with pytest.raises(TypeError, match="`prior` must have floating-point parameters"):
+            velbo.elbo_analytic_kl(_K, _lj, q, jax.tree.map(cast, _std_prior()))
+    normal = distrax.Independent(distrax.Normal(jnp.zeros((4, 2)), jnp.ones((4, 2))), 1)
+    with pytest.raises(TypeError, match="its `loc` has dtype bool"):
+        velbo.iwae_bound(_K, _lj, jax.tree.map(lambda a: a > 0, normal), num_samples=2)

@@ -827,3 +827,28 @@ def test_float32_log_likelihood_is_accurate_far_from_the_origin(x64, offset):
     ll32 = np.asarray(em.log_likelihood(s32, jnp.asarray(x)), np.float64)
     ll64 = np.asarray(em.log_likelihood(s64, jnp.asarray(x, np.float64)))
     np.testing.assert_allclose(ll32, ll64, rtol=0, atol=1e-5)
+
+
+def test_max_iter_is_bounded_because_the_trace_is_allocated_up_front():
+    """Before, max_iter=10**9 allocated a 10^9-entry trace before the first iteration."""
+    x = np.random.default_rng(0).normal(size=(20, 2)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"`max_iter` must be <= 1,000,000, got 2,000,000: the "
+                                         r"per-iteration log-likelihood trace"):
+        em.fit(jax.random.key(0), x, 2, max_iter=2_000_000)
+    state = em.init(jax.random.key(0), x, 2)
+    with pytest.raises(ValueError, match="`max_iter` must be <= 1,000,000"):
+        em.fit_from_state(state, x, max_iter=em.MAX_ITER + 1)
+
+
+def test_data_whose_squared_distances_overflow_is_refused():
+    """Before, |x| ~ 1e19 in float32 returned non-finite parameters, converged=False and no
+    error. The limit sqrt(max / (4 N D)) is the documented one; data just below it fit."""
+    x = np.random.default_rng(0).normal(size=(40, 2)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"`x` has entries up to [0-9.]+e\+19 in absolute value: "
+                                         r"EM's squared distances.*overflow float32"):
+        em.fit(jax.random.key(0), x * np.float32(1e19), 2)
+    limit = np.sqrt(float(np.finfo(np.float32).max) / (4 * 40 * 2))
+    below = (x / np.abs(x).max() * np.float32(0.99 * limit)).astype(np.float32)
+    state, info = em.fit(jax.random.key(0), below, 2)
+    for leaf in (state.weights, state.means, state.covariances, info.log_likelihood[0]):
+        assert np.isfinite(np.asarray(leaf)).all()

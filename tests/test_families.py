@@ -36,6 +36,13 @@ def _softplus(x):
     return np.logaddexp(0.0, np.asarray(x, np.float64))
 
 
+def _full_rank_scale(off_diag, raw_diag):
+    """FullRankNormal's documented L = diag(softplus(raw_diag)) (I + strict_lower(off_diag))."""
+    off_diag = np.asarray(off_diag, np.float64)
+    unit = np.tril(off_diag, -1) + np.eye(off_diag.shape[-1])
+    return _softplus(raw_diag)[:, None] * unit
+
+
 @functools.partial(jax.jit, static_argnums=(0, 3))
 def _draw(family, params, key, num_samples):
     """``num_samples`` draws of ``svi.sample`` and their log q by ``log_prob`` (the inverse
@@ -106,7 +113,7 @@ def test_full_rank_log_prob_and_moments_match_scipy(x64):
     family = F.FullRankNormal(d)
     params = {"loc": jnp.asarray(rng.normal(size=d)), "raw_diag": jnp.asarray(rng.normal(size=d)),
               "off_diag": jnp.asarray(rng.normal(size=(d, d)))}  # upper triangle must be ignored
-    tril = np.tril(np.asarray(params["off_diag"]), -1) + np.diag(_softplus(params["raw_diag"]))
+    tril = _full_rank_scale(params["off_diag"], params["raw_diag"])
     cov = tril @ tril.T
     z, log_q = _draw_checked(family, params, jax.random.key(2), 4000)
     ref = scipy.stats.multivariate_normal(np.asarray(params["loc"]), cov).logpdf(np.asarray(z))
@@ -183,7 +190,7 @@ def test_local_families_have_batch_shape_n_and_scipy_densities(x64, name):
                 np.asarray(z[:, i])).reshape(3, -1).sum(1)
         else:
             if isinstance(family, F.FullRankNormal):
-                scale = np.tril(p["off_diag"][i], -1) + np.diag(_softplus(p["raw_diag"][i]))
+                scale = _full_rank_scale(p["off_diag"][i], p["raw_diag"][i])
             else:
                 scale = np.diag(_softplus(p["raw_diag"][i])) + p["u"][i] @ p["u"][i].T
             ref = scipy.stats.multivariate_normal(p["loc"][i], scale @ scale.T).logpdf(
@@ -231,7 +238,7 @@ def test_positive_on_a_full_rank_base_is_the_correlated_log_normal(x64):
     family = F.Constrained(F.FullRankNormal(2), F.positive())
     params = {"loc": jnp.asarray(rng.normal(size=2)), "raw_diag": jnp.asarray(rng.normal(size=2)),
               "off_diag": jnp.asarray(rng.normal(size=(2, 2)))}
-    tril = np.tril(np.asarray(params["off_diag"]), -1) + np.diag(_softplus(params["raw_diag"]))
+    tril = _full_rank_scale(params["off_diag"], params["raw_diag"])
     z, log_q = _draw_checked(family, params, jax.random.key(8), 500)
     z = np.asarray(z)
     assert np.all(z > 0)

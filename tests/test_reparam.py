@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vijax import elbo as velbo
 from vijax import reparam
 
 
@@ -176,3 +177,29 @@ def test_bad_key_or_sample_shape_is_a_named_type_error(sampler, key, sample_shap
 def test_sample_shape_accepts_numpy_ints_and_raw_keys():
     z, log_q = _SAMPLERS["diag"](jax.random.PRNGKey(0), sample_shape=(np.int64(2), 1))
     assert z.shape == (2, 1, 2, 3) and log_q.shape == (2, 1, 2)
+
+
+def test_denormal_scales_are_refused_alike_by_q_and_reparam():
+    """float32 scales below finfo.tiny (1.2e-38) are denormal and flushed to zero on CPU, so
+    log q is infinite. Before, the check of q (NumPy sees them > 0) let them through while
+    sample_diag_gaussian refused them; now one rule (scale >= finfo.tiny) holds for both."""
+    key = jax.random.key(0)
+    loc = jnp.zeros((2, 3), jnp.float32)
+    for value in (1e-39, 1e-45):
+        scale = jnp.ones((2, 3), jnp.float32).at[0, 1].set(value)
+        with pytest.raises(ValueError, match=r"`scale` has entries below 1\.175e-38, the "
+                                             r"smallest normal float32"):
+            reparam.sample_diag_gaussian(key, loc, scale)
+        q = distrax.MultivariateNormalDiag(loc, scale)
+        with pytest.raises(ValueError, match="`q` must have a positive scale: its `scale_diag` "
+                                             "has entries below"):
+            velbo.elbo(key, lambda z: -0.5 * jnp.sum(z * z, -1), q)
+        with pytest.raises(ValueError, match="`base` must have a positive scale"):
+            reparam.sample_transformed(key, q, distrax.Block(distrax.Tanh(), 1))
+    tril = jnp.broadcast_to(jnp.eye(3, dtype=jnp.float32), (2, 3, 3)).at[1, 2, 2].set(-1e-40)
+    with pytest.raises(ValueError, match="`scale_tril` must have a non-zero diagonal"):
+        reparam.sample_full_gaussian(key, loc, tril)
+    # the smallest normal number itself is accepted, with a finite log q
+    tiny = jnp.full((2, 3), jnp.finfo(jnp.float32).tiny, jnp.float32)
+    _, log_q = reparam.sample_diag_gaussian(key, loc, tiny)
+    assert np.isfinite(np.asarray(log_q)).all()

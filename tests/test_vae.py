@@ -310,6 +310,40 @@ def test_reconstruct_and_sample_images_shapes():
     assert bool(jnp.all((rec > 0) & (rec < 1))) and bool(jnp.all((samples > 0) & (samples < 1)))
 
 
+def test_sample_images_draws_follow_the_decoder_given_z():
+    """draw=True is ancestral sampling: z from the first half of the key's split, then
+    x ~ p(x | z). Bernoulli: 0/1 pixels whose mean matches sigmoid(logits(z)) within 4 standard
+    errors; Gaussian: (x - loc(z)) / scale(z) has mean 0 and variance 1 within 4 SE."""
+    model, images = _small_problem()
+    params = model.init(jax.random.key(0), images)
+    key, n = jax.random.key(3), 3000
+    draws = jax.jit(lambda k, p: vae.sample_images(k, p, model, n, draw=True))(key, params)
+    z = jax.random.normal(jax.random.split(key)[0], (n, 4))
+    probs = np.asarray(model.apply(params, z, method=type(model).decode_mean), np.float64)
+    draws = np.asarray(draws, np.float64)
+    assert draws.shape == (n, 16) and set(np.unique(draws)) <= {0.0, 1.0}
+    se = math.sqrt(np.sum(probs * (1 - probs))) / draws.size
+    assert abs(np.mean(draws - probs)) < 4 * se
+    # per pixel too (each over n draws)
+    se_pixel = np.sqrt(np.sum(probs * (1 - probs), 0)) / n
+    assert np.all(np.abs(np.mean(draws - probs, 0)) < 5 * se_pixel)
+
+    gmodel = vnn.VAE(vnn.GaussianEncoder((8,), 2), vnn.GaussianDecoder((8,), 5))
+    gparams = gmodel.init(jax.random.key(1), jnp.zeros((1, 5)))
+    x = np.asarray(vae.sample_images(key, gparams, gmodel, n, draw=True), np.float64)
+    z = jax.random.normal(jax.random.split(key)[0], (n, 2))
+    loc, scale = (np.asarray(a, np.float64) for a in gmodel.apply(gparams, z,
+                                                                     method=type(gmodel).decode))
+    u = (x - loc) / scale
+    assert abs(u.mean()) < 4 / math.sqrt(u.size)
+    assert abs(u.var() - 1) < 4 * math.sqrt(2 / u.size)
+    means = vae.sample_images(key, gparams, gmodel, 4)  # the default: E[x | z], z from rng_key
+    np.testing.assert_allclose(means, gmodel.apply(gparams, jax.random.normal(key, (4, 2)),
+                                                   method=type(gmodel).decode_mean), rtol=1e-6)
+    with pytest.raises(TypeError, match="draw"):
+        vae.sample_images(key, params, model, 2, draw="yes")
+
+
 def test_evaluation_functions_jit_vmap_match_per_batch_calls_and_do_not_retrace(x64):
     """``jit(vmap(.))`` of log_likelihood_is, evaluate_bounds and reconstruct over a leading
     axis of 3 image batches equals the same function called on each batch alone with the same

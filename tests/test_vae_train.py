@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import importlib.util
 import json
+import logging
 import math
 import pathlib
 import re
@@ -616,3 +617,127 @@ def test_cli_reports_a_diverged_run_in_one_line(monkeypatch, tmp_path, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "error: epoch 1: non-finite objective" in err and "Traceback" not in err
+
+
+def test_workdir_must_be_a_non_empty_path(tmp_path, monkeypatch):
+    """Before: pathlib's "expected str, bytes or os.PathLike object" for None, and an empty
+    string trained into the current folder."""
+    config = vt.Config(dataset=vt.Digits(), latent_dim=2, hidden_sizes=(8,), epochs=1,
+                       eval_num_samples=5)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TypeError, match=r"workdir must be a path \(str or os.PathLike\), got "
+                                        "None"):
+        vt.train_and_evaluate(config, None, progress=False)
+    with pytest.raises(ValueError, match="workdir must not be empty"):
+        vt.train_and_evaluate(config, "", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _files(folder: pathlib.Path) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def _checkpoint_data_files(step_dir: pathlib.Path) -> list[pathlib.Path]:
+    """The array data files of one orbax checkpoint (not its JSON metadata)."""
+    return [p for p in step_dir.rglob("*") if p.is_file() and "ocdbt.process" in p.as_posix()
+            and "/d/" in p.as_posix()]
+
+
+# orbax reads a checkpoint's arrays concurrently: when one read fails on the corrupted file, the
+# others are abandoned, and Python reports them when it collects them
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_resume_skips_a_damaged_checkpoint_and_a_cut_metrics_line(tiny_runs, tmp_path, caplog):
+    """Before: a cut last line of metrics.jsonl gave json's "Expecting ',' delimiter", an
+    emptied _METADATA "Expecting value: line 1 column 1", a corrupted data file a TensorStore
+    traceback. Now the newest usable checkpoint is resumed, with warnings naming what was
+    skipped and why, or, with none usable, one error listing them and nothing is changed."""
+    config, straight = tiny_runs["config"], tiny_runs["straight"]
+    # (a) nothing usable: the last metrics row (epoch 2) cut short, so checkpoint 2 has no
+    # metrics row, and checkpoint 1's metadata emptied
+    broken = tmp_path / "broken"
+    shutil.copytree(straight, broken)
+    metrics = broken / "metrics.jsonl"
+    metrics.write_text(metrics.read_text()[:-25])
+    (broken / "checkpoints" / "1" / "default" / "_METADATA").write_text("")
+    before = _files(broken)
+    with caplog.at_level(logging.WARNING, logger="vijax.vae_train"):
+        with pytest.raises(ValueError, match=(
+                r"cannot resume .*broken: no usable checkpoint \(checkpoint \S*checkpoints/2 "
+                r"skipped: \S*metrics.jsonl lacks the rows of epochs 0\.\.2.*; checkpoint "
+                r"\S*checkpoints/1 skipped: it cannot be read")):
+            vt.train_and_evaluate(config, broken, resume=True, progress=False)
+    assert re.search(r"metrics\.jsonl: line 3 is unreadable .* dropped", caplog.text)
+    assert _files(broken) == before
+    # (b) checkpoint 2's array data corrupted: resumed from epoch 1 with a warning, epoch 2
+    # retrained, ending with the straight run's parameters (training is deterministic)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(straight, damaged)
+    data_files = _checkpoint_data_files(damaged / "checkpoints" / "2")
+    assert data_files
+    for path in data_files:
+        path.write_bytes(b"\x00garbage" * 64)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vijax.vae_train"):
+        vt.train_and_evaluate(config, damaged, resume=True, progress=False)
+    assert re.search(r"checkpoint \S*checkpoints/2 skipped: it cannot be read", caplog.text)
+    assert re.search(r"resuming \S*damaged from epoch 1; its metrics are truncated",
+                     caplog.text)
+    assert (damaged / "skipped_checkpoints" / "2").is_dir()
+    rows_a, rows_b = vt.read_metrics(straight), vt.read_metrics(damaged)
+    assert [r["epoch"] for r in rows_b] == [0, 1, 2]
+    assert rows_b[1] == rows_a[1] and rows_b[2]["test_elbo"] == rows_a[2]["test_elbo"]
+    state_a, _ = vt.restore_checkpoint(straight, config)
+    state_b, epoch_b = vt.restore_checkpoint(damaged, config)
+    assert epoch_b == 2
+    for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_unreadable_metrics_or_config_files_are_named(tiny_runs, tmp_path):
+    """Before: json's bare "Unterminated string ..." / "Expecting value: line 1 column 1"."""
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 0, "step": 0}\n{"epoch": 1, "st\n')
+    with pytest.raises(ValueError, match=r"metrics\.jsonl, line 2: unreadable metrics row"):
+        vt.read_metrics(tmp_path)
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_runs["straight"], copy)
+    (copy / "config.json").write_text("")
+    for call in (lambda: vt.restore_checkpoint(copy, tiny_runs["config"]),
+                 lambda: vt.train_and_evaluate(tiny_runs["config"], copy, resume=True,
+                                               progress=False)):
+        with pytest.raises(ValueError, match=r"copy/config\.json is not valid JSON"):
+            call()
+
+
+def test_steps_with_a_non_finite_gradient_are_skipped_counted_and_stop_the_run(monkeypatch,
+                                                                               tmp_path):
+    """With max_consecutive_skips, a step whose gradient is NaN leaves the parameters as they
+    were and is counted; before, one such step made them NaN for good."""
+    original = vt.prepare_data
+
+    def with_nan_images(rows):
+        def prepare(config):
+            dataset, train_images, test_binary = original(config)
+            train_images = train_images.copy()
+            train_images[rows, 10] = np.nan
+            return dataset, train_images, test_binary
+        return prepare
+
+    config = vt.Config(dataset=vt.Digits(), latent_dim=2, hidden_sizes=(8,), epochs=1,
+                       eval_num_samples=5, eval_iwae_ks=(1,), max_consecutive_skips=3)
+    # one bad image: the one step whose batch holds it is skipped, the other 14 train
+    monkeypatch.setattr(vt, "prepare_data", with_nan_images([0]))
+    final = vt.train_and_evaluate(config, tmp_path / "one", progress=False)
+    rows = vt.read_metrics(tmp_path / "one")
+    assert rows[1]["skipped_steps"] == 1 and math.isfinite(rows[1]["train_objective"])
+    assert rows[1]["test_elbo"] > rows[0]["test_elbo"]  # the finite steps did train
+    assert math.isfinite(final["test_elbo"]) and final["steps"] == 15
+    # every image bad: the run stops after the first epoch, before its checkpoint
+    monkeypatch.setattr(vt, "prepare_data", with_nan_images(slice(None)))
+    with pytest.raises(FloatingPointError, match=r"epoch 1: the last 15 training steps had a "
+                                                 r"non-finite gradient .*max_consecutive_skips "
+                                                 r"= 3\): the run stops"):
+        vt.train_and_evaluate(config, tmp_path / "all", progress=False)
+    assert not (tmp_path / "all" / "checkpoints" / "1").exists()
+    with pytest.raises(ValueError, match="max_consecutive_skips must be >= 1"):
+        vt.Config(max_consecutive_skips=0)

@@ -19,8 +19,9 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("amortized", "data", "discrete", "elbo", "em", "families", "linear_gaussian",
-               "marginal", "meanfield", "nn", "reparam", "svi", "vae", "vae_train")
+_SUBMODULES = ("ais", "amortized", "data", "discrete", "elbo", "em", "families",
+               "linear_gaussian", "marginal", "meanfield", "nn", "reparam", "svi", "vae",
+               "vae_train")
 
 __all__ = list(_SUBMODULES)
 

@@ -17,6 +17,8 @@ import collections.abc
 import functools
 import math
 import numbers
+import os
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -207,25 +209,57 @@ def _raw_key_size_for(impl: str) -> int:
 
 
 def check_rng_key(rng_key, name: str = "rng_key") -> None:
-    """Raise TypeError naming ``name`` unless ``rng_key`` is a JAX PRNG key.
+    """Raise TypeError naming ``name`` unless ``rng_key`` is a single JAX PRNG key.
 
-    Accepted: a typed key array (``jax.random.key``) of any shape, or a raw ``uint32`` key
-    (``jax.random.PRNGKey``) whose last axis has the implementation's key size (2 for the
-    default threefry). Works on tracers too (only dtype and shape are read), so it is safe
-    inside ``jit``/``vmap``. A Python ``int`` seed, a float array or a NumPy integer array
-    is refused: pass ``jax.random.key(seed)``.
+    Accepted: a typed key (``jax.random.key(seed)``) of shape ``()``, or a raw ``uint32`` key
+    (``jax.random.PRNGKey(seed)``) of shape ``(2,)`` (the implementation's key size: 2 for the
+    default threefry, 4 for rbg). A batch of keys (``jax.random.split(key, 2)``, shape ``(2,)``
+    typed or ``(2, 2)`` raw) is refused: pass one of them, or ``jax.vmap`` over the batch.
+    Works on tracers too (only dtype and shape are read), so it is safe inside
+    ``jit``/``vmap`` (under ``vmap`` the key seen is one entry of the batch). A Python ``int``
+    seed, a float array or a NumPy integer array is refused: pass ``jax.random.key(seed)``.
     """
     dtype = getattr(rng_key, "dtype", None)
-    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-        return
     shape = getattr(rng_key, "shape", None)
-    if (dtype == np.uint32 and isinstance(rng_key, (jax.Array, np.ndarray)) and shape
-            and shape[-1] == _raw_key_size()):
-        return
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        if tuple(shape) == ():
+            return
+        raise TypeError(
+            f"{name} must be a single JAX PRNG key (shape ()), got a batch of keys of shape "
+            f"{tuple(shape)}: pass one key (e.g. keys[0]) or jax.vmap over the batch")
+    size = _raw_key_size()
+    if dtype == np.uint32 and isinstance(rng_key, (jax.Array, np.ndarray, jax.core.Tracer)):
+        if tuple(shape) == (size,):
+            return
+        if shape and shape[-1] == size:
+            raise TypeError(
+                f"{name} must be a single raw JAX PRNG key of shape ({size},), got a batch of "
+                f"keys of shape {tuple(shape)}: pass one key (e.g. keys[0]) or jax.vmap over "
+                "the batch")
     raise TypeError(
         f"{name} must be a JAX PRNG key (jax.random.key(seed)), got "
         f"{type(rng_key).__name__}" + (f" of dtype {dtype} and shape {shape}" if dtype is not None
                                        else ""))
+
+
+def check_path(value, name: str, *, optional: bool = False) -> pathlib.Path | None:
+    """``value`` as a ``pathlib.Path``: a non-empty ``str`` or an ``os.PathLike``
+    (``pathlib.Path``); ``None`` too when ``optional`` (returned as ``None``).
+
+    Raises:
+      TypeError naming ``name``: anything else (an int, bytes, ``None`` without ``optional``).
+      ValueError naming ``name``: an empty string, which would silently mean the current
+        folder (pass ``"."`` for that).
+    """
+    if optional and value is None:
+        return None
+    if isinstance(value, (bytes, bytearray)) or not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a path (str or os.PathLike"
+                        f"{', or None' if optional else ''}), got {_describe(value)}")
+    if isinstance(value, str) and not value.strip():
+        raise ValueError(f"{name} must not be empty (an empty path would mean the current "
+                         "folder; pass '.' for that)")
+    return pathlib.Path(value)
 
 
 def check_callable(fn, name: str) -> None:

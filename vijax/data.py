@@ -34,7 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vijax._checks import MAX_NUMPY_SEED, check_int, check_rng_key, is_concrete
+from vijax._checks import (MAX_NUMPY_SEED, check_bool, check_int, check_path, check_rng_key,
+                           is_concrete)
 
 __all__ = [
     "DATA_DIR_ENV",
@@ -271,12 +272,15 @@ def load_mnist(data_dir: str | os.PathLike | None = None) -> Dataset:
       ``test_labels`` [10000].
 
     Raises:
+      TypeError: ``data_dir`` neither None, a ``str`` nor an ``os.PathLike`` (e.g. an int).
+      ValueError: ``data_dir`` is an empty string (pass ``"."`` for the current folder).
       FileNotFoundError: ``data_dir`` (or ``VIJAX_DATA_DIR``) names a folder that does not
         exist; the folder holds some but not all four files; or no local files and TFDS
         failed (offline, or TFDS/TensorFlow not installed). The message names both ways to get
         the data: a folder via ``data_dir``/``VIJAX_DATA_DIR``, or internet for TFDS.
       ValueError: a local file is corrupt or does not have MNIST's sizes (see :func:`read_idx`).
     """
+    data_dir = check_path(data_dir, "data_dir", optional=True)
     folder, origin = _candidate_folder(data_dir)
     if folder is not None and not folder.is_dir() and origin != "no local folder given":
         # a named folder that does not exist is a typo, not a request to download
@@ -481,13 +485,20 @@ def load_old_faithful(path: str | os.PathLike | None = None, *, standardize: boo
 
     Args:
       path: a CSV with a header line and the two columns ``eruptions_min,waiting_min``.
-      standardize: shift and scale each column to mean 0, standard deviation 1 (as PRML plots).
+      standardize: shift and scale each column to mean 0, standard deviation 1 (as PRML plots);
+        a column with zero variance (a constant column, or a file of one row) is refused.
 
     Raises:
+      TypeError: ``path`` neither None, a ``str`` nor an ``os.PathLike``; ``standardize`` not a
+        bool.
       FileNotFoundError: no file at any of the places above (the message lists them).
-      ValueError: the file does not hold two numeric columns.
+      ValueError: ``path`` is an empty string; the file does not hold two finite numeric
+        columns (the message names the file, and the line and column of a value that is not
+        a number); with ``standardize``, a column of zero variance (named in the message).
     """
-    candidates = [pathlib.Path(path)] if path is not None else []
+    path = check_path(path, "path", optional=True)
+    check_bool(standardize, "standardize")
+    candidates = [path] if path is not None else []
     if path is None and os.environ.get("VIJAX_DATA_DIR"):
         candidates.append(pathlib.Path(os.environ["VIJAX_DATA_DIR"]) / "old_faithful.csv")
     if path is None:
@@ -496,9 +507,46 @@ def load_old_faithful(path: str | os.PathLike | None = None, *, standardize: boo
     if found is None:
         tried = ", ".join(str(c) for c in candidates)
         raise FileNotFoundError(f"Old Faithful CSV not found (tried: {tried}); pass `path`")
-    table = np.loadtxt(found, delimiter=",", skiprows=1, dtype=np.float64, ndmin=2)
-    if table.shape[1] != 2 or not np.all(np.isfinite(table)):
+    table, columns = _read_numeric_csv(found)
+    if table.shape[0] < 1 or table.shape[1] != 2 or not np.all(np.isfinite(table)):
         raise ValueError(f"{found} must hold two finite numeric columns; got shape {table.shape}")
     if standardize:
-        table = (table - table.mean(axis=0)) / table.std(axis=0)
+        std = table.std(axis=0)
+        constant = [columns[j] for j in range(table.shape[1]) if not std[j] > 0]
+        if constant:
+            raise ValueError(
+                f"{found}: cannot standardize column(s) {', '.join(map(repr, constant))}: zero "
+                f"variance over {table.shape[0]} row(s) (a constant column, or too few rows)")
+        table = (table - table.mean(axis=0)) / std
     return table
+
+
+def _read_numeric_csv(path: pathlib.Path) -> tuple[np.ndarray, list[str]]:
+    """A comma-separated file with one header line: ``(values [rows, columns] float64, column
+    names)``. ValueError naming the file, line and column of a value that is not a number, or
+    of a line with another number of fields than the header."""
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not a text CSV file ({err})") from err
+    if not lines:
+        raise ValueError(f"{path} is empty; expected a header line and rows of numbers")
+    columns = [name.strip() for name in lines[0].split(",")]
+    rows = []
+    for lineno, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        fields = line.split(",")
+        if len(fields) != len(columns):
+            raise ValueError(f"{path}, line {lineno}: {len(fields)} field(s), but the header "
+                             f"names {len(columns)} column(s) ({', '.join(columns)})")
+        row = []
+        for name, field in zip(columns, fields):
+            try:
+                row.append(float(field))
+            except ValueError:
+                raise ValueError(f"{path}, line {lineno}, column {name!r}: {field.strip()!r} "
+                                 "is not a number") from None
+        rows.append(row)
+    table = np.asarray(rows, dtype=np.float64).reshape(len(rows), len(columns))
+    return table, columns

@@ -75,7 +75,25 @@ def _check_logits(logits: Any) -> Array:
     return logits
 
 
-class RelaxedOneHotCategorical(distrax.Distribution):
+class _Relaxed(distrax.Distribution):
+    """What the relaxed distributions share: ``temperature`` and ``logits`` (stored by the
+    subclass's ``__init__`` as ``_temperature``, ``_logits`` and ``_batch_shape``), broadcast
+    to the batch shape (the logits also to the event shape)."""
+
+    @property
+    def batch_shape(self):
+        return self._batch_shape
+
+    @property
+    def temperature(self) -> Array:
+        return jnp.broadcast_to(self._temperature, self._batch_shape)
+
+    @property
+    def logits(self) -> Array:
+        return jnp.broadcast_to(self._logits, self._batch_shape + self.event_shape)
+
+
+class RelaxedOneHotCategorical(_Relaxed):
     """Concrete / Gumbel-softmax distribution over the probability simplex.
 
     Args:
@@ -110,18 +128,6 @@ class RelaxedOneHotCategorical(distrax.Distribution):
     @property
     def event_shape(self):
         return (self._logits.shape[-1],)
-
-    @property
-    def batch_shape(self):
-        return self._batch_shape
-
-    @property
-    def temperature(self) -> Array:
-        return jnp.broadcast_to(self._temperature, self._batch_shape)
-
-    @property
-    def logits(self) -> Array:
-        return jnp.broadcast_to(self._logits, self._batch_shape + self.event_shape)
 
     def _log_sample(self, key, n: int) -> Array:
         """log x for n draws, ``[n, *batch, K]`` (log-space Gumbel-softmax)."""
@@ -162,7 +168,7 @@ class RelaxedOneHotCategorical(distrax.Distribution):
         return jax.nn.softmax(self.logits, axis=-1)
 
 
-class RelaxedBernoulli(distrax.Distribution):
+class RelaxedBernoulli(_Relaxed):
     """Binary Concrete distribution on (0, 1) (Maddison et al. 2017, eq. 21).
 
     Args:
@@ -188,18 +194,6 @@ class RelaxedBernoulli(distrax.Distribution):
     @property
     def event_shape(self):
         return ()
-
-    @property
-    def batch_shape(self):
-        return self._batch_shape
-
-    @property
-    def temperature(self) -> Array:
-        return jnp.broadcast_to(self._temperature, self._batch_shape)
-
-    @property
-    def logits(self) -> Array:
-        return jnp.broadcast_to(self._logits, self._batch_shape)
 
     def _pre_sigmoid(self, key, n: int) -> Array:
         logits = self.logits

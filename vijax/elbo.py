@@ -13,9 +13,15 @@ Conventions
   entry: its batch shape is then all of ``loc.shape``, and ``log_joint_fn`` must return that
   shape. For a vector latent use ``MultivariateNormalDiag`` or ``distrax.Independent``; a
   ``log_joint_fn`` output of the wrong shape is reported with ``q``'s event and batch shapes.
-* Gaussian scales of a concrete ``q`` (``scale_diag`` of ``MultivariateNormalDiag``, ``scale``
-  of ``Normal``, also inside ``Independent``/``Transformed``) must be positive: distrax would
-  silently use |scale|.
+* Every distribution argument (``q``, and the ``prior`` of ``elbo_analytic_kl``) is checked
+  alike: Gaussian locations and scales (``loc`` and ``scale_diag`` of
+  ``MultivariateNormalDiag``, ``loc`` and ``scale`` of ``Normal``, also inside
+  ``Independent``/``Transformed``) must have a floating dtype; concrete parameters must be
+  finite, and concrete Gaussian scales at least the smallest normal number of their dtype
+  (``jnp.finfo(dtype).tiny``, 1.2e-38 in float32): distrax would silently use |scale|, and a
+  denormal scale is flushed to zero on CPU (``vijax.reparam`` applies the same rule).
+* ``rng_key`` is one key: a typed key of shape ``()`` or a raw ``uint32`` key of shape
+  ``(2,)``; a batch of keys is refused (``jax.vmap`` over it instead).
 * ``log_joint_fn(z) -> [batch]`` returns log p(x, z) for ONE sample ``z`` shaped like a draw of
   ``q`` (``[batch, latent_dim]``); ``log_likelihood_fn(z) -> [batch]`` returns log p(x | z).
   The objectives write the single-sample computation and ``jax.vmap`` it over samples.
@@ -154,7 +160,8 @@ class Enumerate:
     """Exact expectation over a discrete ``q`` with a small support:
     E_q f(z) = sum_z q(z) f(z), so the ELBO sum_z q(z) [log p(x, z) - log q(z)] is exact and its
     gradient is the exact gradient (no sampling; ``rng_key`` is unused and ``num_samples``
-    must be 1). CENG796 notes §3.3 ("L(x; theta, phi) = sum_z q log p(z, x) + H(q)").
+    must be 1). CENG796 notes §4.1, "Likelihood Function" ("L(x_i; theta, phi_i) =
+    sum_z q log p(z, x_i) + H(q)").
 
     Supported ``q``: ``distrax.Categorical`` and ``distrax.OneHotCategorical`` (K classes),
     ``distrax.Bernoulli`` and ``distrax.Independent(distrax.Bernoulli(...), 1)`` (d bits, 2^d
@@ -379,14 +386,15 @@ def elbo(
     q: PyTree,
     *,
     num_samples: int = 1,
-    estimator: Pathwise | ScoreFunction | StickingTheLanding = Pathwise(),
+    estimator: Pathwise | ScoreFunction | StickingTheLanding | Enumerate = Pathwise(),
 ) -> Array:
     """Monte Carlo ELBO, E_q[log p(x, z) - log q(z)], per example (in nats).
 
     Returns the ELBO itself (a lower bound on log p(x)), not its negative. With
     ``num_samples = S`` it is the average of S independent single-sample estimates.
     log p(x) = ELBO + KL(q(z) || p(z | x)) >= ELBO (lecture 3, "Variational lower bound";
-    LVM blog post, "Derivation of Variational Lower Bound"; CENG796 notes §3.3).
+    LVM blog post, "Derivation of Variational Lower Bound"; CENG796 notes §3.3 and §4.1,
+    "Likelihood Function").
 
     Args:
       rng_key: a JAX PRNG key.
@@ -401,14 +409,16 @@ def elbo(
       ``[batch]`` ELBO estimates (nats), dtype of ``log_joint_fn``'s output.
 
     Raises:
-      TypeError: ``rng_key`` not a JAX PRNG key (e.g. an int seed); ``log_joint_fn`` not
-        callable; ``num_samples`` not an int, ``q`` not a distrax distribution (pytree),
-        unsupported ``estimator``; ``q`` with non-floating (discrete) samples and an
-        ``estimator`` other than ``ScoreFunction``.
+      TypeError: ``rng_key`` not a single JAX PRNG key (e.g. an int seed, or a batch of keys
+        from ``jax.random.split``); ``log_joint_fn`` not callable; ``num_samples`` not an
+        int, ``q`` not a distrax distribution (pytree), or a Gaussian ``q`` with a
+        non-floating (bool, int) ``loc``/``scale``; unsupported ``estimator``; ``q`` with
+        non-floating (discrete) samples and an ``estimator`` other than ``ScoreFunction``.
       ValueError: ``num_samples < 1``; ``log_joint_fn`` output not of shape ``[batch]`` (q's
         batch shape; the message gives q's event shape too); non-finite concrete parameters
-        of ``q``, or a concrete Gaussian scale of ``q`` that is not positive; ``LeaveOneOut``
-        baseline with S < 2; a ``baseline`` array not broadcastable to ``[batch]``.
+        of ``q``, or a concrete Gaussian scale of ``q`` below ``jnp.finfo(dtype).tiny`` (not
+        positive, or denormal); ``LeaveOneOut`` baseline with S < 2; a ``baseline`` array not
+        broadcastable to ``[batch]``.
     """
     num_samples = _q.check_estimator_call(rng_key, log_joint_fn, "log_joint_fn", num_samples)
     _q.check_estimator(estimator, ELBO_ESTIMATORS, "elbo")
@@ -433,7 +443,7 @@ def elbo(
             surrogate = value
         return value, surrogate, log_q
 
-    keys = jax.random.split(rng_key, num_samples)
+    keys = _q.sample_keys(rng_key, num_samples)
     values, surrogates, log_qs = jax.vmap(one_sample)(keys)  # each [S, batch]
     surrogate = jnp.mean(surrogates, axis=0)
     if is_score:
@@ -477,18 +487,21 @@ def elbo_analytic_kl(
 
     Raises:
       TypeError: as ``elbo`` (with ``log_likelihood_fn`` for ``log_joint_fn``); ``prior`` not
-        a distrax distribution or pytree of them; distrax has no closed-form KL for a
-        (``q``, ``prior``) factor pair.
+        a distrax distribution or pytree of them, or with a non-floating Gaussian
+        ``loc``/``scale``; distrax has no closed-form KL for a (``q``, ``prior``) factor pair.
       ValueError: as ``elbo``; raised before any computation when ``prior`` has a different
         number of factors from ``q``, a factor whose event shape differs from q's factor's,
         or a batch shape that does not broadcast to q's batch shape (``[]`` and ``[batch]``
-        do); a KL whose shape is not ``[batch]`` (a safeguard for unusual distributions).
+        do), or, checked as ``q`` is, non-finite concrete parameters or a concrete Gaussian
+        scale below ``jnp.finfo(dtype).tiny``; a KL whose shape is not ``[batch]`` (a
+        safeguard for unusual distributions).
     """
     num_samples = _q.check_estimator_call(rng_key, log_likelihood_fn, "log_likelihood_fn", num_samples)
     _q.check_estimator(estimator, ELBO_ANALYTIC_KL_ESTIMATORS, "elbo_analytic_kl")
     shape = _q.check_q(q)
     q_factors, prior_factors = _q.factors(q), _q.factors(prior, "prior")
     _check_prior(q_factors, prior_factors)
+    _q.check_parameters(prior, "prior")
     _check_loo(estimator, num_samples)
     _check_continuous_q(q, estimator, "elbo_analytic_kl")
     is_score = isinstance(estimator, ScoreFunction)
@@ -519,7 +532,7 @@ def elbo_analytic_kl(
         log_q = _q.log_prob(q, z) if is_score else jnp.zeros_like(log_lik)
         return log_lik, log_q
 
-    keys = jax.random.split(rng_key, num_samples)
+    keys = _q.sample_keys(rng_key, num_samples)
     log_liks, log_qs = jax.vmap(one_sample)(keys)
     expected_log_lik = jnp.mean(log_liks, axis=0)
     value = expected_log_lik - kl
@@ -585,7 +598,7 @@ def _iwae_particles(rng_key, log_joint_fn, q, shape, num_samples, estimator):
             out["z_path"] = _path_term(grad_log_w, z, batch_ndim)
         return out
 
-    return jax.vmap(one_sample)(jax.random.split(rng_key, num_samples))
+    return jax.vmap(one_sample)(_q.sample_keys(rng_key, num_samples))
 
 
 def iwae_bound(

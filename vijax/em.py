@@ -451,7 +451,33 @@ def _check_data(x, name: str = "x", dim: int | None = None, *, matrix: bool = Tr
     if x.shape[-1] == 0:
         raise ValueError(f"`{name}` has no columns (dim 0); got shape {x.shape}")
     _check_finite_rows(x, name)
+    _check_magnitude(x, name)
     return x
+
+
+def _magnitude_limit(dtype, num_rows: int, dim: int) -> float:
+    """The largest |x| :func:`_check_data` accepts: sqrt(max / (4 N D)) for the dtype's
+    largest number ``max``, so that a sum over the N rows of squared distances between points
+    (each at most D (2 |x|)^2) stays finite."""
+    return math.sqrt(float(jnp.finfo(dtype).max) / (4.0 * max(num_rows, 1) * max(dim, 1)))
+
+
+def _check_magnitude(x, name: str) -> None:
+    """ValueError naming ``name`` if the concrete ``x`` has entries so large that EM's squared
+    distances, summed over the rows, overflow its dtype (the fit would return non-finite
+    parameters); tracers pass."""
+    if not is_concrete(x) or x.size == 0:
+        return
+    dim = x.shape[-1]
+    num_rows = x.size // dim
+    limit = _magnitude_limit(x.dtype, num_rows, dim)
+    biggest = float(np.max(np.abs(np.asarray(x))))
+    if biggest > limit:
+        raise ValueError(
+            f"`{name}` has entries up to {biggest:.3g} in absolute value: EM's squared "
+            f"distances, summed over its {num_rows} row(s), would overflow {x.dtype} (largest "
+            f"{float(jnp.finfo(x.dtype).max):.3g}); this data needs |x| <= {limit:.3g}: "
+            "rescale it (e.g. standardize each column) or use float64")
 
 
 def _check_reg_covar(reg_covar, dtype) -> Array:
@@ -1245,7 +1271,8 @@ def fit_from_state(
     Args:
       state: initial parameters.
       x: data ``[N, D]`` in the state's dtype.
-      max_iter: >= 1 (static).
+      max_iter: an int in [1, 1,000,000] (static; ``MAX_ITER``): the trace
+        ``info.log_likelihood`` has ``max_iter`` entries, allocated before the first iteration.
       tol: >= 0.
       chunk_size: rows per streamed chunk (static).
       mesh: optional :class:`jax.sharding.Mesh` to split the rows over, as in :func:`step`
@@ -1260,7 +1287,7 @@ def fit_from_state(
         ``state`` of the wrong shape.
     """
     x = _check_state(state, x)
-    max_iter = check_int(max_iter, "`max_iter`", minimum=1)
+    max_iter = _check_max_iter(max_iter)
     check_real(tol, "`tol`", minimum=0.0, finite=False, array=True)  # NaN is refused
     chunk_size = check_int(chunk_size, "`chunk_size`", minimum=1, optional=True)
     _check_mesh(mesh)
@@ -1272,6 +1299,22 @@ def fit_from_state(
     if mesh is not None:
         return _on_mesh(run, mesh, state, x, chunk_size)
     return run(state, x, None, None, _chunk(state, x.shape[0], chunk_size))
+
+
+#: The largest ``max_iter`` of :func:`fit` / :func:`fit_from_state`: the log-likelihood trace of
+#: ``max_iter`` entries is allocated before the first iteration.
+MAX_ITER = 1_000_000
+
+
+def _check_max_iter(max_iter) -> int:
+    max_iter = check_int(max_iter, "`max_iter`", minimum=1)
+    if max_iter > MAX_ITER:
+        raise ValueError(
+            f"`max_iter` must be <= {MAX_ITER:,}, got {max_iter:,}: the per-iteration "
+            "log-likelihood trace (FitInfo.log_likelihood) has max_iter entries and is "
+            "allocated before the first iteration (EM that has not converged after a million "
+            "iterations needs another tol or initialisation, not more iterations)")
+    return max_iter
 
 
 def _fit_loop(state: GMMState, x: Array, chunk_size: int, weights: Array | None,

@@ -155,11 +155,13 @@ class MeanFieldNormal:
 
 
 def _lower_triangular(off_diagonal: Array, raw_diagonal: Array) -> Array:
-    """L = strict_lower(off_diagonal) + diag(softplus(raw_diagonal)), ``[*batch, d, d]``."""
+    """L = diag(s) (I + strict_lower(off_diagonal)), s = softplus(raw_diagonal): a unit lower
+    triangular factor with its rows scaled, ``[*batch, d, d]`` (NumPyro's
+    ``scaled_unit_lower_cholesky``). An off-diagonal entry moves L_ij by s_i times its own step,
+    so an optimiser's steps on the correlations shrink with the posterior scale."""
     d = raw_diagonal.shape[-1]
-    strict = jnp.tril(off_diagonal, k=-1)
     eye = jnp.eye(d, dtype=raw_diagonal.dtype).reshape((1,) * (raw_diagonal.ndim - 1) + (d, d))
-    return strict + _scale(raw_diagonal)[..., None] * eye
+    return _scale(raw_diagonal)[..., :, None] * (jnp.tril(off_diagonal, k=-1) + eye)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +175,14 @@ class FullRankNormal:
       init_loc: the initial mean (number or array broadcastable to ``[*batch, d]``).
 
     Params: ``{"loc": [*batch, d], "raw_diag": [*batch, d], "off_diag": [*batch, d, d]}``
-    (only the strict lower triangle of ``off_diag`` is used; L_ii = softplus(raw_diag_i)).
+    with L = diag(s) (I + M), s = softplus(raw_diag) and M the strict lower triangle of
+    ``off_diag`` (the upper triangle and diagonal of ``off_diag`` are ignored): L_ii = s_i and
+    L_ij = s_i M_ij. Scaling the rows keeps Adam's fixed-size steps on M proportional to the
+    posterior scale; with L's entries as free parameters the stationary jitter of the
+    off-diagonal entries swamps a small posterior scale (on a 100-dimensional logistic
+    regression with N = 100,000, 5,000 Adam steps at 1e-3 ended about 3,000 nats lower). To
+    start from a given Cholesky factor C: ``raw_diag = inverse_softplus(diag(C))``,
+    ``off_diag = C / diag(C)[:, None]``.
     ``distribution`` gives ``distrax.MultivariateNormalTri(loc, L)``.
 
     Raises:

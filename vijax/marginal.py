@@ -9,6 +9,8 @@ stably with logsumexp. Their *exponent* is unbiased for p(x); the log is biased 
 * ``importance_sampling``: w_k = p(x, z_k) / q(z_k), z_k ~ q (CENG796 notes §3.2
   "Importance Sampling"; Burda et al. 2016, eq. 8). Equal in value to
   ``vijax.elbo.iwae_bound`` at the same K and key.
+* ``importance_log_weights``: the K log weights of ``importance_sampling`` themselves,
+  ``[K, batch]``, for diagnostics that need all of them (Pareto k-hat, ``vijax.ais``).
 
 Samples are drawn ``chunk_size`` at a time inside ``lax.scan`` with a running logsumexp, so
 memory grows with ``chunk_size x batch``, not ``num_samples x batch``: K = 5000 over 10,000
@@ -30,7 +32,8 @@ from vijax._checks import check_int
 Array = jax.Array
 PyTree = Any
 
-__all__ = ["importance_sampling", "naive_monte_carlo", "log_mean_exp_chunked"]
+__all__ = ["importance_sampling", "naive_monte_carlo", "log_mean_exp_chunked",
+           "importance_log_weights"]
 
 
 def log_mean_exp_chunked(
@@ -46,7 +49,7 @@ def log_mean_exp_chunked(
     ``chunk_size`` at a time (``vmap`` inside a chunk, ``lax.scan`` across chunks, a final
     partial chunk if ``chunk_size`` does not divide K), keeping a running logsumexp.
     The result does not depend on ``chunk_size`` beyond float rounding: sample k always uses
-    the k-th key of ``jax.random.split(rng_key, K)``.
+    the k-th key of ``jax.random.split(rng_key, K)`` (``rng_key`` itself for K = 1).
 
     Returns:
       ``[batch]`` log-mean-exp of the weights (nats), dtype of ``log_weight_fn``'s output.
@@ -59,7 +62,7 @@ def log_mean_exp_chunked(
     num_samples = _q.check_estimator_call(rng_key, log_weight_fn, "log_weight_fn", num_samples)
     chunk_size = check_int(chunk_size, "`chunk_size`", minimum=1, optional=True)
     chunk = num_samples if chunk_size is None else min(chunk_size, num_samples)
-    keys = jax.random.split(rng_key, num_samples)
+    keys = _q.sample_keys(rng_key, num_samples)
     num_full, remainder = divmod(num_samples, chunk)
 
     def chunk_lse(chunk_keys):
@@ -112,13 +115,53 @@ def importance_sampling(
         ``vijax.elbo.elbo``); ``log_joint_fn`` output not ``[batch]`` (q's batch shape).
     """
     _q.check_estimator_call(rng_key, log_joint_fn, "log_joint_fn")
+    log_weight = _importance_log_weight_fn(log_joint_fn, q)
+    return log_mean_exp_chunked(rng_key, log_weight, num_samples=num_samples, chunk_size=chunk_size)
+
+
+def _importance_log_weight_fn(log_joint_fn, q) -> Callable[[Array], Array]:
+    """``key -> log p(x, z) - log q(z)`` at ``z ~ q`` drawn with ``key``, ``[batch]`` (checks q)."""
     shape = _q.check_q(q)
 
     def log_weight(key):
         z, log_q = _q.sample_and_log_prob(key, q)  # no bijector inverse: finite for a saturated Tanh
         return _q.call_log_density(log_joint_fn, z, shape, "log_joint_fn", q) - log_q
 
-    return log_mean_exp_chunked(rng_key, log_weight, num_samples=num_samples, chunk_size=chunk_size)
+    return log_weight
+
+
+def importance_log_weights(
+    rng_key: Array,
+    log_joint_fn: Callable[[PyTree], Array],
+    q: PyTree,
+    *,
+    num_samples: int,
+    chunk_size: int | None = None,
+) -> Array:
+    """All K importance log weights log w_k = log p(x, z_k) - log q(z_k), z_k ~ q (nats).
+
+    The samples of :func:`importance_sampling` with the same ``rng_key`` (sample k uses the
+    k-th key of ``jax.random.split(rng_key, K)``, ``rng_key`` itself for K = 1):
+    ``logsumexp(log_w, axis=0) - log K`` equals
+    its estimate up to float rounding. For diagnostics that need every weight, such as the
+    Pareto k-hat (``vijax.ais.psis_khat``). Computed ``chunk_size`` samples at a time
+    (``lax.map``); the result itself holds ``num_samples x batch`` floats.
+
+    Args:
+      rng_key, log_joint_fn, q, num_samples, chunk_size: as :func:`importance_sampling`.
+
+    Returns:
+      ``[num_samples, *batch]`` log weights (nats).
+
+    Raises:
+      TypeError / ValueError: as :func:`importance_sampling`.
+    """
+    num_samples = _q.check_estimator_call(rng_key, log_joint_fn, "log_joint_fn", num_samples)
+    chunk_size = check_int(chunk_size, "`chunk_size`", minimum=1, optional=True)
+    log_weight = _importance_log_weight_fn(log_joint_fn, q)
+    keys = _q.sample_keys(rng_key, num_samples)
+    chunk = num_samples if chunk_size is None else min(chunk_size, num_samples)
+    return jax.lax.map(log_weight, keys, batch_size=chunk)
 
 
 def naive_monte_carlo(

@@ -247,7 +247,7 @@ class MLP(nn.Module):
 class GaussianEncoder(nn.Module):
     """Amortized Gaussian posterior ``q(z | x) = N(loc(x), diag(scale(x)^2))``.
 
-    ``h = MLP(x)``; ``loc = Dense(L)(h)``; ``scale = scale_fn(Dense(L)(h))`` with
+    ``h = MLP(x)``; one ``Dense(2L)(h)`` split into ``loc`` and ``s``; ``scale = scale_fn(s)`` with
     ``scale_fn = jnp.exp`` by default (the linear layer outputs ``log scale``, as in the IWAE
     paper); pass ``scale_fn=jax.nn.softplus`` for a softplus link. ``min_scale`` is added to the
     scale (0 by default).

@@ -64,7 +64,10 @@ def sample_diag_gaussian(
     Args:
       rng_key: a JAX PRNG key.
       loc: ``[*batch, latent_dim]`` means.
-      scale: ``[*batch, latent_dim]`` positive standard deviations (same shape as ``loc``).
+      scale: ``[*batch, latent_dim]`` positive standard deviations (same shape as ``loc``),
+        each at least the smallest normal number of its dtype (``jnp.finfo(dtype).tiny``,
+        1.2e-38 in float32): a denormal scale is flushed to zero on CPU. The same rule as for
+        the scales of a ``q`` in :mod:`vijax.elbo`.
       sample_shape: leading sample axes ``S``, a tuple of Python/NumPy ints >= 0.
 
     Returns:
@@ -74,16 +77,16 @@ def sample_diag_gaussian(
     Raises:
       TypeError: ``rng_key`` not a JAX PRNG key; non-floating ``loc``/``scale``;
         ``sample_shape`` not a sequence of ints (a float such as 2.5, or a bool, included).
-      ValueError: shape mismatch; concrete non-finite ``loc``/``scale`` or non-positive
-        ``scale``; a negative ``sample_shape`` entry.
+      ValueError: shape mismatch; concrete non-finite ``loc``/``scale``, or a ``scale`` entry
+        below ``jnp.finfo(dtype).tiny`` (zero, negative or denormal); a negative
+        ``sample_shape`` entry.
     """
     check_rng_key(rng_key)
     loc = _check_floating(loc, "loc")
     scale = _check_floating(scale, "scale")
     if loc.shape != scale.shape:
         raise ValueError(f"`loc` and `scale` must have the same shape; got {loc.shape} and {scale.shape}")
-    if is_concrete(scale) and bool(jnp.any(scale <= 0)):
-        raise ValueError("`scale` must be positive")
+    _q.check_scale_values(scale, "`scale`")
     sample_shape = check_int_sequence(sample_shape, "`sample_shape`", minimum=0)
     n = len(sample_shape)
     eps = jax.random.normal(rng_key, sample_shape + loc.shape, dtype=loc.dtype)
@@ -105,7 +108,7 @@ def sample_full_gaussian(
       rng_key: a JAX PRNG key.
       loc: ``[*batch, latent_dim]``.
       scale_tril: ``[*batch, latent_dim, latent_dim]`` Cholesky factor (upper triangle ignored),
-        non-zero diagonal.
+        non-zero diagonal: every |L_ii| at least ``jnp.finfo(dtype).tiny`` (not denormal).
       sample_shape: leading sample axes ``S``, a tuple of Python/NumPy ints >= 0.
 
     Returns:
@@ -116,8 +119,8 @@ def sample_full_gaussian(
     Raises:
       TypeError: ``rng_key`` not a JAX PRNG key; non-floating inputs; ``sample_shape`` not a
         sequence of ints (a float such as 2.5, or a bool, included).
-      ValueError: shape mismatch; concrete non-finite inputs or a zero on L's diagonal; a
-        negative ``sample_shape`` entry.
+      ValueError: shape mismatch; concrete non-finite inputs or a zero (or denormal) entry on
+        L's diagonal; a negative ``sample_shape`` entry.
     """
     check_rng_key(rng_key)
     loc = _check_floating(loc, "loc")
@@ -128,8 +131,9 @@ def sample_full_gaussian(
             f"got {scale_tril.shape}"
         )
     diag = jnp.diagonal(scale_tril, axis1=-2, axis2=-1)
-    if is_concrete(diag) and bool(jnp.any(diag == 0)):
-        raise ValueError("`scale_tril` must have a non-zero diagonal (it is singular)")
+    if is_concrete(diag):
+        _q.check_scale_values(jnp.abs(diag), "`scale_tril` must have a non-zero diagonal (it "
+                              "is singular otherwise): the absolute values of its diagonal")
     sample_shape = check_int_sequence(sample_shape, "`sample_shape`", minimum=0)
     n = len(sample_shape)
     eps = jax.random.normal(rng_key, sample_shape + loc.shape, dtype=loc.dtype)
@@ -162,13 +166,15 @@ def sample_transformed(
       (not its negative), equal to ``distrax.Transformed(base, bijector).log_prob(z)``.
 
     Raises:
-      TypeError: ``rng_key`` not a JAX PRNG key; ``base`` not a distrax distribution or
-        ``bijector`` not a distrax bijector; ``sample_shape`` not a sequence of ints (a float
+      TypeError: ``rng_key`` not a single JAX PRNG key; ``base`` not a distrax distribution
+        (or a Gaussian one with non-floating ``loc``/``scale``) or ``bijector`` not a distrax
+        bijector; ``sample_shape`` not a sequence of ints (a float
         such as 2.5, or a bool, included).
       ValueError: ``bijector.event_ndims_in`` differs from the rank of ``base``'s event shape
         (an element-wise bijector such as ``distrax.Tanh()`` on a vector base needs
         ``distrax.Block``); concrete non-finite parameters of ``base``, or a concrete Gaussian
-        scale of ``base`` that is not positive; a negative ``sample_shape`` entry.
+        scale of ``base`` below ``jnp.finfo(dtype).tiny`` (not positive, or denormal); a
+        negative ``sample_shape`` entry.
     """
     check_rng_key(rng_key)
     if not isinstance(base, distrax.Distribution):

@@ -617,16 +617,22 @@ def run(rng_key: Array, state: SVIState, log_joint_fn: Callable, num_steps: int,
                                             batch_size, schedule)
     step_fn = _make_step_fn(log_joint_fn, objective, schedule)
 
-    def body(state, _):
-        key = jax.random.fold_in(rng_key, state.step)
+    # Every step's keys, derived before the loop in one vectorised pass (the same keys as
+    # fold_in(rng_key, state.step) inside it, bit for bit, with no hash left in the loop body).
+    keys = jax.vmap(lambda i: jax.random.fold_in(rng_key, i))(
+        state.step + jnp.arange(num_steps, dtype=jnp.asarray(state.step).dtype))
+    if batch_size is not None:
+        keys = jax.vmap(jax.random.split)(keys)  # [num_steps, 2]: batch key, objective key
+
+    def body(state, key):
         if batch_size is None:
             batch = data
         else:
-            batch_key, key = jax.random.split(key)
+            batch_key, key = key[0], key[1]
             batch = draw_batch(batch_key, data, batch_size)
         return step_fn(state, key, batch)
 
-    return jax.lax.scan(body, state, None, length=num_steps)
+    return jax.lax.scan(body, state, keys)
 
 
 _run_jit = jax.jit(run, static_argnames=("log_joint_fn", "num_steps", "objective",
@@ -841,7 +847,7 @@ def predictive(rng_key: Array, family: PyTree, params: PyTree, fn: Callable,
 def log_marginal_estimate(rng_key: Array, family: PyTree, params: PyTree,
                           log_joint_fn: Callable, *, num_samples: int,
                           model_params: PyTree = None, batch: PyTree = None,
-                          chunk_size: int | None = None) -> Array:
+                          chunk_size: int | None = None, return_khat: bool = False):
     """log p(x) by importance sampling with the fitted q as proposal (nats):
     :func:`vijax.marginal.importance_sampling`, i.e. log (1/K) sum_k p(x, z_k) / q(z_k).
 
@@ -858,15 +864,36 @@ def log_marginal_estimate(rng_key: Array, family: PyTree, params: PyTree,
       model_params: theta, if ``log_joint_fn`` takes it.
       batch: the data argument of ``log_joint_fn``, if it takes one.
       chunk_size: samples drawn at once (memory), None for all K.
+      return_khat: also return the Pareto k-hat of the K importance weights
+        (:func:`vijax.ais.psis_khat`, by ArviZ on the host): below 0.5 the estimate is
+        reliable, above 0.7 q is too far from the posterior for it to be trusted. All K log
+        weights are then kept (:func:`vijax.marginal.importance_log_weights`: memory
+        ``K x batch`` floats instead of a running logsumexp) and the estimate is their
+        logmeanexp, equal to the default's up to float rounding. Needs K >= 21.
 
     Returns:
-      log p(x) estimate, shape q's batch shape (``[]`` for a global latent).
+      log p(x) estimate, shape q's batch shape (``[]`` for a global latent); with
+      ``return_khat``, the pair ``(estimate, khat)`` of that shape (khat a NumPy array, or a
+      JAX array under ``jit``).
 
     Raises:
-      TypeError / ValueError: as :func:`vijax.marginal.importance_sampling`.
+      TypeError / ValueError: as :func:`vijax.marginal.importance_sampling`; ``return_khat``
+        not a bool; ``num_samples`` < 21 with ``return_khat``.
     """
     check_callable(log_joint_fn, "`log_joint_fn`")
+    check_bool(return_khat, "`return_khat`")
     q = vfam.distribution(family, params)
     fn = _bound_log_joint(log_joint_fn, model_params, batch, model_params is not None)
-    return marginal.importance_sampling(rng_key, fn, q, num_samples=num_samples,
-                                        chunk_size=chunk_size)
+    if not return_khat:
+        return marginal.importance_sampling(rng_key, fn, q, num_samples=num_samples,
+                                            chunk_size=chunk_size)
+    from vijax import ais as vais  # imports Blackjax; ArviZ is imported on first k-hat
+
+    num_samples = check_int(num_samples, "`num_samples`", minimum=1)
+    if num_samples < vais.PSIS_MIN_SAMPLES:
+        raise ValueError(f"`num_samples` must be >= {vais.PSIS_MIN_SAMPLES} with "
+                         f"return_khat=True (a Pareto fit of the tail), got {num_samples}")
+    log_w = marginal.importance_log_weights(rng_key, fn, q, num_samples=num_samples,
+                                            chunk_size=chunk_size)
+    estimate = jax.nn.logsumexp(log_w, axis=0) - math.log(num_samples)
+    return estimate, vais.psis_khat(log_w, axis=0)

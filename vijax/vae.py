@@ -711,7 +711,7 @@ def _check_eval_args(params, model, x, batch_size=1, chunk_size=None):
 
 def log_likelihood_is(rng_key: jax.Array, params: Params, model, x: jax.Array, *,
                       num_samples: int = 5000, chunk_size: int | None = 100,
-                      batch_size: int = 100) -> jax.Array:
+                      batch_size: int = 100, return_khat: bool = False):
     """Importance-sampling estimate of ``log p(x)`` per example, with ``q(z | x)`` as proposal.
 
     ``log (1/S) sum_s p(x, z_s) / q(z_s | x)``, ``z_s ~ q(z | x)``, ``S = num_samples``
@@ -733,29 +733,49 @@ def log_likelihood_is(rng_key: jax.Array, params: Params, model, x: jax.Array, *
       num_samples: S, an int >= 1.
       chunk_size: samples per chunk, an int >= 1 (``None``: all at once).
       batch_size: examples per chunk, an int >= 1 (larger than N is fine).
+      return_khat: also return the Pareto k-hat of each example's S importance weights
+        (:func:`vijax.ais.psis_khat`, by ArviZ on the host; below 0.5 the estimate is
+        reliable, above 0.7 it should not be trusted). The k-hat needs every weight: each
+        batch then keeps its ``S x batch_size`` log weights (5000 x 100 float32: 2 MB) instead
+        of a running logsumexp, and the estimate is their logmeanexp, equal to the default's
+        up to float rounding. Needs S >= ``vijax.ais.PSIS_MIN_SAMPLES`` (21).
 
     Returns:
       ``[N]`` estimates of ``log p(x_n)`` in nats (the log-likelihood, not its negative: the
-      test NLL is ``-mean``).
+      test NLL is ``-mean``); with ``return_khat``, the pair ``(estimates, khat)``, both
+      ``[N]`` (``khat`` float32, from a host callback).
 
     Raises:
       TypeError: ``rng_key`` not a PRNG key; ``params`` a :class:`TrainState` or not a mapping;
         ``model`` not a :class:`vijax.nn.VAE`; ``num_samples``, ``chunk_size`` or ``batch_size``
-        not an int (``chunk_size`` may be None).
-      ValueError: ``num_samples``, ``chunk_size`` or ``batch_size`` < 1.
+        not an int (``chunk_size`` may be None); ``return_khat`` not a bool.
+      ValueError: ``num_samples``, ``chunk_size`` or ``batch_size`` < 1; ``num_samples`` < 21
+        with ``return_khat``.
       TypeError / ValueError: bad ``x`` (:func:`check_images`).
     """
     check_rng_key(rng_key)
     _check_eval_args(params, model, x, batch_size, chunk_size)
     check_int(num_samples, "num_samples", minimum=1)
+    check_bool(return_khat, "return_khat")
+    if return_khat:
+        from vijax import ais as vais  # imports Blackjax; ArviZ is imported on first k-hat
+
+        if num_samples < vais.PSIS_MIN_SAMPLES:
+            raise ValueError(f"num_samples must be >= {vais.PSIS_MIN_SAMPLES} with "
+                             f"return_khat=True (a Pareto fit of the tail), got {num_samples}")
     num_batches = -(-x.shape[0] // batch_size)
     keys = jax.random.split(rng_key, num_batches)
 
     def one_batch(xb, key):
         q, log_likelihood_fn = _posterior_and_log_likelihood_fn(params, model, xb)
         log_joint_fn = _log_joint_fn(log_likelihood_fn, _prior(model, q.loc.dtype))
-        return marginal.importance_sampling(key, log_joint_fn, q, num_samples=num_samples,
-                                            chunk_size=chunk_size)
+        if not return_khat:
+            return marginal.importance_sampling(key, log_joint_fn, q, num_samples=num_samples,
+                                                chunk_size=chunk_size)
+        log_w = marginal.importance_log_weights(key, log_joint_fn, q, num_samples=num_samples,
+                                                chunk_size=chunk_size)  # [S, batch_size]
+        estimate = jax.nn.logsumexp(log_w, axis=0) - float(np.log(num_samples))
+        return estimate, jnp.asarray(vais.psis_khat(log_w, axis=0))
 
     return _map_batches(one_batch, x, batch_size, keys)
 
@@ -868,15 +888,32 @@ def reconstruct(params: Params, model, x: jax.Array) -> jax.Array:
     return model.apply(params, q.loc, method=type(model).decode_mean)
 
 
-def sample_images(rng_key: jax.Array, params: Params, model, num_samples: int) -> jax.Array:
-    """``E[x | z]`` for ``z ~ N(0, I)``: ``[num_samples, D]`` (pixel probabilities, Bernoulli).
+def sample_images(rng_key: jax.Array, params: Params, model, num_samples: int, *,
+                  draw: bool = False) -> jax.Array:
+    """Images from the generative model, ``[num_samples, D]``: ``z ~ N(0, I)``, then
+    ``E[x | z]`` (``draw=False``, the default: pixel probabilities for a Bernoulli decoder, the
+    mean for a Gaussian one) or a draw ``x ~ p(x | z)`` (``draw=True``: ancestral sampling of
+    the joint p(z) p(x | z), so the rows are samples of p(x); 0/1 pixels, as float, for a
+    Bernoulli decoder). Source: CENG796 notes §2 (the generative process of a latent-variable
+    model); lecture 3 ("Variational autoencoder").
+
+    With ``draw=True`` the key is split into the key of z and the key of x; the means path uses
+    ``rng_key`` for z as it is.
 
     Raises: TypeError when ``rng_key`` is not a PRNG key (e.g. an int seed), ``params`` is a
-    :class:`TrainState` or ``model`` is not a :class:`vijax.nn.VAE`; TypeError / ValueError
-    when ``num_samples`` is not a positive int."""
+    :class:`TrainState`, ``model`` is not a :class:`vijax.nn.VAE` or ``draw`` is not a bool;
+    TypeError / ValueError when ``num_samples`` is not a positive int."""
     check_rng_key(rng_key)
     _check_params(params)
     _check_model(model)
     check_int(num_samples, "num_samples", minimum=1)
-    z = jax.random.normal(rng_key, (num_samples, model.encoder.latent_dim))
-    return model.apply(params, z, method=type(model).decode_mean)
+    check_bool(draw, "draw")
+    z_key, x_key = jax.random.split(rng_key) if draw else (rng_key, None)
+    z = jax.random.normal(z_key, (num_samples, model.encoder.latent_dim))
+    if not draw:
+        return model.apply(params, z, method=type(model).decode_mean)
+    out = model.apply(params, z, method=type(model).decode)
+    if isinstance(model.decoder, vnn.BernoulliDecoder):
+        return jax.random.bernoulli(x_key, jax.nn.sigmoid(out)).astype(out.dtype)
+    loc, scale = out
+    return loc + scale * jax.random.normal(x_key, loc.shape, loc.dtype)

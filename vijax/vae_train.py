@@ -15,6 +15,8 @@ What :func:`train_and_evaluate` writes into ``workdir``:
   ``learning_rate``, ``epoch_time_s`` (training wall time, including compilation in the first
   epoch), ``epoch_cpu_time_s`` (CPU seconds of this process over all its threads during the
   epoch: on a shared machine a better measure of the work than wall time) and ``eval_time_s``;
+  with ``Config.max_consecutive_skips`` also ``skipped_steps`` (training steps skipped for a
+  non-finite gradient; ``train_objective`` is then the mean over the other steps);
   strict JSON, a non-finite value (row 0's ``train_objective``) written as ``null``;
 * ``checkpoints/<epoch>/`` -- an orbax checkpoint after every epoch (the last
   ``keep_checkpoints`` kept) holding the :class:`vijax.vae.TrainState` (parameters, Adam state,
@@ -61,7 +63,7 @@ from vijax import data as vdata
 from vijax import nn as vnn
 from vijax import vae
 from vijax._checks import (MAX_NUMPY_SEED, check_bool, check_int, check_int_sequence,
-                           check_real)
+                           check_path, check_real)
 
 __all__ = [
     "Mnist",
@@ -98,8 +100,9 @@ _METRICS_JSONL = "metrics.jsonl"
 _METRICS_CSV = "metrics.csv"
 _FINAL_METRICS = "final_metrics.json"
 _CHECKPOINT_DIR = "checkpoints"
+_SKIPPED_DIR = "skipped_checkpoints"  # unusable checkpoints set aside on resume
 _METRIC_COLUMNS = ("epoch", "step", "learning_rate", "train_objective", "test_elbo", "test_kl",
-                   "epoch_time_s", "epoch_cpu_time_s", "eval_time_s")
+                   "epoch_time_s", "epoch_cpu_time_s", "eval_time_s", "skipped_steps")
 
 
 def _set(obj, name: str, value) -> None:
@@ -314,6 +317,13 @@ class Config:
       eval_chunk_size: samples per chunk in the importance sampling (memory ~ chunk x batch x D).
       eval_batch_size: test images per evaluation batch.
       keep_checkpoints: how many of the latest per-epoch checkpoints to keep.
+      max_consecutive_skips: None (default) or an int >= 1. With an int, a training step whose
+        gradient is not finite (NaN or inf) is skipped, leaving the parameters and Adam's
+        state as they were (``optax.apply_if_finite``), and counted in its epoch's
+        ``skipped_steps`` metric; the run stops with a ``FloatingPointError`` (before that
+        epoch's checkpoint) at the end of an epoch whose last ``max_consecutive_skips`` or more
+        steps were all skipped. With None nothing is skipped and a non-finite objective stops
+        the run at the end of its epoch.
 
     Integer fields accept Python or NumPy ints and real fields Python or NumPy real scalars;
     they are stored as Python ``int`` / ``float`` (and the sequences as tuples).
@@ -322,7 +332,7 @@ class Config:
       TypeError: a field of the wrong type: ``dataset``, ``binarization``, ``schedule`` not one
         of the classes above, ``objective`` not an objective *instance*; an integer field
         (``latent_dim``, ``epochs``, ``batch_size``, ``seed``, ``eval_*``,
-        ``keep_checkpoints``) not an int; ``hidden_sizes`` or ``eval_iwae_ks`` not a tuple/list
+        ``keep_checkpoints``, ``max_consecutive_skips``) not an int; ``hidden_sizes`` or ``eval_iwae_ks`` not a tuple/list
         of ints (e.g. ``200``); ``learning_rate``, ``adam_b1``, ``adam_b2``, ``adam_eps`` not a
         real number (e.g. ``"0.9"`` or None). The message names the field.
       ValueError: a value out of range: integer fields < 1 (``seed`` outside
@@ -352,6 +362,7 @@ class Config:
     eval_chunk_size: int = 100
     eval_batch_size: int = 100
     keep_checkpoints: int = 2
+    max_consecutive_skips: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.dataset, (Mnist, Digits)):
@@ -372,6 +383,8 @@ class Config:
             _set(self, name, check_int(getattr(self, name), name, minimum=1))
         _set(self, "eval_num_test",
              check_int(self.eval_num_test, "eval_num_test", minimum=1, optional=True))
+        _set(self, "max_consecutive_skips", check_int(
+            self.max_consecutive_skips, "max_consecutive_skips", minimum=1, optional=True))
         _set(self, "seed", check_int(self.seed, "seed", minimum=0, maximum=MAX_NUMPY_SEED))
         for name in ("learning_rate", "adam_eps"):
             _set(self, name, check_real(getattr(self, name), name, exclusive_minimum=0.0))
@@ -462,10 +475,15 @@ def build_model(config: Config, train_images: np.ndarray) -> vnn.VAE:
 
 def build_optimizer(config: Config, steps_per_epoch: int) -> tuple[optax.GradientTransformation,
                                                                     optax.Schedule]:
-    """Adam with the configured constants and learning-rate schedule; returns (optimizer,
+    """Adam with the configured constants and learning-rate schedule, wrapped in
+    ``optax.apply_if_finite`` when ``config.max_consecutive_skips`` is set; returns (optimizer,
     schedule), the schedule mapping the update count to the learning rate."""
     schedule = config.schedule.build(config.learning_rate, steps_per_epoch, config.epochs)
     optimizer = optax.adam(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps)
+    if config.max_consecutive_skips is not None:
+        # skips (and counts) updates whose gradient is not finite; after more than
+        # max_consecutive_skips in a row it would apply them: _run stops the run before
+        optimizer = optax.apply_if_finite(optimizer, config.max_consecutive_skips)
     return optimizer, schedule
 
 
@@ -580,7 +598,7 @@ def restore_checkpoint(workdir: str | os.PathLike, config: Config,
     if not isinstance(config, Config):
         raise TypeError(f"config must be a vijax.vae_train.Config, got {type(config).__name__}")
     check_int(epoch, "epoch", minimum=0, optional=True)
-    workdir = pathlib.Path(workdir)
+    workdir = check_path(workdir, "workdir")
     manager = _existing_checkpoint_manager(workdir, config.keep_checkpoints)
     if manager is None:
         raise FileNotFoundError(f"no checkpoint in {workdir / _CHECKPOINT_DIR} (no such folder)")
@@ -589,7 +607,7 @@ def restore_checkpoint(workdir: str | os.PathLike, config: Config,
             raise FileNotFoundError(f"no checkpoint in {workdir / _CHECKPOINT_DIR}")
         saved_path = workdir / _CONFIG_FILE
         if saved_path.exists():  # the run's own record of its configuration
-            differences = _config_differences(json.loads(saved_path.read_text()),
+            differences = _config_differences(_read_json(saved_path),
                                               config_to_dict(config), allow_epochs=True)
             if differences:
                 raise ValueError(
@@ -617,13 +635,49 @@ def restore_checkpoint(workdir: str | os.PathLike, config: Config,
 def read_metrics(workdir: str | os.PathLike) -> list[dict]:
     """The per-epoch rows of ``workdir/metrics.jsonl`` (row with epoch 0 = initialisation);
     a ``null`` in the file (a value that is not a finite number, such as row 0's
-    ``train_objective``) is read back as ``nan``."""
-    path = pathlib.Path(workdir) / _METRICS_JSONL
+    ``train_objective``) is read back as ``nan``.
+
+    Raises:
+      ValueError: a line that is not a JSON object with an ``epoch`` (a truncated or edited
+        file); the message names the file and the line.
+    """
+    return _read_metrics(check_path(workdir, "workdir"), truncated_last_line_ok=False)
+
+
+def _read_metrics(workdir: pathlib.Path, *, truncated_last_line_ok: bool) -> list[dict]:
+    """The rows of ``workdir/metrics.jsonl`` ([] without the file). With
+    ``truncated_last_line_ok`` an unreadable *last* line (a write cut short) is dropped with a
+    warning; any other unreadable line is a ValueError naming the file and the line."""
+    path = workdir / _METRICS_JSONL
     if not path.exists():
         return []
-    with path.open() as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return [{k: float("nan") if v is None else v for k, v in row.items()} for row in rows]
+    lines = path.read_text().splitlines()
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
+                raise ValueError("not a JSON object with an integer 'epoch'")
+        except ValueError as err:  # json.JSONDecodeError is a ValueError
+            if truncated_last_line_ok and i == last:
+                logger.warning("%s: line %d is unreadable (%s), probably cut short; it is "
+                               "dropped", path, i + 1, err)
+                break
+            raise ValueError(f"{path}, line {i + 1}: unreadable metrics row ({err})") from None
+        rows.append({k: float("nan") if v is None else v for k, v in row.items()})
+    return rows
+
+
+def _read_json(path: pathlib.Path) -> Any:
+    """``path``'s JSON; ValueError naming the file if it is not valid JSON (truncated, empty)."""
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); the file is corrupt or "
+                         "truncated") from None
 
 
 def _to_json(obj: Any, **kwargs) -> str:
@@ -731,7 +785,11 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, resume: bo
         with the same configuration, except that the ``eval_*`` fields,
         ``keep_checkpoints`` and an MNIST ``data_dir`` may differ, and ``epochs`` too when the
         schedule does not depend on it); without a checkpoint, start from scratch. With ``resume=False`` a
-        ``workdir`` that already holds checkpoints is refused rather than overwritten.
+        ``workdir`` that already holds checkpoints is refused rather than overwritten. A
+        checkpoint that cannot be restored, or whose epochs lack metrics rows, is skipped with
+        a warning: the run resumes from the newest usable one, truncates the metrics to its
+        epoch and moves the skipped ones to ``workdir/skipped_checkpoints/``. An unreadable
+        last line of ``metrics.jsonl`` (cut short) is dropped with a warning.
       progress: show tqdm bars, one over epochs and one over each epoch's steps (None:
         only when stderr is a terminal).
       data_parallel: split every batch over all local devices (parameters replicated; see
@@ -751,10 +809,14 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, resume: bo
       ``final_eval_time_s``, ``num_params``.
 
     Raises:
-      TypeError: ``config`` is not a :class:`Config` (e.g. a dict); ``resume`` not a bool;
-        ``progress`` or ``data_parallel`` neither None nor a bool.
+      TypeError: ``config`` is not a :class:`Config` (e.g. a dict); ``workdir`` not a ``str``
+        or ``os.PathLike`` (e.g. None); ``resume`` not a bool; ``progress`` or
+        ``data_parallel`` neither None nor a bool.
       FileExistsError: ``workdir`` has checkpoints and ``resume`` is False.
-      ValueError: ``resume`` with a configuration that differs from the saved one (the message
+      ValueError: ``workdir`` an empty string (it would mean the current folder; pass
+        ``"."``); on resume, no usable checkpoint (the message says why each was skipped), an
+        unreadable ``config.json`` or ``metrics.jsonl`` line before the last (naming the file);
+        ``resume`` with a configuration that differs from the saved one (the message
         lists the fields), or a checkpoint past ``config.epochs``; invalid images or a
         training set smaller than ``batch_size`` (:func:`prepare_data`); ``data_parallel=True``
         with ``batch_size`` not divisible by the number of local devices.
@@ -767,7 +829,7 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, resume: bo
     check_bool(resume, "resume")
     check_bool(progress, "progress", optional=True)
     check_bool(data_parallel, "data_parallel", optional=True)
-    workdir = pathlib.Path(workdir)
+    workdir = check_path(workdir, "workdir")
     config_dict = config_to_dict(config)
     # (1) read-only checks of an existing run
     latest = _latest_checkpoint(workdir, config.keep_checkpoints)
@@ -776,7 +838,7 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, resume: bo
             f"{workdir} already holds checkpoints (latest: epoch {latest}); pass resume=True "
             "(--resume) to continue that run, or choose another work directory")
     if latest is not None:
-        saved = json.loads((workdir / _CONFIG_FILE).read_text())
+        saved = _read_json(workdir / _CONFIG_FILE)
         differences = _config_differences(
             saved, config_dict, allow_epochs=not config.schedule.depends_on_epochs)
         if differences:
@@ -787,16 +849,89 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, resume: bo
         if latest > config.epochs:
             raise ValueError(f"the checkpoint in {workdir} is at epoch {latest}, past "
                              f"config.epochs = {config.epochs}")
-    # (2) data, model, optimizer, mesh: the remaining input errors, before any write
+    # (2) data, model, optimizer, mesh: the remaining input errors, before any write; on resume
+    # the newest intact checkpoint and its metrics rows (read only)
     setup = _setup(config, data_parallel)
+    resume_point = None if latest is None else _resume_point(config, workdir, setup)
     # (3) the run writes
     workdir.mkdir(parents=True, exist_ok=True)
+    if resume_point is not None:
+        _set_aside(workdir, resume_point.skipped)
     manager = _checkpoint_manager(workdir, config.keep_checkpoints)
     try:
         _write_json(workdir / _CONFIG_FILE, config_dict)
-        return _run(config, workdir, manager, setup, resume_from=latest, progress=progress)
+        return _run(config, workdir, manager, setup, resume_point=resume_point,
+                    progress=progress)
     finally:
         manager.close()
+
+
+class _ResumePoint(NamedTuple):
+    item: dict  # the restored checkpoint: {"state", "epoch", "train_key_data"}
+    rows: list[dict]  # metrics rows of epochs 0..item["epoch"]
+    skipped: list[int]  # newer checkpointed epochs that could not be used
+
+
+def _resume_point(config: Config, workdir: pathlib.Path, setup: "_Setup") -> _ResumePoint:
+    """The newest checkpoint of ``workdir`` that can be restored and has metrics rows for every
+    epoch up to its own; newer ones are skipped with a warning saying why. Reads only.
+
+    Raises:
+      ValueError: no checkpoint is usable (the message lists why each was skipped), or a
+        metrics line other than the last is unreadable (naming the file and line).
+    """
+    rows = _read_metrics(workdir, truncated_last_line_ok=True)
+    model, optimizer = setup.model, setup.optimizer
+    init_key, train_key, _ = _keys(config.seed)
+    data_dim = setup.train_images.shape[1]
+    state_shapes = jax.eval_shape(
+        lambda key: vae.init_train_state(key, model, optimizer, data_dim), init_key)
+    template = _checkpoint_item(state_shapes, 0, train_key)
+    epochs_with_rows = [row["epoch"] for row in rows]
+    manager = _existing_checkpoint_manager(workdir, config.keep_checkpoints)
+    reasons = []
+    try:
+        for step in sorted(manager.all_steps(), reverse=True):
+            where = workdir / _CHECKPOINT_DIR / str(step)
+            if epochs_with_rows[:step + 1] != list(range(step + 1)):
+                reason = (f"checkpoint {where} skipped: {workdir / _METRICS_JSONL} lacks the "
+                          f"rows of epochs 0..{step} (it has {epochs_with_rows})")
+            else:
+                try:
+                    item = _restore(manager, template, step)
+                except Exception as err:  # noqa: BLE001 - orbax/TensorStore raise many kinds
+                    first_line = (str(err).strip().splitlines() or [""])[0][:300]
+                    reason = (f"checkpoint {where} skipped: it cannot be read "
+                              f"({type(err).__name__}: {first_line})")
+                else:
+                    if reasons:
+                        logger.warning("resuming %s from epoch %d; its metrics are truncated to "
+                                       "that epoch and the newer checkpoints are set aside in "
+                                       "%s", workdir, step, workdir / _SKIPPED_DIR)
+                    return _ResumePoint(item, rows[:step + 1], [s for s, _ in reasons])
+            logger.warning("%s", reason)
+            reasons.append((step, reason))
+    finally:
+        manager.close()
+    raise ValueError(f"cannot resume {workdir}: no usable checkpoint ("
+                     + "; ".join(r for _, r in reasons) + "); start afresh in another work "
+                     "directory")
+
+
+def _set_aside(workdir: pathlib.Path, epochs: Sequence[int]) -> None:
+    """Move the unusable checkpoints ``workdir/checkpoints/<epoch>`` to
+    ``workdir/skipped_checkpoints/<epoch>[-n]``, so that the resumed run can write those epochs
+    again (and the files stay for inspection)."""
+    for epoch in epochs:
+        source = workdir / _CHECKPOINT_DIR / str(epoch)
+        if not source.exists():
+            continue
+        target = workdir / _SKIPPED_DIR / str(epoch)
+        n = 1
+        while target.exists():
+            target, n = workdir / _SKIPPED_DIR / f"{epoch}-{n}", n + 1
+        target.parent.mkdir(exist_ok=True)
+        source.rename(target)
 
 
 def _data_parallel_mesh(config: Config, data_parallel: bool | None):
@@ -839,7 +974,7 @@ def _setup(config: Config, data_parallel: bool | None) -> _Setup:
 
 
 def _run(config: Config, workdir: pathlib.Path, manager, setup: _Setup, *,
-         resume_from: int | None, progress: bool | None) -> dict:
+         resume_point: _ResumePoint | None, progress: bool | None) -> dict:
     import orbax.checkpoint as ocp  # noqa: PLC0415
     from tqdm.auto import tqdm  # noqa: PLC0415
 
@@ -848,7 +983,6 @@ def _run(config: Config, workdir: pathlib.Path, manager, setup: _Setup, *,
     steps_per_epoch = num_train // config.batch_size
     init_key, train_key, eval_key = _keys(config.seed)
     place = jax.device_put if mesh is None else (lambda tree: vae.replicate(tree, mesh))
-    state = place(_init_state(init_key, model, optimizer, data_dim))
 
     show_progress = _progress_enabled(progress)
     steps_bar = _StepsBar(steps_per_epoch, config.epochs) if show_progress else None
@@ -874,15 +1008,16 @@ def _run(config: Config, workdir: pathlib.Path, manager, setup: _Setup, *,
         return {"test_elbo": float(elbo), "test_kl": float(kl),
                 "eval_time_s": time.perf_counter() - start}
 
-    if resume_from is not None:
-        item = _restore(manager, _checkpoint_item(state, 0, train_key))
+    if resume_point is not None:
+        item = resume_point.item
         if not np.array_equal(np.asarray(item["train_key_data"]),
                               np.asarray(jax.random.key_data(train_key))):
             raise ValueError("the checkpoint's training key does not match config.seed")
-        state, start_epoch = item["state"], int(item["epoch"])
-        rows = [row for row in read_metrics(workdir) if row["epoch"] <= start_epoch]
+        state, start_epoch = place(item["state"]), int(item["epoch"])
+        rows = resume_point.rows
         logger.info("resumed %s at epoch %d (step %d)", workdir, start_epoch, int(state.step))
     else:
+        state = place(_init_state(init_key, model, optimizer, data_dim))
         start_epoch = 0
         row = {"epoch": 0, "step": 0, "learning_rate": float(schedule(0)),
                "train_objective": float("nan"), "epoch_time_s": 0.0, "epoch_cpu_time_s": 0.0}
@@ -896,10 +1031,16 @@ def _run(config: Config, workdir: pathlib.Path, manager, setup: _Setup, *,
         for epoch in range(start_epoch, config.epochs):
             if steps_bar is not None:
                 steps_bar.start(epoch, epoch * steps_per_epoch)
+            skipped_before = _skipped_steps(state)
             start, start_cpu = time.perf_counter(), time.process_time()
             state, metrics = train_epoch(state, train_device, jax.random.fold_in(train_key, epoch))
-            train_objective = float(jnp.mean(metrics["objective"]))  # waits for the epoch
+            objectives = np.asarray(metrics["objective"])  # waits for the epoch
             epoch_time = time.perf_counter() - start
+            if skipped_before is not None:  # skipped steps (non-finite objective) left out
+                skipped = _skipped_steps(state) - skipped_before
+                _check_consecutive_skips(state, config, epoch, skipped)
+                objectives = objectives[np.isfinite(objectives)]
+            train_objective = float(np.mean(objectives)) if objectives.size else float("nan")
             step = int(state.step)
             if steps_bar is not None:
                 steps_bar.report(step, refresh=True)  # the epoch is done
@@ -908,6 +1049,8 @@ def _run(config: Config, workdir: pathlib.Path, manager, setup: _Setup, *,
                    "learning_rate": float(schedule(step - 1)),
                    "train_objective": train_objective, "epoch_time_s": epoch_time,
                    "epoch_cpu_time_s": time.process_time() - start_cpu}
+            if skipped_before is not None:
+                row["skipped_steps"] = skipped
             row.update(evaluate_epoch(state.params))
             if not (math.isfinite(train_objective) and math.isfinite(row["test_elbo"])):
                 raise FloatingPointError(
@@ -943,6 +1086,26 @@ def _run(config: Config, workdir: pathlib.Path, manager, setup: _Setup, *,
     _make_plots(config, model, state.params, dataset, test_device, rows, eval_key, workdir)
     logger.info("final: %s", json.dumps(final, sort_keys=True))
     return final
+
+
+def _skipped_steps(state: vae.TrainState) -> int | None:
+    """Steps skipped so far by ``optax.apply_if_finite`` (None without it)."""
+    opt_state = state.opt_state
+    if not isinstance(opt_state, optax.ApplyIfFiniteState):
+        return None
+    return int(opt_state.total_notfinite)
+
+
+def _check_consecutive_skips(state: vae.TrainState, config: Config, epoch: int,
+                             skipped: int) -> None:
+    """FloatingPointError once ``config.max_consecutive_skips`` steps in a row were skipped."""
+    consecutive = int(state.opt_state.notfinite_count)
+    if consecutive >= config.max_consecutive_skips:
+        raise FloatingPointError(
+            f"epoch {epoch + 1}: the last {consecutive} training steps had a non-finite "
+            f"gradient ({skipped} such steps in this epoch; max_consecutive_skips = "
+            f"{config.max_consecutive_skips}): the run stops; lower the learning rate or check "
+            "the data")
 
 
 def _final_evaluation(config: Config, model, state: vae.TrainState, x: jax.Array,
