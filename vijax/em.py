@@ -421,17 +421,26 @@ def _check_responsibilities(q, state: GMMState, x: Array) -> Array:
     return q.astype(state.means.dtype)
 
 
-def _check_finite_rows(x, name: str) -> None:
-    if is_concrete(x):
-        bad = ~np.all(np.isfinite(np.asarray(x)), axis=-1)
-        if np.any(bad):
-            if bad.ndim == 0:
-                raise ValueError(f"`{name}` (a single point) has NaN or inf values")
-            rows = [tuple(i) if len(i) > 1 else i[0] for i in np.argwhere(bad)[:5].tolist()]
-            raise ValueError(
-                f"`{name}` has {int(bad.sum())} row(s) with NaN or inf values (first at "
-                f"index {rows}); remove or impute them before fitting"
-            )
+def _check_values(x, name: str) -> None:
+    """For a concrete ``x`` (tracers pass), one host copy read twice: rows with NaN/inf, then
+    entries too large for the dtype (:func:`_check_magnitude`); both ValueErrors name ``name``."""
+    if not is_concrete(x):
+        return
+    host = np.asarray(x)
+    _check_finite_rows(host, name)
+    _check_magnitude(host, name)
+
+
+def _check_finite_rows(x: np.ndarray, name: str) -> None:
+    bad = ~np.all(np.isfinite(x), axis=-1)
+    if np.any(bad):
+        if bad.ndim == 0:
+            raise ValueError(f"`{name}` (a single point) has NaN or inf values")
+        rows = [tuple(i) if len(i) > 1 else i[0] for i in np.argwhere(bad)[:5].tolist()]
+        raise ValueError(
+            f"`{name}` has {int(bad.sum())} row(s) with NaN or inf values (first at "
+            f"index {rows}); remove or impute them before fitting"
+        )
 
 
 def _check_data(x, name: str = "x", dim: int | None = None, *, matrix: bool = True) -> Array:
@@ -450,8 +459,7 @@ def _check_data(x, name: str = "x", dim: int | None = None, *, matrix: bool = Tr
         raise ValueError(f"`{name}` has no rows")
     if x.shape[-1] == 0:
         raise ValueError(f"`{name}` has no columns (dim 0); got shape {x.shape}")
-    _check_finite_rows(x, name)
-    _check_magnitude(x, name)
+    _check_values(x, name)
     return x
 
 
@@ -462,16 +470,16 @@ def _magnitude_limit(dtype, num_rows: int, dim: int) -> float:
     return math.sqrt(float(jnp.finfo(dtype).max) / (4.0 * max(num_rows, 1) * max(dim, 1)))
 
 
-def _check_magnitude(x, name: str) -> None:
-    """ValueError naming ``name`` if the concrete ``x`` has entries so large that EM's squared
-    distances, summed over the rows, overflow its dtype (the fit would return non-finite
-    parameters); tracers pass."""
-    if not is_concrete(x) or x.size == 0:
+def _check_magnitude(x: np.ndarray, name: str) -> None:
+    """ValueError naming ``name`` if the host array ``x`` has entries so large that EM's
+    squared distances, summed over the rows, overflow its dtype (the fit would return
+    non-finite parameters)."""
+    if x.size == 0:
         return
     dim = x.shape[-1]
     num_rows = x.size // dim
     limit = _magnitude_limit(x.dtype, num_rows, dim)
-    biggest = float(np.max(np.abs(np.asarray(x))))
+    biggest = float(np.max(np.abs(x)))
     if biggest > limit:
         raise ValueError(
             f"`{name}` has entries up to {biggest:.3g} in absolute value: EM's squared "
