@@ -21,6 +21,14 @@ Examples (from the repository root, after ``pip install -e .``)::
 
     # offline demo without MNIST: 8x8 digits, 2-D latent space
     python experiments/vae.py --quick --dataset digits --workdir outputs/vae_digits
+
+    # two processes (one per host; here both on this machine, one CPU device each): every
+    # batch is split over all processes' devices; run the same command with --process-id 1
+    JAX_PLATFORMS=cpu python experiments/vae.py --quick --dataset digits \
+        --workdir outputs/vae_2proc --coordinator 127.0.0.1:12345 --num-processes 2 \
+        --process-id 0
+
+See docs/vae.md ("Several processes (multi-host)") for the multi-process launch, SLURM too.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ if _HERE not in sys.path:  # experiments/_cli.py, also when this file is loaded 
 
 import _cli  # noqa: E402
 
+from vijax import distributed as vdist  # noqa: E402
 from vijax import elbo as velbo  # noqa: E402
 from vijax import vae  # noqa: E402
 from vijax import vae_train as vt  # noqa: E402
@@ -119,6 +128,20 @@ def make_parser() -> argparse.ArgumentParser:
                    help="output folder (metrics, checkpoints, PNGs; default outputs/vae)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the last checkpoint in --workdir")
+    p.add_argument("--coordinator", metavar="HOST:PORT", default=None,
+                   help="multi-process run: address of process 0's coordination service "
+                        "(jax.distributed.initialize; give --num-processes and --process-id "
+                        "too, and the same flags otherwise on every process). Without it the "
+                        "run is one process and JAX's cluster auto-detection is not used")
+    p.add_argument("--num-processes", type=int, default=None,
+                   help="multi-process run: the number N >= 1 of processes")
+    p.add_argument("--process-id", type=int, default=None,
+                   help="multi-process run: this process, in [0, N - 1]; process 0 writes "
+                        "the metrics, logs and figures, all processes the checkpoints")
+    p.add_argument("--heartbeat-timeout", type=int, default=None,
+                   help="multi-process run: seconds without heartbeats after which a process "
+                        f"counts as dead and the others stop (default "
+                        f"{vdist.HEARTBEAT_TIMEOUT_S}, JAX's)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars over epochs and over each epoch's steps (default: when "
                         "stderr is a terminal)")
@@ -170,17 +193,51 @@ def config_from_args(args: argparse.Namespace) -> vt.Config:
     return dataclasses.replace(base, **overrides)
 
 
+def launch_from_args(args: argparse.Namespace) -> tuple[str, int, int] | None:
+    """``(coordinator, num_processes, process_id)`` of a multi-process launch, or None.
+
+    Raises:
+      ValueError: only some of --coordinator/--num-processes/--process-id given, a coordinator
+        without a port, --num-processes < 1, --process-id outside [0, N - 1], or
+        --heartbeat-timeout < 1 or without a launch (the message names the flag).
+    """
+    try:
+        launch = vdist.check_process_args(args.coordinator, args.num_processes,
+                                          args.process_id)
+    except (TypeError, ValueError) as err:
+        message = str(err)
+        for name in ("coordinator", "num_processes", "process_id"):
+            message = message.replace(name, "--" + name.replace("_", "-"))
+        raise ValueError(message) from None
+    if args.heartbeat_timeout is not None:
+        if launch is None:
+            raise ValueError("--heartbeat-timeout applies to a multi-process run only "
+                             "(--coordinator, --num-processes, --process-id)")
+        if args.heartbeat_timeout < 1:
+            raise ValueError(f"--heartbeat-timeout must be >= 1 second, got "
+                             f"{args.heartbeat_timeout}")
+    return launch
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
     _cli.check_seed(parser, args.seed)
     try:
+        launch = launch_from_args(args)
         config = config_from_args(args)
     except (ValueError, TypeError) as err:
         parser.error(str(err))
-    # before any data are loaded: an empty path (the current folder), a file, an unwritable place
-    _cli.check_output_folder(parser, args.workdir, "--workdir")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    main_process = launch is None or launch[2] == 0
+    # before any data are loaded: an empty path (the current folder), a file, an unwritable
+    # place; checked by process 0 only (the probe of several processes at once would race)
+    if main_process:
+        _cli.check_output_folder(parser, args.workdir, "--workdir")
+    if launch is not None:  # before any other JAX work
+        vdist.initialize(*launch, heartbeat_timeout_seconds=(
+            args.heartbeat_timeout or vdist.HEARTBEAT_TIMEOUT_S))
+    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
     try:
         final = vt.train_and_evaluate(config, args.workdir, resume=args.resume,
@@ -195,7 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      "eval_num_test", "active_units", "epochs", "train_time_s",
                                      "train_cpu_time_s",
                                      "final_eval_time_s")}
-    print(json.dumps(summary, indent=2))
+    if main_process:
+        print(json.dumps(summary, indent=2))
     return 0
 
 

@@ -11,7 +11,6 @@ standard errors; every run is seeded.
 from __future__ import annotations
 
 import json
-import math
 
 import jax
 import jax.numpy as jnp

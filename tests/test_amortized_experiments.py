@@ -46,6 +46,7 @@ def test_bad_flags_exit_2_with_one_line_and_write_nothing(tmp_path, script, flag
     assert not out.exists()
 
 
+@pytest.mark.slow  # started first (tests/conftest.py)
 def test_quick_runs_write_results_and_figures(tmp_path, mnist_dir):
     gaps_out = tmp_path / "gaps"
     result = _run(GAPS, "--quick", "--data-dir", mnist_dir, "--out", gaps_out)

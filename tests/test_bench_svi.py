@@ -26,6 +26,7 @@ def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow  # started first (tests/conftest.py)
 def test_bench_svi_quick_tiny_rows_and_elbos_agree(tmp_path):
     pytest.importorskip("numpyro")
     pytest.importorskip("blackjax")

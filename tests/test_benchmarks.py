@@ -23,6 +23,7 @@ def _run(script: str, *args: str) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
+@pytest.mark.slow  # started first (tests/conftest.py)
 def test_bench_em_tiny_grid_compares_like_for_like(tmp_path):
     out = tmp_path / "bench_em.json"
     _run("bench_em.py", "--sizes", "400", "--dims", "3", "--dtypes", "float64", "--repeats", "1",
@@ -40,6 +41,7 @@ def test_bench_em_tiny_grid_compares_like_for_like(tmp_path):
     assert row["bgmm_fit_means_max_diff"] < 1e-8
 
 
+@pytest.mark.slow  # started first (tests/conftest.py)
 def test_bench_vae_smoke_and_flop_count(tmp_path):
     pytest.importorskip("flax")
     out = tmp_path / "bench_vae.json"

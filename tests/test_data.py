@@ -205,22 +205,21 @@ def test_load_mnist_partial_folder_names_missing_files(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# TFDS fallback (no download: a stand-in tensorflow_datasets module)
+# TFDS fallback (no download: a stand-in tensorflow_datasets module, or TFDS's own mock data)
 # ----------------------------------------------------------------------------------------------
 
 
-def _fake_tfds(load_fn):
+def _fake_tfds(data_source_fn):
     module = types.ModuleType("tensorflow_datasets")
-    module.load = load_fn
-    module.as_numpy = lambda tree: tree
+    module.data_source = data_source_fn
     return module
 
 
 def test_missing_data_error_names_both_ways(tmp_path, monkeypatch):
-    def offline_load(*args, **kwargs):
+    def offline_data_source(*args, **kwargs):
         raise ConnectionError("no route to host")
 
-    monkeypatch.setitem(sys.modules, "tensorflow_datasets", _fake_tfds(offline_load))
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", _fake_tfds(offline_data_source))
     with pytest.raises(FileNotFoundError) as info:
         data.load_mnist(tmp_path)  # an empty folder
     message = str(info.value)
@@ -230,6 +229,40 @@ def test_missing_data_error_names_both_ways(tmp_path, monkeypatch):
     # No TFDS installed at all: the same clear error.
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # makes the import fail
     with pytest.raises(FileNotFoundError, match="VIJAX_DATA_DIR"):
+        data.load_mnist(tmp_path)
+
+
+def test_tfds_route_on_tfds_mock_data(tmp_path, monkeypatch):
+    """The real TFDS code path (``tfds.data_source`` and its MNIST builder's features), with
+    TFDS's ``mock_data`` standing in for the download: no network, no TensorFlow."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    with tfds.testing.mock_data(num_examples=5):
+        out = data.load_mnist(tmp_path)  # an empty folder: falls back to TFDS
+        raw = {split: [source[i] for i in range(len(source))] for split, source in
+               zip(("train", "test"), tfds.data_source("mnist", split=["train", "test"]))}
+    for split in ("train", "test"):
+        images = np.stack([np.asarray(ex["image"]) for ex in raw[split]])
+        assert images.shape == (5, 28, 28, 1) and images.dtype == np.uint8
+        got = getattr(out, f"{split}_images")
+        assert got.shape == (5, 784) and got.dtype == np.float32
+        np.testing.assert_allclose(got, images.reshape(5, 784) / 255.0, rtol=1e-6)
+        labels = getattr(out, f"{split}_labels")
+        assert labels.dtype == np.int32
+        np.testing.assert_array_equal(labels, [ex["label"] for ex in raw[split]])
+    assert out.train_images.max() > 0.5  # random mock pixels, not an all-zero array
+    assert not (tmp_path / "tfds").exists() or not any((tmp_path / "tfds").rglob("*.array_record*"))
+
+
+def test_tfds_route_rejects_a_split_of_the_wrong_shape(tmp_path, monkeypatch):
+    class Source(list):
+        pass
+
+    def wrong_shape(name, *, split):
+        return [Source([{"image": np.zeros((8, 8, 1), np.uint8), "label": 1}]) for _ in split]
+
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", _fake_tfds(wrong_shape))
+    with pytest.raises(FileNotFoundError, match=r"images have shape \(8, 8, 1\)"):
         data.load_mnist(tmp_path)
 
 
@@ -247,25 +280,6 @@ def test_named_folder_that_does_not_exist_is_an_error_not_a_download(tmp_path, m
     monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path / "typo"))
     with pytest.raises(FileNotFoundError, match=r"\$VIJAX_DATA_DIR\) does not exist"):
         data.load_mnist()
-
-
-def test_tfds_fallback_converts_to_unit_floats(tmp_path, monkeypatch):
-    rng = np.random.default_rng(0)
-    train = rng.integers(0, 256, size=(6, 28, 28, 1), dtype=np.uint8)
-    test = rng.integers(0, 256, size=(4, 28, 28, 1), dtype=np.uint8)
-    calls = []
-
-    def fake_load(name, *, split, batch_size, as_supervised):
-        calls.append((name, tuple(split), batch_size, as_supervised))
-        return [(train, np.arange(6, dtype=np.int64)), (test, np.arange(4, dtype=np.int64))]
-
-    monkeypatch.setitem(sys.modules, "tensorflow_datasets", _fake_tfds(fake_load))
-    out = data.load_mnist(tmp_path)
-    assert calls == [("mnist", ("train", "test"), -1, True)]
-    assert out.train_images.shape == (6, 784) and out.train_images.dtype == np.float32
-    np.testing.assert_allclose(out.test_images, test.reshape(4, 784) / 255.0, rtol=1e-6)
-    np.testing.assert_array_equal(out.test_labels, np.arange(4))
-    assert out.test_labels.dtype == np.int32
 
 
 # ----------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ def _run(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedP
                           timeout=timeout)
 
 
+@pytest.mark.slow  # started first (tests/conftest.py)
 def test_discrete_vae_quick(tmp_path, mnist_dir):
     pytest.importorskip("flax")
     out = tmp_path / "out"
@@ -56,6 +57,7 @@ def test_discrete_vae_quick(tmp_path, mnist_dir):
         assert (out / name).stat().st_size > 1000
 
 
+@pytest.mark.slow  # started first (tests/conftest.py)
 def test_mixture_enumerated_quick(tmp_path, old_faithful_csv):
     out = tmp_path / "out"
     result = _run("mixture_enumerated.py", "--quick", "--data", str(old_faithful_csv),

@@ -194,8 +194,9 @@ def test_pytree_q_is_a_product_of_factors(problem):
     }
     log_joint_tree = lambda z: lg.log_joint(model, x, jnp.concatenate([z["a"], z["b"]], -1))
     keys = jax.random.split(jax.random.key(12), 3000)
-    tree_vals = jax.vmap(lambda k: velbo.elbo(k, log_joint_tree, q_tree))(keys)
-    flat_vals = jax.vmap(lambda k: velbo.elbo(k, lambda z: lg.log_joint(model, x, z), q))(keys)
+    tree_vals = jax.jit(jax.vmap(lambda k: velbo.elbo(k, log_joint_tree, q_tree)))(keys)
+    flat_vals = jax.jit(jax.vmap(lambda k: velbo.elbo(k, lambda z: lg.log_joint(model, x, z),
+                                                      q)))(keys)
     m1, se1 = _mc_mean_and_se(tree_vals)
     m2, se2 = _mc_mean_and_se(flat_vals)
     assert np.all(np.abs(m1 - m2) < 4 * np.hypot(se1, se2))

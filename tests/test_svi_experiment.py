@@ -37,6 +37,7 @@ def experiment():
     return _load_script()
 
 
+@pytest.mark.slow  # started first (tests/conftest.py)
 def test_quick_run(experiment, tmp_path):
     """One test for the one --quick run (a module fixture would run once per pytest-xdist
     worker): files, then the logistic regression, then the banana."""

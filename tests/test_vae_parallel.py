@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import textwrap
 
+import pytest
+
 
 SCRIPT = textwrap.dedent(
     """
@@ -93,6 +95,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # started first (tests/conftest.py)
 def test_data_parallel_equals_single_device_on_4_host_devices(run_on_host_devices):
     assert "DATA-PARALLEL-OK" in run_on_host_devices(SCRIPT, num_devices=4)
 
@@ -129,6 +132,7 @@ DRIVER_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # started first (tests/conftest.py)
 def test_train_and_evaluate_data_parallel_equals_one_device(run_on_host_devices):
     """The experiment's driver (``train_and_evaluate(data_parallel=True)``, batches split over
     4 host devices) ends two epochs on the digits with the parameters and test ELBO of the

@@ -63,6 +63,7 @@ def count_epoch_traces(monkeypatch):
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # started first (tests/conftest.py)
 def test_one_epoch_on_real_mnist_improves_test_elbo(mnist_dir, tmp_path, count_epoch_traces):
     config = vt.Config(dataset=vt.Mnist(data_dir=str(mnist_dir)), epochs=1,
                        eval_num_samples=100, eval_num_test=500, eval_iwae_ks=(1,))
@@ -178,6 +179,20 @@ def test_tiny_run_outputs(tiny_runs):
     assert final["test_iwae_50"] >= final["test_iwae_1"] - 0.5
     saved = json.loads((workdir / "config.json").read_text())
     assert saved["objective"]["type"] == "ELBOAnalyticKL" and saved["schedule"]["type"] == "IwaeLR"
+
+
+def test_final_log_line_is_a_readable_summary(tiny_runs):
+    final = json.loads((tiny_runs["straight"] / "final_metrics.json").read_text())
+    line = vt.final_summary(final)
+    assert "\n" not in line and len(line) < 300  # the per-unit variances are not dumped
+    assert "[" not in line and "active_unit_variances" not in line
+    assert f"test ELBO {final['test_elbo']:.2f} nats" in line
+    assert f"-log p(x) {final['test_nll']:.2f} ± {final['test_nll_se']:.2f} nats" in line
+    assert f"k = 20, {final['eval_num_test']} images" in line
+    assert f"{final['active_units']}/2 active units" in line
+    # IWAE bounds in increasing k, then the KL
+    assert line.index("IWAE-1 ") < line.index("IWAE-50 ") < line.index("KL ")
+    assert line.endswith("(all values in final_metrics.json)")
 
 
 def test_resume_config_checks(tiny_runs, tmp_path):
@@ -741,3 +756,89 @@ def test_steps_with_a_non_finite_gradient_are_skipped_counted_and_stop_the_run(m
     assert not (tmp_path / "all" / "checkpoints" / "1").exists()
     with pytest.raises(ValueError, match="max_consecutive_skips must be >= 1"):
         vt.Config(max_consecutive_skips=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# experiments/evaluate_log_px.py and the reproduction run's checkpoint
+# ----------------------------------------------------------------------------------------------
+
+
+def _load_script(name):
+    spec = importlib.util.spec_from_file_location(
+        name, REPO_ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_config_round_trips_through_config_json(tiny_runs):
+    assert vt.load_config(tiny_runs["straight"]) == tiny_runs["config"]
+    saved = vt.config_to_dict(tiny_runs["config"])
+    with pytest.raises(ValueError, match="unknown configuration type 'Adam'"):
+        vt.config_from_dict({**saved, "schedule": {"type": "Adam"}})
+    with pytest.raises(ValueError, match="no field"):
+        vt.config_from_dict({**saved, "momentum": 0.9})
+    with pytest.raises(TypeError, match="saved"):
+        vt.config_from_dict([saved])
+
+
+def test_evaluate_log_px_quick_on_a_tiny_run(tiny_runs, tmp_path):
+    evaluate = _load_script("evaluate_log_px")
+    out = tmp_path / "eval"
+    results = evaluate.main(["--workdir", str(tiny_runs["straight"]), "--out", str(out),
+                             "--quick"])
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
+    for name in ("khat_histogram.png", "ais_convergence.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    is_ = results["importance_sampling"]
+    assert is_["num_images"] == 20 and len(is_["khat"]) == 20
+    assert sum(is_["khat_categories"].values()) == 20
+    # IS with q is an IWAE bound: above the run's recorded test ELBO up to noise (the
+    # tiny model's per-image ELBOs spread by a few nats; 20 images)
+    final = json.loads((tiny_runs["straight"] / "final_metrics.json").read_text())
+    assert is_["log_px"] > final["test_elbo"] - 3 * is_["log_px_se"]
+    rounds = results["ais"]["rounds"]
+    assert [r["num_temperatures"] for r in rounds] == [2, 4, 8]
+    assert all(0 < r["acceptance_rate"] <= 1 for r in rounds)
+    for r in results["bdmc_simulated"]["rounds"]:  # the sandwich: lower <= upper on average
+        assert r["lower"] <= r["upper"] and r["gap"] >= 0
+    assert results["meta"]["run_epoch"] == 2
+
+
+def test_evaluate_log_px_rejects_bad_flags_before_any_work(tmp_path, capsys):
+    evaluate = _load_script("evaluate_log_px")
+    for argv, message in (
+            (["--workdir", str(tmp_path), "--out", str(tmp_path / "o")], "no config.json"),
+            (["--workdir", str(tmp_path), "--out", str(tmp_path / "o"), "--num-ais", "0"],
+             "--num-ais must be >= 1"),
+            (["--workdir", str(tmp_path), "--out", str(tmp_path / "o"), "--ais-tol", "nan"],
+             "--ais-tol")):
+        with pytest.raises(SystemExit) as info:
+            evaluate.main(argv)
+        assert info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_reproduction_checkpoint_reevaluates_to_its_recorded_test_elbo(mnist_dir):
+    """The long IWAE-schedule run (experiments/vae.py --lr-schedule iwae) is kept outside the
+    repository (its checkpoints are large): ``$VIJAX_IWAE_RUN`` or outputs/vae_iwae_3280."""
+    import os  # noqa: PLC0415
+
+    workdir = pathlib.Path(os.environ.get("VIJAX_IWAE_RUN",
+                                          REPO_ROOT / "outputs" / "vae_iwae_3280"))
+    if not (workdir / "checkpoints").is_dir():
+        pytest.skip(f"no reproduction run at {workdir} (set VIJAX_IWAE_RUN to its work "
+                    "directory); the run's final metrics are in docs/results.md")
+    config = vt.load_config(workdir)
+    state, epoch = vt.restore_checkpoint(workdir, config)
+    recorded = {row["epoch"]: row["test_elbo"] for row in vt.read_metrics(workdir)}
+    assert epoch in recorded, (epoch, sorted(recorded)[-3:])
+    dataset, _, test_binary = vt.prepare_data(config)
+    model = vt.build_model(config, dataset.train_images)
+    elbo = np.asarray(jax.jit(lambda p, k, x: vae.evaluate_bounds(
+        k, p, model, x, num_samples=(), batch_size=500)["elbo"])(
+        state.params, jax.random.key(123), jax.numpy.asarray(test_binary)), np.float64)
+    se = elbo.std(ddof=1) / math.sqrt(elbo.size)  # another key: Monte Carlo and image noise
+    assert abs(elbo.mean() - recorded[epoch]) < 4 * se + 0.05, (elbo.mean(), recorded[epoch], se)

@@ -7,9 +7,10 @@ Modules: ``vijax.elbo`` (objectives and gradient estimators), ``vijax.reparam``
 semi-amortized inference; inference gaps), ``vijax.discrete`` (Concrete relaxations and
 straight-through draws for discrete latents), ``vijax.em`` (Gaussian mixtures by EM), ``vijax.meanfield``
 (coordinate-ascent VI), ``vijax.data`` (MNIST and small data sets), ``vijax.nn``
-(Flax encoder/decoder modules), ``vijax.vae`` (amortized inference training),
-``vijax.vae_train`` (the MNIST training driver), ``vijax.linear_gaussian`` (a conjugate
-model with exact posterior and evidence).
+(Flax encoder/decoder modules), ``vijax.nnx`` (the same as Flax NNX modules), ``vijax.vae``
+(amortized inference training), ``vijax.vae_train`` (the MNIST training driver),
+``vijax.distributed`` (several processes over ``jax.distributed``),
+``vijax.linear_gaussian`` (a conjugate model with exact posterior and evidence).
 
 Submodules are imported on first use, so ``import vijax`` stays cheap and
 ``vijax.marginal`` works without a separate import.
@@ -19,8 +20,8 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("ais", "amortized", "data", "discrete", "elbo", "em", "families",
-               "linear_gaussian", "marginal", "meanfield", "nn", "reparam", "svi", "vae",
+_SUBMODULES = ("ais", "amortized", "data", "discrete", "distributed", "elbo", "em", "families",
+               "linear_gaussian", "marginal", "meanfield", "nn", "nnx", "reparam", "svi", "vae",
                "vae_train")
 
 __all__ = list(_SUBMODULES)

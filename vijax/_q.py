@@ -99,6 +99,110 @@ def log_prob(q: PyTree, z: PyTree) -> Array:
     return total
 
 
+# --------------------------------------------------------------- score-function log density
+
+_HALF_LOG_2PI = 0.5 * float(np.log(2.0 * np.pi))
+
+
+@jax.custom_jvp
+def _quotient(x: Array, y: Array) -> Array:
+    """``x / y`` (same shapes) whose derivative in ``y`` stays finite for a tiny ``y``.
+
+    JAX differentiates ``x / y`` in ``y`` as ``-x * y**-2``, and ``y**-2`` overflows to inf for
+    ``|y| < 2**(minexp / 2)`` (1.1e-19 in float32) although the derivative ``-(x / y) / y`` is
+    finite: that is the non-finite gradient of a Gaussian log density with respect to a scale
+    of 1e-20. Inside a safe range of ``|y|`` the tangent is JAX's own expression (bit for bit
+    the same gradient), outside it ``-(x / y) / y``."""
+    return x / y
+
+
+@_quotient.defjvp
+def _quotient_jvp(primals, tangents):
+    x, y = primals
+    tx, ty = tangents
+    out = x / y
+    in_range = _scale_in_range(y)
+    y_in = jnp.where(in_range, y, 1)  # keeps y**-2 finite where it is not selected
+    t_y = jnp.where(in_range, (-ty * x) * jax.lax.integer_pow(y_in, -2), (-ty * out) / y)
+    return out, tx / y + t_y
+
+
+def _scale_in_range(scale: Array) -> Array:
+    """Where ``scale`` is in the range in which JAX's own derivative of ``x / scale`` is finite
+    (2**-59 < |scale| < 2**59 in float32), the range :func:`_quotient` leaves to JAX."""
+    bound = 2.0 ** (jnp.finfo(scale.dtype).minexp // 2 + 4)
+    return (jnp.abs(scale) > bound) & (jnp.abs(scale) < 1.0 / bound)
+
+
+def _gaussian_pieces(dist: distrax.Distribution, z: Array):
+    """For a Gaussian ``dist`` (``Normal``, ``MultivariateNormalDiag``, and these inside
+    ``Independent``/``Transformed``): ``(stable, in_range, safe)``, with ``stable`` log dist(z)
+    written with :func:`_quotient`, ``in_range`` whether every scale entered is in
+    :func:`_scale_in_range` (both of ``dist``'s batch shape) and ``safe`` the same distribution
+    with the out-of-range scales replaced by 1 (so distrax's gradient of it is finite
+    everywhere, and is distrax's own where the scales are in range). ``None`` for any other
+    family."""
+    if isinstance(dist, distrax.MultivariateNormalDiag):  # before Transformed: it subclasses it
+        loc, scale = dist.loc, dist.scale_diag
+        ok = _scale_in_range(scale)
+        u = _quotient(z - loc, scale)
+        stable = (jnp.sum(-0.5 * jnp.square(u) - _HALF_LOG_2PI, axis=-1)
+                  - jnp.sum(jnp.log(scale), axis=-1))
+        return stable, jnp.all(ok, axis=-1), distrax.MultivariateNormalDiag(
+            loc, jnp.where(ok, scale, 1))
+    if isinstance(dist, distrax.Normal):
+        loc, scale = dist.loc, dist.scale
+        ok = _scale_in_range(scale)
+        u = _quotient(z - loc, scale)
+        stable = -0.5 * jnp.square(u) - (_HALF_LOG_2PI + jnp.log(scale))
+        return stable, ok, distrax.Normal(loc, jnp.where(ok, scale, 1))
+    if isinstance(dist, distrax.Independent):
+        pieces = _gaussian_pieces(dist.distribution, z)
+        n = dist.reinterpreted_batch_ndims
+        if pieces is None:
+            return None
+        stable, ok, safe = pieces
+        axes = tuple(range(-n, 0))
+        return (jnp.sum(stable, axis=axes), jnp.all(ok, axis=axes),
+                distrax.Independent(safe, reinterpreted_batch_ndims=n))
+    if isinstance(dist, distrax.Transformed):
+        x, ildj = dist.bijector.inverse_and_log_det(z)
+        pieces = _gaussian_pieces(dist.distribution, x)
+        if pieces is None:
+            return None
+        stable, ok, safe = pieces
+        return stable + ildj, ok, distrax.Transformed(safe, dist.bijector)
+    return None
+
+
+def score_log_prob(q: PyTree, z: PyTree) -> Array:
+    """log q(z) for the score-function term: z held fixed, differentiable in q's parameters.
+
+    The value is distrax's ``log_prob`` (as :func:`log_prob`), and so is the gradient, except
+    for a Gaussian factor (``Normal``, ``MultivariateNormalDiag``, also inside
+    ``Independent``/``Transformed``) with a scale below 2**-59 (1.7e-18) in float32 (or above
+    2**59): there JAX's derivative of distrax's ``(z - loc) / scale`` forms ``scale**-2``, which
+    overflows, and the gradient is instead that of the same density written with
+    :func:`_quotient`, d log q / d scale = (eps**2 - 1) / scale, finite down to the smallest
+    scale accepted (``finfo.tiny``). Shape ``q``'s batch shape (nats)."""
+    leaves, treedef = jax.tree_util.tree_flatten(q, is_leaf=_is_distribution)
+    z_leaves = treedef.flatten_up_to(z)
+    total = None
+    for d, z_j in zip(leaves, z_leaves):
+        with jax.numpy_rank_promotion("allow"):  # bijector log-dets broadcast as in distrax
+            pieces = _gaussian_pieces(d, z_j)
+            if pieces is None:
+                term = d.log_prob(z_j)
+            else:
+                # the double-where trick: each branch is finite in value and gradient everywhere
+                stable, in_range, safe = pieces
+                stable = (jax.lax.stop_gradient(d.log_prob(z_j))
+                          + (stable - jax.lax.stop_gradient(stable)))
+                term = jnp.where(in_range, safe.log_prob(z_j), stable)
+        total = term if total is None else total + term
+    return total
+
+
 def tree_vdot(a: PyTree, b: PyTree, *, batch_ndim: int) -> Array:
     """Sum over every leaf and every event axis of ``a * b``; shape ``[*batch]``.
 

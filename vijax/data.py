@@ -218,19 +218,28 @@ def _to_unit_interval(images: np.ndarray, max_value: float) -> np.ndarray:
 
 
 def _load_mnist_tfds() -> Dataset:
-    """MNIST through TensorFlow Datasets (downloads on first use; imports TFDS lazily)."""
+    """MNIST through TensorFlow Datasets' ``tfds.data_source`` (imports TFDS lazily).
+
+    Reading a prepared dataset this way needs no TensorFlow (TFDS decodes to NumPy); the first
+    call downloads and prepares MNIST, which does (the ``tfds`` extra installs it).
+    """
     import tensorflow_datasets as tfds  # noqa: PLC0415 - optional, heavy import
 
-    splits = tfds.as_numpy(
-        tfds.load("mnist", split=["train", "test"], batch_size=-1, as_supervised=True)
-    )
-    (train_images, train_labels), (test_images, test_labels) = splits
-    return Dataset(
-        train_images=_to_unit_interval(np.asarray(train_images), 255.0),
-        train_labels=np.asarray(train_labels, dtype=np.int32),
-        test_images=_to_unit_interval(np.asarray(test_images), 255.0),
-        test_labels=np.asarray(test_labels, dtype=np.int32),
-    )
+    arrays = {}
+    for split, source in zip(("train", "test"), tfds.data_source("mnist", split=["train", "test"])):
+        examples = [source[i] for i in range(len(source))]
+        if not examples:
+            raise ValueError(f"TFDS returned an empty MNIST {split} split")
+        images = np.stack([np.asarray(ex["image"]) for ex in examples])
+        labels = np.asarray([ex["label"] for ex in examples])
+        if images.shape[1:] not in ((_MNIST_SIDE, _MNIST_SIDE), (_MNIST_SIDE, _MNIST_SIDE, 1)):
+            raise ValueError(f"TFDS MNIST {split} images have shape {images.shape[1:]}, "
+                             f"expected ({_MNIST_SIDE}, {_MNIST_SIDE}, 1)")
+        if labels.min() < 0 or labels.max() > 9:
+            raise ValueError(f"TFDS MNIST {split} labels outside 0..9")
+        arrays[f"{split}_images"] = _to_unit_interval(images, 255.0)
+        arrays[f"{split}_labels"] = labels.astype(np.int32)
+    return Dataset(**arrays)
 
 
 def _candidate_folder(data_dir: str | os.PathLike | None) -> tuple[pathlib.Path | None, str]:
@@ -258,9 +267,10 @@ def load_mnist(data_dir: str | os.PathLike | None = None) -> Dataset:
        rejects a train-images file rebuilt from another copy, such as the one in
        ``../shared/data``) and checked against MNIST's sizes (60000/10000 examples, 28x28,
        labels 0..9).
-    2. TensorFlow Datasets, ``tfds.load("mnist")``, when the folder exists but holds none of
-       the four files (or no folder was named). TFDS downloads the data on first use and needs
-       internet; its ``tfds.load`` route also needs TensorFlow installed. A named folder that
+    2. TensorFlow Datasets, ``tfds.data_source("mnist")``, when the folder exists but holds
+       none of the four files (or no folder was named). TFDS downloads and prepares the data on
+       first use, which needs internet and TensorFlow (``pip install -e ".[tfds]"``); reading
+       the prepared copy later needs neither. A named folder that
        does not exist is an error, not a reason to download.
 
     Args:

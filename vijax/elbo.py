@@ -106,6 +106,16 @@ class ScoreFunction:
     whose float32 sample saturates (``Tanh`` at exactly +-1) that gradient is not finite,
     though the value is. Use ``Pathwise()`` there.
 
+    Numerical range: for a Gaussian ``q`` (``Normal``, ``MultivariateNormalDiag``, also inside
+    ``Independent``/``Transformed``) grad log q = ((z - loc) / scale^2, (eps^2 - 1) / scale) is
+    computed without forming scale^2, so it is finite down to the smallest accepted scale
+    (``finfo.tiny``, 1.2e-38 in float32; distrax's own derivative is inf below 1.1e-19). The
+    gradient itself grows like 1 / scale and is inf only where its true value exceeds the
+    float32 range. eps is read off the fixed draw as (z - loc) / scale, so where scale * eps is
+    below the rounding of loc (scale 1e-20 with loc 0.5: z == loc in float32) the score is that
+    of the rounded draw (eps = 0). An example whose value is -inf (or NaN) passes a zero
+    gradient.
+
     Attributes:
       baseline: ``None`` (no control variate), a real number or a real array broadcastable to
         ``[batch]`` (e.g. a running mean kept by the caller; a traced array is fine), or
@@ -152,7 +162,14 @@ class DReG:
     the inference-network gradient sum_k w~_k^2 d log w_k / d z_k dz_k/dphi, the model
     gradient the usual sum_k w~_k grad_theta log p(x, z_k). Unbiased; with K = 1 it is
     ``StickingTheLanding`` (so ``elbo`` takes that instead). Same bijector-inverse caveat as
-    ``StickingTheLanding``."""
+    ``StickingTheLanding``.
+
+    Numerical range: a particle of zero normalised weight contributes nothing, also where its
+    d log p / dz is not finite (e.g. a prior of scale 1e-20 in float32, where -z / scale^2
+    overflows while log p is still finite): it is left out rather than multiplied by 0, which
+    was NaN. Where a particle of non-zero weight has a d log p / dz beyond the float32 range,
+    the gradient is +-inf, as with ``Pathwise()``: its true value is out of range; see
+    ``iwae_bound``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,8 +232,13 @@ def _constant_baseline(baseline: Any, shape: tuple[int, ...], dtype: Any) -> Arr
 
 def _score_term(signal: Array, log_q: Array) -> Array:
     """sum over samples of stop_gradient(signal_s) * (log q_s - stop_gradient(log q_s)):
-    zero in value, gradient sum_s signal_s grad log q(z_s). Shapes ``[S, batch]`` -> ``[batch]``."""
-    return jnp.sum(jax.lax.stop_gradient(signal) * (log_q - jax.lax.stop_gradient(log_q)), axis=0)
+    zero in value, gradient sum_s signal_s grad log q(z_s). Shapes ``[S, batch]`` -> ``[batch]``.
+
+    A non-finite signal (from a -inf or NaN value, whose example ``_surrogate`` then gives no
+    gradient) is replaced by 0: its zero cotangent times an infinite signal would be NaN."""
+    signal = jax.lax.stop_gradient(signal)
+    signal = jnp.where(jnp.isfinite(signal), signal, 0)
+    return jnp.sum(signal * (log_q - jax.lax.stop_gradient(log_q)), axis=0)
 
 
 # The estimators each bound accepts (vijax.vae's objectives check against the same tuples).
@@ -313,9 +335,27 @@ def _path_term(grad_z: PyTree, z: PyTree, batch_ndim: int) -> Array:
     )
 
 
+def _weighted_path_term(grad_z: PyTree, z: PyTree, weights: Array) -> Array:
+    """``_path_term`` of K particles, ``[K, *batch]``, with ``grad_z`` set to 0 in the particles
+    of zero weight (``weights: [K, *batch]``): those get a zero cotangent, and 0 times a
+    non-finite d log p / dz (a log weight at or near -inf) would be NaN in the gradient."""
+    keep = weights != 0
+
+    def mask(g):
+        return jnp.where(keep.reshape(keep.shape + (1,) * (g.ndim - keep.ndim)), g, 0)
+
+    return _path_term(jax.tree_util.tree_map(mask, grad_z), z, keep.ndim)
+
+
 def _log_mean_exp(log_w: Array) -> Array:
-    """log (1/S) sum_s exp(log_w_s) over axis 0, stable; ``[S, batch] -> [batch]``."""
-    return jax.nn.logsumexp(log_w, axis=0) - math.log(log_w.shape[0])
+    """log (1/S) sum_s exp(log_w_s) over axis 0, stable; ``[S, batch] -> [batch]``.
+
+    A column of -inf only gives -inf with a zero gradient (logsumexp's own gradient there is
+    0 / 0 = NaN): it is evaluated at 0 instead, and -inf put back (the double-where trick)."""
+    empty = jnp.all(log_w == -jnp.inf, axis=0)
+    safe = jnp.where(empty[None], 0, log_w)
+    out = jax.nn.logsumexp(safe, axis=0) - math.log(log_w.shape[0])
+    return jnp.where(empty, -jnp.inf, out)
 
 
 # ------------------------------------------------------------------ objectives
@@ -435,7 +475,7 @@ def elbo(
         log_p = _q.call_log_density(log_joint_fn, z, shape, "log_joint_fn", q)
         value = log_p - log_q
         if is_score:  # log q at the fixed z, differentiable in q's parameters (bijector inverse)
-            log_q = _q.log_prob(q, z)
+            log_q = _q.score_log_prob(q, z)
             surrogate = log_p - log_q
         elif is_stl:  # same value, but log q's parameters held fixed (score term dropped)
             surrogate = log_p - _log_q_fixed_parameters(q, z, log_q, len(shape))
@@ -529,7 +569,7 @@ def elbo_analytic_kl(
         z = _q.sample(key, q)  # log q is needed only for the score term, at this z
         z = jax.lax.stop_gradient(z) if is_score else z
         log_lik = _q.call_log_density(log_likelihood_fn, z, shape, "log_likelihood_fn", q)
-        log_q = _q.log_prob(q, z) if is_score else jnp.zeros_like(log_lik)
+        log_q = _q.score_log_prob(q, z) if is_score else jnp.zeros_like(log_lik)
         return log_lik, log_q
 
     keys = _q.sample_keys(rng_key, num_samples)
@@ -572,7 +612,6 @@ def _iwae_particles(rng_key, log_joint_fn, q, shape, num_samples, estimator):
     is_score = isinstance(estimator, ScoreFunction)
     is_dreg = isinstance(estimator, DReG)
     fixed_q = isinstance(estimator, (StickingTheLanding, DReG))
-    batch_ndim = len(shape)
 
     def one_sample(key):
         z, log_q = _draw(key, q, stop_sample=is_score)
@@ -586,16 +625,12 @@ def _iwae_particles(rng_key, log_joint_fn, q, shape, num_samples, estimator):
             log_p = _q.call_log_density(log_joint_fn, z, shape, "log_joint_fn", q)
         out = {"log_w": log_p - log_q}
         if is_score:  # log q at the fixed z, differentiable in q's parameters (bijector inverse)
-            out["log_q"] = _q.log_prob(q, z)
+            out["log_q"] = _q.score_log_prob(q, z)
             out["log_w_fixed_z"] = log_p - out["log_q"]
-        if fixed_q:
-            grad_log_q = _grad_z_log_q(q, z)
-            log_q_fixed = jax.lax.stop_gradient(log_q) + _path_term(grad_log_q, z, batch_ndim)
-            out["log_w_fixed_q"] = log_p - log_q_fixed
-        if is_dreg:
-            # <d log w / dz, dz/dphi> with q's parameters fixed (zero in value)
-            grad_log_w = jax.tree_util.tree_map(jnp.subtract, grad_log_p, grad_log_q)
-            out["z_path"] = _path_term(grad_log_w, z, batch_ndim)
+        if fixed_q:  # the path terms are formed in iwae_bound, once the weights are known
+            out.update(z=z, log_p=log_p, log_q=log_q, grad_log_q=_grad_z_log_q(q, z))
+        if is_dreg:  # d log w / dz, held constant
+            out["grad_log_w"] = jax.tree_util.tree_map(jnp.subtract, grad_log_p, out["grad_log_q"])
         return out
 
     return jax.vmap(one_sample)(_q.sample_keys(rng_key, num_samples))
@@ -630,6 +665,17 @@ def iwae_bound(
     Raises:
       TypeError / ValueError: as ``elbo`` (``rng_key``, ``log_joint_fn``, ``num_samples``,
         ``q``, ``estimator``, its ``baseline``).
+
+    Numerical range (float32): an example whose K log weights are all -inf (e.g. log p(x, z)
+    below -3.4e38, as for a prior of scale 1e-20 and q of scale 1, where the true bound is about
+    -5e39) has value -inf and a zero gradient, whatever the estimator (never NaN). A particle
+    of normalised weight 0 (a -inf log weight, or one negligible against the others') passes
+    no gradient, even where its d log p / dz overflows. Where the gradient of a particle of non-zero weight exceeds the float32 range
+    (d log p / dz = -z / 1e-40 for |z| > 0.034 under that prior) it is +-inf, whatever the
+    estimator: the true value is out of range. Gaussian scales of ``q`` must be at least
+    ``finfo.tiny``: a traced scale is not checked, and a scale flushed to 0 (``exp`` of -100)
+    gives log q = +inf, a -inf value and NaN gradients; ``vijax.nn.GaussianEncoder`` floors
+    its scale at ``finfo.tiny`` for that reason.
     """
     num_samples = _q.check_estimator_call(rng_key, log_joint_fn, "log_joint_fn", num_samples)
     _q.check_estimator(estimator, IWAE_ESTIMATORS, "iwae_bound")
@@ -641,15 +687,23 @@ def iwae_bound(
     value = _log_mean_exp(log_w)
     if isinstance(estimator, Pathwise):
         return value
-    w_norm = jax.lax.stop_gradient(jax.nn.softmax(log_w, axis=0))  # normalised weights w~_k
-    if isinstance(estimator, StickingTheLanding):
-        surrogate = _weighted_sum(w_norm, p["log_w_fixed_q"])
-    elif isinstance(estimator, DReG):
-        # sum_k w~_k grad log w_k gives the model gradient; the z-path term turns the
-        # inference-network weights from w~_k into w~_k^2 (Tucker et al. 2019, eq. 5).
-        surrogate = _weighted_sum(w_norm, p["log_w_fixed_q"]) + _weighted_sum(
-            w_norm**2 - w_norm, p["z_path"]
-        )
+    # normalised weights w~_k; all 0 for an example whose log weights are all -inf (softmax
+    # would give NaN there), so such an example passes no gradient
+    empty = jnp.all(log_w == -jnp.inf, axis=0)
+    w_norm = jax.nn.softmax(jnp.where(empty[None], 0, log_w), axis=0)
+    w_norm = jax.lax.stop_gradient(jnp.where(empty[None], 0, w_norm))
+    if isinstance(estimator, (StickingTheLanding, DReG)):
+        # log w_k with q's parameters fixed; particles of zero weight get no path term (their
+        # d log q / dz is masked, see _weighted_path_term)
+        log_w_fixed_q = p["log_p"] - (jax.lax.stop_gradient(p["log_q"])
+                                      + _weighted_path_term(p["grad_log_q"], p["z"], w_norm))
+        surrogate = _weighted_sum(w_norm, log_w_fixed_q)
+        if isinstance(estimator, DReG):
+            # sum_k w~_k grad log w_k gives the model gradient; the z-path term turns the
+            # inference-network weights from w~_k into w~_k^2 (Tucker et al. 2019, eq. 5).
+            w_path = w_norm**2 - w_norm
+            surrogate = surrogate + _weighted_sum(
+                w_path, _weighted_path_term(p["grad_log_w"], p["z"], w_path))
     else:  # ScoreFunction: value's own gradient (z fixed) plus the score term.
         if isinstance(estimator.baseline, LeaveOneOut):
             # VIMCO: replace log w_k by the mean of the others' log weights.

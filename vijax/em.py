@@ -426,13 +426,34 @@ def _check_values(x, name: str) -> None:
     entries too large for the dtype (:func:`_check_magnitude`); both ValueErrors name ``name``."""
     if not is_concrete(x):
         return
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        _check_global_values(x, name)
+        return
     host = np.asarray(x)
     _check_finite_rows(host, name)
     _check_magnitude(host, name)
 
 
-def _check_finite_rows(x: np.ndarray, name: str) -> None:
-    bad = ~np.all(np.isfinite(x), axis=-1)
+def _check_global_values(x: Array, name: str) -> None:
+    """:func:`_check_values` for an array split over several processes (no process can read
+    it whole): the per-row finiteness and the largest |x| are reduced on the devices, to
+    values every process holds, so that every process raises the same ValueError."""
+    replicated = NamedSharding(x.sharding.mesh, PartitionSpec()) if isinstance(
+        x.sharding, NamedSharding) else None
+    finite_rows, biggest = jax.jit(
+        lambda a: (jnp.all(jnp.isfinite(a), axis=-1), jnp.max(jnp.abs(a))),
+        out_shardings=replicated)(x)
+    _check_finite_rows(None, name, bad=~np.asarray(finite_rows.addressable_data(0)))
+    if x.size:
+        limit = _magnitude_limit(x.dtype, x.size // x.shape[-1], x.shape[-1])
+        _check_biggest(float(biggest.addressable_data(0)), limit, x.size // x.shape[-1],
+                       x.dtype, name)
+
+
+def _check_finite_rows(x: np.ndarray | None, name: str, *,
+                       bad: np.ndarray | None = None) -> None:
+    if bad is None:
+        bad = ~np.all(np.isfinite(x), axis=-1)
     if np.any(bad):
         if bad.ndim == 0:
             raise ValueError(f"`{name}` (a single point) has NaN or inf values")
@@ -479,12 +500,15 @@ def _check_magnitude(x: np.ndarray, name: str) -> None:
     dim = x.shape[-1]
     num_rows = x.size // dim
     limit = _magnitude_limit(x.dtype, num_rows, dim)
-    biggest = float(np.max(np.abs(x)))
+    _check_biggest(float(np.max(np.abs(x))), limit, num_rows, x.dtype, name)
+
+
+def _check_biggest(biggest: float, limit: float, num_rows: int, dtype, name: str) -> None:
     if biggest > limit:
         raise ValueError(
             f"`{name}` has entries up to {biggest:.3g} in absolute value: EM's squared "
-            f"distances, summed over its {num_rows} row(s), would overflow {x.dtype} (largest "
-            f"{float(jnp.finfo(x.dtype).max):.3g}); this data needs |x| <= {limit:.3g}: "
+            f"distances, summed over its {num_rows} row(s), would overflow {dtype} (largest "
+            f"{float(jnp.finfo(dtype).max):.3g}); this data needs |x| <= {limit:.3g}: "
             "rescale it (e.g. standardize each column) or use float64")
 
 

@@ -252,6 +252,15 @@ class GaussianEncoder(nn.Module):
     paper); pass ``scale_fn=jax.nn.softplus`` for a softplus link. ``min_scale`` is added to the
     scale (0 by default).
 
+    Numerical range: the scale is floored at ``jnp.finfo(dtype).tiny`` (1.2e-38 in float32), the
+    smallest scale vijax's objectives accept. Below it (e.g. ``exp`` of a log-scale under
+    -87.3 in float32, such as -100) q is N(loc, tiny^2): the bounds stay finite, with log q
+    computed at the floor, and the gradient through the floored scale entries is zero (the
+    floor is a ``jnp.maximum``); the value then differs from the exact one, which would use
+    log scale = -100, by (87.3 - 100) nats per such latent entry. Without the floor the scale
+    is a denormal: the gradient was NaN (an inf times a denormal flushed to 0), and where the
+    denormal itself is flushed to 0, log q is +inf and the bound -inf.
+
     Attributes:
       hidden_sizes: widths of the deterministic hidden layers, a tuple of ints >= 1 (default
         (200, 200); ``()`` for a linear encoder).
@@ -292,6 +301,9 @@ class GaussianEncoder(nn.Module):
         scale = self.scale_fn(raw_scale)
         if self.min_scale:
             scale = scale + self.min_scale
+        # floor at the smallest normal number: exp(-100) (or softplus(-100)) is a float32
+        # denormal, which gave NaN gradients (and log q = +inf where flushed to 0)
+        scale = jnp.maximum(scale, jnp.finfo(scale.dtype).tiny)
         return loc, scale
 
     def __call__(self, x: jax.Array) -> distrax.MultivariateNormalDiag:

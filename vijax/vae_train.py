@@ -60,6 +60,7 @@ import numpy as np
 import optax
 
 from vijax import data as vdata
+from vijax import distributed as vdist
 from vijax import nn as vnn
 from vijax import vae
 from vijax._checks import (MAX_NUMPY_SEED, check_bool, check_int, check_int_sequence,
@@ -429,6 +430,68 @@ def config_to_dict(config: Any) -> Any:
     return repr(config)
 
 
+def _config_types() -> dict[str, type]:
+    """The dataclasses a :class:`Config` may hold, by the names ``config_to_dict`` records."""
+    from vijax import elbo as velbo  # noqa: PLC0415 - vae imports it already; kept local
+
+    classes = (Config, Mnist, Digits, DynamicBinarization, FixedBinarization, ConstantLR,
+               IwaeLR, CosineLR, vae.ELBOAnalyticKL, vae.ELBOMonteCarlo, vae.IWAE,
+               velbo.Pathwise, velbo.ScoreFunction, velbo.LeaveOneOut,
+               velbo.StickingTheLanding, velbo.DReG)
+    return {cls.__name__: cls for cls in classes}
+
+
+def config_from_dict(saved: dict) -> Config:
+    """The :class:`Config` that :func:`config_to_dict` recorded (a run's ``config.json``).
+
+    Args:
+      saved: the dict (``json.load`` of ``config.json``); lists become tuples.
+
+    Returns:
+      the :class:`Config`, checked as if built by hand (its ``__post_init__`` runs).
+
+    Raises:
+      TypeError: ``saved`` is not a dict with ``"type": "Config"``.
+      ValueError: a nested ``"type"`` that is not one of the configuration classes, or a
+        field the class does not have (a file from another version of vijax).
+    """
+    if not isinstance(saved, dict) or saved.get("type") != "Config":
+        raise TypeError(f"saved must be the dict of a Config (config.json, with \"type\": "
+                        f"\"Config\"), got {type(saved).__name__}")
+    types = _config_types()
+
+    def build(value, where):
+        if isinstance(value, list):
+            return tuple(build(v, f"{where}[{i}]") for i, v in enumerate(value))
+        if not isinstance(value, dict):
+            return value
+        name = value.get("type")
+        if name not in types:
+            raise ValueError(f"{where}: unknown configuration type {name!r} (known: "
+                             f"{', '.join(sorted(types))})")
+        cls = types[name]
+        fields = {f.name for f in dataclasses.fields(cls)}
+        extra = sorted(set(value) - fields - {"type"})
+        if extra:
+            raise ValueError(f"{where}: {name} has no field(s) {', '.join(extra)}")
+        return cls(**{k: build(v, f"{where}.{k}") for k, v in value.items() if k != "type"})
+
+    return build(saved, "config")
+
+
+def load_config(workdir: str | os.PathLike) -> Config:
+    """The :class:`Config` a run in ``workdir`` was started with (its ``config.json``).
+
+    Raises:
+      FileNotFoundError: ``workdir`` has no ``config.json``.
+      ValueError: the file is not valid JSON, or as :func:`config_from_dict`.
+    """
+    path = check_path(workdir, "workdir") / _CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {_CONFIG_FILE} in {path.parent} (not a run's work directory)")
+    return config_from_dict(_read_json(path))
+
+
 # Fields that do not change the training trajectory, free to differ when resuming.
 _EVALUATION_FIELDS = frozenset({"eval_num_samples", "eval_num_test", "eval_iwae_ks",
                                 "eval_chunk_size", "eval_batch_size", "keep_checkpoints"})
@@ -514,10 +577,13 @@ def prepare_data(config: Config) -> tuple[vdata.Dataset, np.ndarray, np.ndarray]
     return dataset, train_images, test_binary
 
 
-def _init_state(init_key: jax.Array, model, optimizer, data_dim: int) -> vae.TrainState:
+def _init_state(init_key: jax.Array, model, optimizer, data_dim: int,
+                sharding=None) -> vae.TrainState:
     """:func:`vijax.vae.init_train_state` compiled as one program (eagerly, Flax's ``init``
-    dispatches and compiles every operation separately)."""
-    return jax.jit(lambda key: vae.init_train_state(key, model, optimizer, data_dim))(init_key)
+    dispatches and compiles every operation separately); placed with ``sharding`` (e.g.
+    replicated over a mesh of several processes) when given."""
+    return jax.jit(lambda key: vae.init_train_state(key, model, optimizer, data_dim),
+                   out_shardings=sharding)(init_key)
 
 
 def _keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -560,15 +626,29 @@ def _latest_checkpoint(workdir: pathlib.Path, keep: int) -> int | None:
 
 
 def _checkpoint_item(state: vae.TrainState, epoch: int, train_key: jax.Array) -> dict:
-    return {"state": state, "epoch": int(epoch),
-            "train_key_data": jax.random.key_data(train_key)}
+    key_data = jax.random.key_data(train_key)
+    if vdist.is_multi_process():  # a host value, not one process's single-device array
+        key_data = np.asarray(key_data)
+    return {"state": state, "epoch": int(epoch), "train_key_data": key_data}
 
 
 def _restore(manager, template: dict, step: int | None = None) -> dict:
     import orbax.checkpoint as ocp  # noqa: PLC0415
 
     step = manager.latest_step() if step is None else step
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def abstract_leaf(leaf):
+        if isinstance(leaf, np.ndarray):  # a host value (several processes): read as NumPy
+            return leaf
+        leaf = ocp.utils.to_shape_dtype_struct(leaf)
+        if isinstance(leaf, jax.ShapeDtypeStruct) and leaf.sharding is None:
+            # onto this process's first device, whatever devices the checkpoint was saved
+            # from (orbax refuses a topology change without a target sharding)
+            leaf = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=here)
+        return leaf
+
+    abstract = jax.tree.map(abstract_leaf, template)
     return manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
@@ -795,7 +875,13 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, resume: bo
       data_parallel: split every batch over all local devices (parameters replicated; see
         :func:`vijax.vae.make_data_parallel_train_step`). None: when there is more than one local
         device and ``batch_size`` is divisible by their number. The result equals the
-        one-device run up to float summation order.
+        one-device run up to float summation order. With several JAX processes
+        (``jax.distributed.initialize``, :func:`vijax.distributed.initialize`) every batch is
+        always split over the devices of all processes (each process places only its share,
+        :func:`vijax.distributed.epoch_batches`); every process must call this function with
+        the same arguments; process 0 alone writes the files other than the checkpoints
+        (orbax writes those once, all processes taking part), and every process computes the
+        evaluations on the replicated test set (docs/vae.md, "Several processes").
 
     Returns:
       The final metrics (also written to ``final_metrics.json``), all in nats where they are
@@ -819,7 +905,9 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, resume: bo
         ``resume`` with a configuration that differs from the saved one (the message
         lists the fields), or a checkpoint past ``config.epochs``; invalid images or a
         training set smaller than ``batch_size`` (:func:`prepare_data`); ``data_parallel=True``
-        with ``batch_size`` not divisible by the number of local devices.
+        with ``batch_size`` not divisible by the number of local devices; with several
+        processes, ``data_parallel=False`` or a ``batch_size`` not divisible by the total
+        device count.
       FileNotFoundError: the data set cannot be found (see :func:`vijax.data.load_mnist`).
       FloatingPointError: the training or test objective became NaN/inf (diverged); the
         checkpoints of the epochs before stay.
@@ -853,13 +941,18 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike, *, resume: bo
     # the newest intact checkpoint and its metrics rows (read only)
     setup = _setup(config, data_parallel)
     resume_point = None if latest is None else _resume_point(config, workdir, setup)
-    # (3) the run writes
-    workdir.mkdir(parents=True, exist_ok=True)
-    if resume_point is not None:
-        _set_aside(workdir, resume_point.skipped)
+    # (3) the run writes (files by process 0 only, once every process has read what it needs)
+    vdist.sync("vijax.vae_train: read-only checks done")
+    main = vdist.is_main_process()
+    if main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        if resume_point is not None:
+            _set_aside(workdir, resume_point.skipped)
+    vdist.sync("vijax.vae_train: workdir ready")
     manager = _checkpoint_manager(workdir, config.keep_checkpoints)
     try:
-        _write_json(workdir / _CONFIG_FILE, config_dict)
+        if main:
+            _write_json(workdir / _CONFIG_FILE, config_dict)
         return _run(config, workdir, manager, setup, resume_point=resume_point,
                     progress=progress)
     finally:
@@ -886,6 +979,10 @@ def _resume_point(config: Config, workdir: pathlib.Path, setup: "_Setup") -> _Re
     data_dim = setup.train_images.shape[1]
     state_shapes = jax.eval_shape(
         lambda key: vae.init_train_state(key, model, optimizer, data_dim), init_key)
+    if vdist.is_multi_process():  # restore straight onto every process's devices
+        sharding = vdist.replicated(setup.mesh)
+        state_shapes = jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), state_shapes)
     template = _checkpoint_item(state_shapes, 0, train_key)
     epochs_with_rows = [row["epoch"] for row in rows]
     manager = _existing_checkpoint_manager(workdir, config.keep_checkpoints)
@@ -935,7 +1032,17 @@ def _set_aside(workdir: pathlib.Path, epochs: Sequence[int]) -> None:
 
 
 def _data_parallel_mesh(config: Config, data_parallel: bool | None):
-    """A 1-D device mesh for data parallelism, or None for one device (see train_and_evaluate)."""
+    """A 1-D device mesh for data parallelism, or None for one device (see train_and_evaluate);
+    with several JAX processes, always the mesh over all their devices."""
+    if vdist.is_multi_process():
+        num_devices = jax.device_count()
+        if data_parallel is False:
+            raise ValueError(f"data_parallel=False with {jax.process_count()} JAX processes: a "
+                             "multi-process run splits every batch over all their devices")
+        if config.batch_size % num_devices:
+            raise ValueError(f"batch_size ({config.batch_size}) must be divisible by the "
+                             f"{num_devices} devices of the {jax.process_count()} processes")
+        return vdist.global_mesh()
     num_devices = jax.local_device_count()
     if data_parallel is None:
         data_parallel = num_devices > 1 and config.batch_size % num_devices == 0
@@ -983,14 +1090,30 @@ def _run(config: Config, workdir: pathlib.Path, manager, setup: _Setup, *,
     steps_per_epoch = num_train // config.batch_size
     init_key, train_key, eval_key = _keys(config.seed)
     place = jax.device_put if mesh is None else (lambda tree: vae.replicate(tree, mesh))
+    multi_process, main = vdist.is_multi_process(), vdist.is_main_process()
+    binarize = isinstance(config.binarization, DynamicBinarization)
 
-    show_progress = _progress_enabled(progress)
-    steps_bar = _StepsBar(steps_per_epoch, config.epochs) if show_progress else None
-    train_epoch = jax.jit(
-        vae.make_train_epoch(model, optimizer, config.objective, batch_size=config.batch_size,
-                             binarize=isinstance(config.binarization, DynamicBinarization),
-                             mesh=mesh, progress_fn=steps_bar and steps_bar.report),
-        donate_argnums=0)
+    show_progress = _progress_enabled(progress) and main
+    # several processes: no per-step callback (every process must run the same program)
+    steps_bar = (_StepsBar(steps_per_epoch, config.epochs)
+                 if show_progress and not multi_process else None)
+    if multi_process:
+        # each process holds its share of every batch of the epoch (vdist.epoch_batches)
+        batched_epoch = jax.jit(
+            vdist.make_train_epoch_from_batches(model, optimizer, config.objective,
+                                                binarize=binarize, mesh=mesh),
+            donate_argnums=0, static_argnums=3)
+
+        def train_epoch(state, images, rng_key):
+            batches = vdist.epoch_batches(images, rng_key, batch_size=config.batch_size,
+                                          mesh=mesh)
+            return batched_epoch(state, batches, rng_key, num_train)
+    else:
+        train_epoch = jax.jit(
+            vae.make_train_epoch(model, optimizer, config.objective,
+                                 batch_size=config.batch_size, binarize=binarize,
+                                 mesh=mesh, progress_fn=steps_bar and steps_bar.report),
+            donate_argnums=0)
     eval_batch = min(config.eval_batch_size, test_binary.shape[0])
 
     @jax.jit
@@ -999,7 +1122,8 @@ def _run(config: Config, workdir: pathlib.Path, manager, setup: _Setup, *,
                                   batch_size=eval_batch)
         return jnp.mean(out["elbo"]), jnp.mean(out["kl"])
 
-    train_device = place(train_images)
+    # several processes: the training images stay on the host (epoch_batches reads them)
+    train_device = train_images if multi_process else place(train_images)
     test_device = place(test_binary)
 
     def evaluate_epoch(params) -> dict:
@@ -1017,13 +1141,16 @@ def _run(config: Config, workdir: pathlib.Path, manager, setup: _Setup, *,
         rows = resume_point.rows
         logger.info("resumed %s at epoch %d (step %d)", workdir, start_epoch, int(state.step))
     else:
-        state = place(_init_state(init_key, model, optimizer, data_dim))
+        state = _init_state(init_key, model, optimizer, data_dim,
+                            sharding=vdist.replicated(mesh) if multi_process else None)
+        state = state if multi_process else place(state)
         start_epoch = 0
         row = {"epoch": 0, "step": 0, "learning_rate": float(schedule(0)),
                "train_objective": float("nan"), "epoch_time_s": 0.0, "epoch_cpu_time_s": 0.0}
         row.update(evaluate_epoch(state.params))
         rows = [row]
-    _write_metrics(workdir, rows)
+    if main:
+        _write_metrics(workdir, rows)
 
     bar = tqdm(total=config.epochs, initial=start_epoch, desc="epochs", unit="epoch",
                disable=not show_progress, dynamic_ncols=True)
@@ -1034,7 +1161,7 @@ def _run(config: Config, workdir: pathlib.Path, manager, setup: _Setup, *,
             skipped_before = _skipped_steps(state)
             start, start_cpu = time.perf_counter(), time.process_time()
             state, metrics = train_epoch(state, train_device, jax.random.fold_in(train_key, epoch))
-            objectives = np.asarray(metrics["objective"])  # waits for the epoch
+            objectives = vdist.host_copy(metrics["objective"])  # waits for the epoch
             epoch_time = time.perf_counter() - start
             if skipped_before is not None:  # skipped steps (non-finite objective) left out
                 skipped = _skipped_steps(state) - skipped_before
@@ -1057,7 +1184,8 @@ def _run(config: Config, workdir: pathlib.Path, manager, setup: _Setup, *,
                     f"epoch {epoch + 1}: non-finite objective (train {train_objective}, test ELBO "
                     f"{row['test_elbo']}); lower the learning rate")
             rows.append(row)
-            _write_metrics(workdir, rows)
+            if main:
+                _write_metrics(workdir, rows)
             manager.save(epoch + 1, args=ocp.args.StandardSave(
                 _checkpoint_item(state, epoch + 1, train_key)))
             bar.set_postfix(train=f"{train_objective:.2f}", test_elbo=f"{row['test_elbo']:.2f}",
@@ -1082,10 +1210,52 @@ def _run(config: Config, workdir: pathlib.Path, manager, setup: _Setup, *,
         "num_params": int(sum(np.size(p) for p in jax.tree.leaves(state.params))),
         "final_train_objective": rows[-1]["train_objective"],
     })
-    _write_json(workdir / _FINAL_METRICS, final)
-    _make_plots(config, model, state.params, dataset, test_device, rows, eval_key, workdir)
-    logger.info("final: %s", json.dumps(final, sort_keys=True))
+    if main:
+        _write_json(workdir / _FINAL_METRICS, final)
+        # the figures from host copies, on this process's devices only
+        if multi_process:
+            params, test_images = jax.tree.map(vdist.host_copy, state.params), test_binary
+        else:
+            params, test_images = state.params, test_device
+        _make_plots(config, model, params, dataset, test_images, rows, eval_key, workdir)
+        logger.info("final: %s", final_summary(final))
+    vdist.sync("vijax.vae_train: final files written")
     return final
+
+
+def final_summary(final: dict) -> str:
+    """One readable line for a run's final metrics (the full record is ``final_metrics.json``).
+
+    Args:
+      final: the dict :func:`train_and_evaluate` returns (``test_elbo``, ``test_nll``,
+        ``test_nll_se``, ``eval_num_samples``, ``eval_num_test``, ``test_kl``,
+        ``active_units``, ``active_unit_variances`` ``[latent_dim]``, ``test_iwae_<k>``,
+        ``epochs``, ``train_time_s``, ``final_eval_time_s``).
+
+    Returns:
+      e.g. ``"test ELBO -93.11 nats, -log p(x) 88.52 ± 0.06 nats (IS, k = 5000, 10000
+      images), IWAE-50 -89.90, KL 25.12 nats, 19/50 active units; 3280 epochs, train 1.2 h,
+      final evaluation 3.1 min (all values in final_metrics.json)"``. The ELBO and the
+      IWAE bounds are bounds on log p(x) (higher is better); the NLL is -log p(x).
+    """
+    def duration(seconds: float) -> str:
+        if seconds < 120:
+            return f"{seconds:.0f} s"
+        return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+    parts = [f"test ELBO {final['test_elbo']:.2f} nats",
+             f"-log p(x) {final['test_nll']:.2f} ± {final['test_nll_se']:.2f} nats (IS, k = "
+             f"{final['eval_num_samples']}, {final['eval_num_test']} images)"]
+    parts += [f"IWAE-{key[len('test_iwae_'):]} {value:.2f}" for key, value in
+              sorted(final.items(), key=lambda kv: (len(kv[0]), kv[0]))
+              if key.startswith("test_iwae_")]
+    parts.append(f"KL {final['test_kl']:.2f} nats")
+    parts.append(f"{final['active_units']}/{len(final['active_unit_variances'])} active units")
+    timing = [f"{final['epochs']} epochs"]
+    if "train_time_s" in final:
+        timing.append(f"train {duration(final['train_time_s'])}")
+    timing.append(f"final evaluation {duration(final['final_eval_time_s'])}")
+    return ", ".join(parts) + "; " + ", ".join(timing) + f" (all values in {_FINAL_METRICS})"
 
 
 def _skipped_steps(state: vae.TrainState) -> int | None:
