@@ -830,7 +830,7 @@ def test_reproduction_checkpoint_reevaluates_to_its_recorded_test_elbo(mnist_dir
                                           REPO_ROOT / "outputs" / "vae_iwae_3280"))
     if not (workdir / "checkpoints").is_dir():
         pytest.skip(f"no reproduction run at {workdir} (set VIJAX_IWAE_RUN to its work "
-                    "directory); the run's final metrics are in docs/results.md")
+                    "directory)")
     config = vt.load_config(workdir)
     state, epoch = vt.restore_checkpoint(workdir, config)
     recorded = {row["epoch"]: row["test_elbo"] for row in vt.read_metrics(workdir)}
