@@ -64,6 +64,7 @@ __all__ = [
     "StickingTheLanding",
     "DReG",
     "Enumerate",
+    "REBAR",
     "elbo",
     "elbo_analytic_kl",
     "iwae_bound",
@@ -197,6 +198,59 @@ class Enumerate:
 
     def __post_init__(self):
         check_int(self.max_support, "`max_support`", minimum=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class REBAR:
+    """REBAR gradient for Bernoulli latents (Tucker, Mnih, Maddison, Lawson & Sohl-Dickstein
+    2017, "REBAR: Low-variance, unbiased gradient estimates for discrete latent variable
+    models", §3, the REBAR estimator of eq. 5 with the conditional reparameterization of
+    their Appendix C): the score-function gradient with a Concrete-relaxation control variate
+    whose expectation is added back with the reparameterization gradient. Unbiased for the
+    ELBO; only in ``elbo``.
+
+    Supported ``q``: ``distrax.Bernoulli(logits=...)`` (or ``probs=``), batch shape ``[batch]``,
+    or ``distrax.Independent(distrax.Bernoulli(...), k)`` (bits ``[*event]``, e.g. ``[batch, d]``
+    with ``k = 1``). With u ~ U(0, 1), v ~ U(0, 1) independent and theta = q's logits:
+
+    * z = theta + log u - log(1 - u), b = H(z) (an exact draw of q: b = 1 iff 1 - u < sigmoid(theta));
+    * z~ ~ p(z | b): z~ = softplus(logit v + softplus(theta)) if b = 1,
+      z~ = -softplus(-logit v + softplus(-theta)) if b = 0;
+    * f(x) = log_joint_fn(x) - log q(x), with log q extended to real x in [0, 1] as the
+      Bernoulli log-mass formula sum_i [x_i log sigmoid(theta_i) + (1 - x_i) log sigmoid(-theta_i)];
+    * gradient w.r.t. theta, per sample:
+      [f(b) - eta f(sigma_lam(z~))] grad log q(b) + eta grad f(sigma_lam(z)) - eta grad f(sigma_lam(z~)),
+      sigma_lam(z) = sigmoid(z / lam), the z~ path through theta included.
+
+    The value is the ordinary Monte Carlo ELBO of the hard draws b (the same draws, hence the
+    same value, as ``ScoreFunction()`` at the same key). The zero-mean term -grad log q(b)
+    (from f's own dependence on theta) is left out. Parameters of ``log_joint_fn`` (a
+    decoder's) get grad log p(x, b) only: the relaxed terms reach ``log_joint_fn`` through its
+    input x alone (first order in x, as ``StickingTheLanding``: do not take Hessians through
+    it). With ``num_samples = S`` the S single-sample estimates are averaged.
+
+    ``log_joint_fn`` must accept real-valued z in [0, 1]^d (the relaxed points sigma_lam(z),
+    floating dtype) as well as the hard bits b (q's sample dtype), and be differentiable in z
+    there.
+
+    Attributes:
+      temperature: lam > 0, a finite Python or NumPy real (the paper's lambda; default 0.5).
+      eta: the control-variate scale, a finite real (the paper's eta; default 1.0; 0 gives the
+        score function without baseline, less the zero-mean term above).
+
+    Raises:
+      TypeError / ValueError naming ``temperature`` or ``eta``: not a real number, or
+        ``temperature`` <= 0 or not finite, ``eta`` not finite. (In ``elbo``) TypeError naming
+        ``q`` and ``estimator``: a ``q`` other than a single ``Bernoulli`` or
+        ``Independent(Bernoulli)``.
+    """
+
+    temperature: float = 0.5
+    eta: float = 1.0
+
+    def __post_init__(self):
+        check_real(self.temperature, "`temperature`", exclusive_minimum=0.0)
+        check_real(self.eta, "`eta`")
 
 
 # ------------------------------------------------------------------ shared pieces
@@ -420,6 +474,74 @@ def _enumerated_elbo(log_joint_fn, q, shape, num_samples, estimator) -> Array:
     return _weighted_sum(jnp.exp(log_q), log_p - log_q)
 
 
+def _rebar_bernoulli(q: Any, estimator: Any) -> tuple[Any, int]:
+    """The ``distrax.Bernoulli`` inside ``q`` and the number of its axes summed into an event
+    (0 for a plain ``Bernoulli``); TypeError naming ``q`` and ``estimator`` otherwise."""
+    import distrax  # local, as in _support
+
+    factors = _q.factors(q)
+    if len(factors) == 1 and factors[0] is q:
+        if isinstance(q, distrax.Bernoulli):
+            return q, 0
+        if isinstance(q, distrax.Independent) and isinstance(q.distribution, distrax.Bernoulli):
+            return q.distribution, len(q.event_shape)
+    raise TypeError(
+        f"`estimator` {estimator!r} needs `q` to be a single distrax.Bernoulli or "
+        f"distrax.Independent(distrax.Bernoulli(...), k); got `q` of type {type(q).__name__}")
+
+
+def _rebar_elbo(rng_key, log_joint_fn, q, shape, num_samples, estimator) -> Array:
+    """The ELBO of hard Bernoulli draws with REBAR's gradient (see ``REBAR``), ``[batch]``."""
+    bern, event_ndim = _rebar_bernoulli(q, estimator)
+    lam, eta = float(estimator.temperature), float(estimator.eta)
+    batch_ndim = len(shape)
+    event_axes = tuple(range(batch_ndim, batch_ndim + event_ndim))
+    # the dtype of q's own draws (distrax.Bernoulli(dtype=...)), without drawing
+    b_dtype = jax.eval_shape(lambda: _q.sample(jax.random.key(0), q)).dtype
+
+    def log_q_relaxed(x, logits):
+        # Bernoulli log mass extended to real x: x log sigmoid(l) + (1 - x) log sigmoid(-l)
+        return jnp.sum(-x * jax.nn.softplus(-logits) - (1 - x) * jax.nn.softplus(logits),
+                       axis=event_axes)
+
+    def relaxed_f(z, logits):
+        """f(sigma_lam(z)) whose gradient reaches log_joint_fn through x only."""
+        x = jax.nn.sigmoid(z / lam)
+        log_p, pullback = jax.vjp(
+            lambda x_: _q.call_log_density(log_joint_fn, x_, shape, "log_joint_fn", q),
+            jax.lax.stop_gradient(x))
+        (grad_x,) = pullback(jnp.ones_like(log_p))
+        log_p = jax.lax.stop_gradient(log_p) + _path_term(grad_x, x, batch_ndim)
+        return log_p - log_q_relaxed(x, logits)
+
+    def one_sample(key):
+        probs, logits = bern.probs, bern.logits  # [*batch, *event]
+        dtype = probs.dtype
+        tiny = jnp.finfo(dtype).tiny
+        # distrax's own draw: b = 1 iff w < sigmoid(theta), w ~ U[0, 1) (so the value is
+        # ScoreFunction's); u = 1 - w in the paper's notation, z = theta + log u - log(1 - u)
+        w = jax.random.uniform(key, (1,) + probs.shape, dtype)[0]
+        hard = jnp.less(w, jax.lax.stop_gradient(probs))
+        b = hard.astype(b_dtype)
+        z = logits + jnp.log1p(-w) - jnp.log(jnp.maximum(w, tiny))
+        v = jax.random.uniform(jax.random.fold_in(key, 1), probs.shape, dtype)
+        logit_v = jnp.log(jnp.maximum(v, tiny)) - jnp.log1p(-v)
+        z_tilde = jnp.where(hard, jax.nn.softplus(logit_v + jax.nn.softplus(logits)),
+                            -jax.nn.softplus(jax.nn.softplus(-logits) - logit_v))
+        log_p = _q.call_log_density(log_joint_fn, b, shape, "log_joint_fn", q)
+        log_q = q.log_prob(b)  # differentiable in theta at the fixed b
+        value = log_p - log_q
+        f_z, f_z_tilde = relaxed_f(z, logits), relaxed_f(z_tilde, logits)
+        signal = value - eta * f_z_tilde
+        path = log_p + eta * (f_z - f_z_tilde)  # log_p: the gradient of log_joint_fn's params
+        return value, signal, log_q, path
+
+    keys = _q.sample_keys(rng_key, num_samples)
+    values, signals, log_qs, paths = jax.vmap(one_sample)(keys)  # each [S, batch]
+    surrogate = jnp.mean(paths, axis=0) + _score_term(signals, log_qs) / num_samples
+    return _surrogate(jnp.mean(values, axis=0), surrogate)
+
+
 def elbo(
     rng_key: Array,
     log_joint_fn: Callable[[PyTree], Array],
@@ -461,10 +583,12 @@ def elbo(
         broadcastable to ``[batch]``.
     """
     num_samples = _q.check_estimator_call(rng_key, log_joint_fn, "log_joint_fn", num_samples)
-    _q.check_estimator(estimator, ELBO_ESTIMATORS, "elbo")
+    _q.check_estimator(estimator, ELBO_ESTIMATORS + (REBAR,), "elbo")
     shape = _q.check_q(q)
     if isinstance(estimator, Enumerate):
         return _enumerated_elbo(log_joint_fn, q, shape, num_samples, estimator)
+    if isinstance(estimator, REBAR):
+        return _rebar_elbo(rng_key, log_joint_fn, q, shape, num_samples, estimator)
     _check_loo(estimator, num_samples)
     _check_continuous_q(q, estimator, "elbo")
     is_score = isinstance(estimator, ScoreFunction)
