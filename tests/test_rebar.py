@@ -1,11 +1,10 @@
 """The REBAR estimator of ``vijax.elbo`` (Tucker et al. 2017, §3).
 
 References are independent of the code under test: the exact ELBO gradient is the gradient of
-a hand-written sum over the 2^3 bit configurations (float64 numpy weights), and Monte Carlo
-means are compared within ``Z_TOL`` standard errors. Small shapes: d = 3 bits, batch 2, one
-jitted ``vmap`` over the seeds per estimator. Every test runs under
-``jax.numpy_rank_promotion("raise")`` (tests/conftest.py sets nothing for it: the fixture
-below does).
+a hand-written sum over the 2^3 bit configurations (also checked against ``Enumerate()``), and
+Monte Carlo means are compared within ``Z_TOL`` standard errors. Small shapes: d = 3 bits,
+batch 2, one jitted ``vmap`` over the seeds per estimator. Every test runs under
+``jax.numpy_rank_promotion("raise")`` (the autouse fixture below).
 """
 
 from __future__ import annotations
@@ -91,38 +90,62 @@ def test_rebar_variance_below_score_function(grads):
     ratio = var_rebar.sum() / var_score.sum()
     print(f"total-variance ratio REBAR / ScoreFunction() = {ratio:.4f}; per component "
           f"{np.round(var_rebar / var_score, 4).tolist()}")
-    assert ratio < 0.5
+    assert ratio < 0.6  # measured 0.455 (CPU, these keys); the margin covers other backends
 
 
-@pytest.mark.parametrize("num_samples", [1, 3])
-@pytest.mark.parametrize("event", [True, False])
+@pytest.mark.parametrize("num_samples, event", [(1, True), (3, True), (2, False)])
 def test_value_is_the_monte_carlo_elbo_of_the_hard_draws(num_samples, event):
     key = jax.random.key(7)
     if event:
-        q, fn = make_q(LOGITS), log_joint_fn
+        build, fn = make_q, log_joint_fn
     else:  # a plain Bernoulli: batch [batch, d], one bit per entry
-        q = distrax.Bernoulli(logits=LOGITS)
+        build = distrax.Bernoulli
 
         def fn(z):
             return LINEAR * z.astype(jnp.float32) - 0.3 * z.astype(jnp.float32) ** 2
 
-    rebar = velbo.elbo(key, fn, q, num_samples=num_samples, estimator=velbo.REBAR(0.3, 0.7))
-    score = velbo.elbo(key, fn, q, num_samples=num_samples, estimator=velbo.ScoreFunction())
+    def objective(logits, estimator):
+        return velbo.elbo(key, fn, build(logits=logits), num_samples=num_samples,
+                          estimator=estimator)
+
+    def rebar_sum(logits):
+        value = objective(logits, velbo.REBAR(0.3, 0.7))
+        return jnp.sum(value), value
+
+    (_, rebar), grad = jax.jit(jax.value_and_grad(rebar_sum, has_aux=True))(LOGITS)
+    score = jax.jit(lambda l: objective(l, velbo.ScoreFunction()))(LOGITS)
     np.testing.assert_array_equal(np.asarray(rebar), np.asarray(score))  # bit for bit
     # and by hand: the same hard draws b, log p(x, b) - log q(b), averaged over the samples
+    q = build(logits=LOGITS)
     keys = jax.random.split(key, num_samples) if num_samples > 1 else key[None]
     with jax.numpy_rank_promotion("allow"):  # distrax's sampler broadcasts [1, *batch]
-        draws = [q.sample(seed=k) for k in keys]
-    by_hand = np.mean([np.asarray(fn(b) - q.log_prob(b)) for b in draws], axis=0)
+        by_hand = np.mean([np.asarray(fn(b) - q.log_prob(b))
+                           for b in (q.sample(seed=k) for k in keys)], axis=0)
     np.testing.assert_allclose(np.asarray(rebar), by_hand, rtol=1e-6, atol=1e-6)
-    # the gradient is finite and jit gives the same value
-    jitted = jax.jit(lambda l: velbo.elbo(key, fn, type(q)(logits=l) if not event else make_q(l),
-                                          num_samples=num_samples, estimator=velbo.REBAR(0.3, 0.7)))
-    np.testing.assert_allclose(np.asarray(jitted(LOGITS)), np.asarray(rebar), rtol=1e-6)
-    g = jax.grad(lambda l: jnp.sum(velbo.elbo(key, fn, distrax.Bernoulli(logits=l) if not event
-                                              else make_q(l), num_samples=num_samples,
-                                              estimator=velbo.REBAR(0.3, 0.7))))(LOGITS)
-    assert g.shape == LOGITS.shape and np.all(np.isfinite(np.asarray(g)))
+    assert rebar.shape == q.batch_shape
+    assert grad.shape == LOGITS.shape and np.all(np.isfinite(np.asarray(grad)))
+
+
+def test_score_part_and_model_gradient():
+    """eta = 0 leaves f(b) grad log q(b): ScoreFunction()'s gradient (f(b) - 1) grad log q(b)
+    plus grad log q(b) = b - sigmoid(logits). A parameter of log_joint_fn gets
+    grad log p(x, b) only, as with ScoreFunction(), whatever eta."""
+    key = jax.random.key(3)
+
+    def objective(logits, scale, estimator):
+        return jnp.sum(velbo.elbo(key, lambda z: scale * log_joint_fn(z), make_q(logits),
+                                  estimator=estimator))
+
+    grad = jax.jit(jax.grad(objective, argnums=(0, 1)), static_argnums=2)
+    (g_eta0, _), (g_score, s_score) = grad(LOGITS, 1.3, velbo.REBAR(0.5, 0.0)), grad(
+        LOGITS, 1.3, velbo.ScoreFunction())
+    with jax.numpy_rank_promotion("allow"):
+        b = make_q(LOGITS).sample(seed=key).astype(jnp.float32)
+    np.testing.assert_allclose(np.asarray(g_eta0 - g_score), np.asarray(b - jax.nn.sigmoid(LOGITS)),
+                               rtol=1e-5, atol=1e-5)
+    _, s_rebar = grad(LOGITS, 1.3, velbo.REBAR(0.5, 1.0))
+    np.testing.assert_allclose(float(s_rebar), float(s_score), rtol=1e-6)
+    np.testing.assert_allclose(float(s_score), float(jnp.sum(log_joint_fn(b))), rtol=1e-6)
 
 
 @pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan"), float("inf")])
@@ -137,9 +160,16 @@ def test_bad_eta(eta):
         velbo.REBAR(eta=eta)
 
 
+@pytest.mark.parametrize("field", ["temperature", "eta"])
+@pytest.mark.parametrize("bad", ["0.5", True, None, jnp.array(0.5)])
+def test_non_real_fields(field, bad):
+    with pytest.raises(TypeError, match=field):
+        velbo.REBAR(**{field: bad})
+
+
 def test_non_bernoulli_q_is_refused():
     q = distrax.Normal(jnp.zeros((BATCH,)), jnp.ones((BATCH,)))
-    with pytest.raises(TypeError, match="`q`.*|estimator"):
+    with pytest.raises(TypeError, match="REBAR.*`q`.*Normal"):
         velbo.elbo(jax.random.key(0), lambda z: -z**2, q, estimator=velbo.REBAR())
     cat = distrax.Categorical(logits=jnp.zeros((BATCH, 3)))
     with pytest.raises(TypeError, match="REBAR.*`q`"):

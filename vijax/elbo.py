@@ -30,15 +30,20 @@ Conventions
   saturates (``Tanh`` giving exactly +-1). Only ``ScoreFunction``, ``StickingTheLanding`` and
   ``DReG`` gradients evaluate log q at a fixed z through the inverse; see their notes.
 * The gradient estimator is chosen by a small frozen dataclass (``Pathwise()``,
-  ``ScoreFunction(baseline)``, ``StickingTheLanding()``, ``DReG()``). The *value* returned is
-  the same whatever the estimator, bit for bit; only its gradient differs (it is built as a
-  surrogate ``stop_gradient(value) + (s - stop_gradient(s))``, and is ``value`` itself where
-  ``s`` is not finite, e.g. with a -inf log weight).
+  ``ScoreFunction(baseline)``, ``StickingTheLanding()``, ``DReG()``; for a small discrete
+  ``q`` in ``elbo``, ``Enumerate()`` (exact sum over the support); for Bernoulli latents in
+  ``elbo``, ``REBAR(temperature, eta)`` (Tucker et al. 2017, §3: the score function with a
+  Concrete-relaxation control variate, unbiased)). The *value* returned by a sampling
+  estimator is the same whatever the estimator, bit for bit; only its gradient differs (it is
+  built as a surrogate ``stop_gradient(value) + (s - stop_gradient(s))``, and is ``value``
+  itself where ``s`` is not finite, e.g. with a -inf log weight).
 
 Sources: lecture 3 ("Variational lower bound", "ELBO gradients", "Reparametrization trick");
 CENG796 notes §3.3, §4.2; Burda, Grosse & Salakhutdinov 2016 (IWAE), eq. (8); Li & Turner 2016
 (VR bound), eq. (5); Roeder, Wu & Duvenaud 2017 (sticking the landing), eq. (8); Tucker,
-Lawson, Gu & Maddison 2019 (DReG), eq. (5); Mnih & Rezende 2016 (VIMCO), eq. (9).
+Lawson, Gu & Maddison 2019 (DReG), eq. (5); Mnih & Rezende 2016 (VIMCO), eq. (9); Tucker, Mnih,
+Maddison, Lawson & Sohl-Dickstein 2017 (REBAR), §3 (the REBAR estimator) and the appendix
+(conditional reparameterization).
 """
 
 from __future__ import annotations
@@ -204,8 +209,8 @@ class Enumerate:
 class REBAR:
     """REBAR gradient for Bernoulli latents (Tucker, Mnih, Maddison, Lawson & Sohl-Dickstein
     2017, "REBAR: Low-variance, unbiased gradient estimates for discrete latent variable
-    models", §3, the REBAR estimator of eq. 5 with the conditional reparameterization of
-    their Appendix C): the score-function gradient with a Concrete-relaxation control variate
+    models", §3, the REBAR estimator, with the conditional reparameterization of their
+    appendix): the score-function gradient with a Concrete-relaxation control variate
     whose expectation is added back with the reparameterization gradient. Unbiased for the
     ELBO; only in ``elbo``.
 
@@ -213,14 +218,21 @@ class REBAR:
     or ``distrax.Independent(distrax.Bernoulli(...), k)`` (bits ``[*event]``, e.g. ``[batch, d]``
     with ``k = 1``). With u ~ U(0, 1), v ~ U(0, 1) independent and theta = q's logits:
 
-    * z = theta + log u - log(1 - u), b = H(z) (an exact draw of q: b = 1 iff 1 - u < sigmoid(theta));
+    * z = theta + log u - log(1 - u), b = H(z): an exact draw of q, b = 1 iff
+      1 - u < sigmoid(theta) (distrax's own comparison, with w = 1 - u its uniform draw);
     * z~ ~ p(z | b): z~ = softplus(logit v + softplus(theta)) if b = 1,
       z~ = -softplus(-logit v + softplus(-theta)) if b = 0;
     * f(x) = log_joint_fn(x) - log q(x), with log q extended to real x in [0, 1] as the
-      Bernoulli log-mass formula sum_i [x_i log sigmoid(theta_i) + (1 - x_i) log sigmoid(-theta_i)];
-    * gradient w.r.t. theta, per sample:
-      [f(b) - eta f(sigma_lam(z~))] grad log q(b) + eta grad f(sigma_lam(z)) - eta grad f(sigma_lam(z~)),
-      sigma_lam(z) = sigmoid(z / lam), the z~ path through theta included.
+      Bernoulli log-mass formula
+      sum_i [x_i log sigmoid(theta_i) + (1 - x_i) log sigmoid(-theta_i)];
+    * gradient w.r.t. theta, per sample, with sigma_lam(z) = sigmoid(z / lam) and total
+      derivatives (the z~ path through theta included):
+      [f(b) - eta f(sigma_lam(z~))] grad log q(b)
+      + eta grad f(sigma_lam(z)) - eta grad f(sigma_lam(z~)).
+
+    Shapes: ``log_joint_fn`` maps one z shaped like a draw of ``q`` (``[batch, d]`` for
+    ``Independent(Bernoulli(logits [batch, d]), 1)``) to ``[batch]``; ``elbo`` returns
+    ``[batch]`` ELBO estimates in nats (the ELBO itself, not its negative).
 
     The value is the ordinary Monte Carlo ELBO of the hard draws b (the same draws, hence the
     same value, as ``ScoreFunction()`` at the same key). The zero-mean term -grad log q(b)
@@ -548,7 +560,7 @@ def elbo(
     q: PyTree,
     *,
     num_samples: int = 1,
-    estimator: Pathwise | ScoreFunction | StickingTheLanding | Enumerate = Pathwise(),
+    estimator: Pathwise | ScoreFunction | StickingTheLanding | Enumerate | REBAR = Pathwise(),
 ) -> Array:
     """Monte Carlo ELBO, E_q[log p(x, z) - log q(z)], per example (in nats).
 
@@ -565,7 +577,11 @@ def elbo(
       num_samples: S >= 1, a Python int.
       estimator: ``Pathwise()`` (default), ``ScoreFunction(baseline)``,
         ``StickingTheLanding()`` (these change the gradient only), or ``Enumerate()`` for a
-        small discrete ``q``: the exact expectation, no sampling (``num_samples`` = 1).
+        small discrete ``q``: the exact expectation, no sampling (``num_samples`` = 1), or
+        ``REBAR(temperature, eta)`` for a Bernoulli ``q`` (``distrax.Bernoulli`` or
+        ``Independent(Bernoulli, k)``): ``ScoreFunction()``'s value, REBAR's gradient
+        (``log_joint_fn`` is then also called at relaxed points in [0, 1]^d, floats; see
+        ``REBAR``).
 
     Returns:
       ``[batch]`` ELBO estimates (nats), dtype of ``log_joint_fn``'s output.
@@ -575,7 +591,9 @@ def elbo(
         from ``jax.random.split``); ``log_joint_fn`` not callable; ``num_samples`` not an
         int, ``q`` not a distrax distribution (pytree), or a Gaussian ``q`` with a
         non-floating (bool, int) ``loc``/``scale``; unsupported ``estimator``; ``q`` with
-        non-floating (discrete) samples and an ``estimator`` other than ``ScoreFunction``.
+        non-floating (discrete) samples and an ``estimator`` other than ``ScoreFunction``,
+        ``Enumerate`` or ``REBAR``; ``REBAR()`` with a ``q`` that is not a single
+        ``Bernoulli`` or ``Independent(Bernoulli, k)``.
       ValueError: ``num_samples < 1``; ``log_joint_fn`` output not of shape ``[batch]`` (q's
         batch shape; the message gives q's event shape too); non-finite concrete parameters
         of ``q``, or a concrete Gaussian scale of ``q`` below ``jnp.finfo(dtype).tiny`` (not
