@@ -26,6 +26,7 @@ two figures to ``--out``:
 
 from __future__ import annotations
 
+import argparse
 import math
 import pathlib
 import sys
@@ -38,7 +39,7 @@ _cli.put_repo_root_on_path()
 
 def make_parser() -> _cli.Parser:
     p = _cli.Parser(description=__doc__.split("\n\n")[0],
-                    formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", type=pathlib.Path, required=True,
                    help="the training run's work directory (config.json, checkpoints/)")
     p.add_argument("--out", type=pathlib.Path, required=True, help="folder for the results")
