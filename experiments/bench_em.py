@@ -472,7 +472,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
 
 
 def main(argv=None) -> list[Row]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = _cli.Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="1e4,1e5,1e6", help="comma-separated N")
     parser.add_argument("--dims", default="2,8,32", help="comma-separated D")
     parser.add_argument("--dtypes", default="float64,float32")

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import _cli  # noqa: E402  (experiments/_cli.py: sys.path[0] when run as a script)
 from vijax import elbo as velbo
 from vijax import linear_gaussian as lg
 
@@ -111,12 +112,12 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> None:
+    parser = _cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=2000, help="seeds per estimator")
     parser.add_argument("--latent", type=int, default=5)
     parser.add_argument("--data", type=int, default=10)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.reps < 2:
         parser.error(f"--reps must be >= 2 (a variance needs two samples); got {args.reps}")
     for flag in ("latent", "data"):

@@ -26,7 +26,12 @@ Estimators (every bound is computed by :mod:`vijax.elbo`):
 * ``straight_through``: ``StraightThroughOneHotCategorical`` (hard one-hot forward value,
   relaxed backward pass, same schedule), ``elbo`` with the pathwise gradient;
 * ``enumerate``: exact expectation (``Enumerate()``) on a smaller latent, one categorical of
-  K = 10 classes (10 decoder passes per example).
+  K = 10 classes (10 decoder passes per example);
+* ``rebar``: ``elbo`` with q = ``Independent(OneHotCategorical)`` and ``REBAR`` (Tucker et al.
+  2017): the score function with the Concrete relaxation as control variate, unbiased; its
+  temperature and eta are tuned once before training by ``vijax.elbo.tune_rebar`` (minimising
+  the encoder gradient's variance at the initial parameters on one training batch; the paper
+  tunes them online), then held fixed. Three decoder passes per example and step.
 
 Every model is evaluated the same way, as the *discrete* model: the test ELBO with hard
 categorical samples (exact for ``enumerate``), log p(x) by importance sampling with the
@@ -83,13 +88,14 @@ from vijax import vae  # noqa: E402
 
 REPO_ROOT = _cli.REPO_ROOT
 ESTIMATORS = ("score_loo", "gumbel_softmax", "gumbel_softmax_catkl", "straight_through",
-              "enumerate")
+              "enumerate", "rebar")
 RELAXED = ("gumbel_softmax", "gumbel_softmax_catkl", "straight_through")
 LABELS = {"score_loo": "score function + leave-one-out",
           "gumbel_softmax": "Gumbel-softmax, relaxed q and prior",
           "gumbel_softmax_catkl": "Gumbel-softmax, categorical KL",
           "straight_through": "straight-through Gumbel",
-          "enumerate": "exact enumeration"}
+          "enumerate": "exact enumeration",
+          "rebar": "REBAR, temperature and eta tuned"}
 HIDDEN = (200, 200)
 DATA_DIM = 784
 
@@ -153,9 +159,10 @@ def _discrete_q_and_prior(logits):
     return q, prior
 
 
-def bound(kind: str, model, params, x, key, tau, sf_samples: int):
+def bound(kind: str, model, params, x, key, tau, sf_samples: int,
+          rebar: velbo.REBAR | None = None):
     """Per-example training objective ``[batch]`` (nats) of estimator ``kind``; its gradient
-    is that estimator's."""
+    is that estimator's (``rebar``: the REBAR estimator of kind ``"rebar"``)."""
     logits = model.apply(params, x, method=CategoricalVAE.encode)
     n, k = logits.shape[-2:]
     log_lik = _log_likelihood_fn(model, params, x, n, k)
@@ -193,7 +200,37 @@ def bound(kind: str, model, params, x, key, tau, sf_samples: int):
         q = distrax.OneHotCategorical(logits=logits[:, 0])
         return velbo.elbo(key, lambda z: log_lik(z[:, None, :]) + log_prior, q,
                           estimator=velbo.Enumerate())
+    if kind == "rebar":
+        # the ELBO of hard one-hot draws; the uniform prior's log mass, extended to the relaxed
+        # points as sum_k x_k log(1/K), is the same constant there
+        q, _ = _discrete_q_and_prior(logits)
+        return velbo.elbo(key, lambda z: log_lik(z) + log_prior, q,
+                          estimator=velbo.REBAR() if rebar is None else rebar)
     raise ValueError(kind)
+
+
+def tune_rebar(model, params, x, key, num_steps: int, num_samples: int):
+    """``(REBAR, variance before, variance after)``: temperature and eta tuned by
+    ``vijax.elbo.tune_rebar`` at ``params`` on the minibatch ``x`` (the total variance of the
+    encoder gradient, sum_j Var(g_j), is E||g||^2 less ||E g||^2, which does not depend on
+    them; both E||g||^2 are measured on 64 common keys)."""
+    n, k = model.apply(params, x[:1], method=CategoricalVAE.encode).shape[-2:]
+    log_lik = _log_likelihood_fn(model, params, x, n, k)
+
+    def log_joint(z):
+        return log_lik(z) - n * math.log(k)
+
+    def q_fn(p):
+        return _discrete_q_and_prior(model.apply(p, x, method=CategoricalVAE.encode))[0]
+
+    k_tune, k_measure = jax.random.split(key)
+    tuned = velbo.tune_rebar(k_tune, log_joint, q_fn, params, num_steps=num_steps,
+                             num_samples=num_samples)
+    measure = jax.jit(lambda lam, eta: velbo.rebar_gradient_variance(
+        k_measure, log_joint, q_fn, params, temperature=lam, eta=eta, num_samples=64))
+    before = float(measure(velbo.REBAR().temperature, velbo.REBAR().eta))
+    after = float(measure(tuned.temperature, tuned.eta))
+    return tuned, before, after
 
 
 # ------------------------------------------------------------------------------- training
@@ -203,9 +240,9 @@ def temperature(step, rate: float, tau_min: float):
     return jnp.maximum(tau_min, jnp.exp(-rate * step.astype(jnp.float32)))
 
 
-def make_train_epoch(kind, model, optimizer, batch_size, rate, tau_min, sf_samples):
+def make_train_epoch(kind, model, optimizer, batch_size, rate, tau_min, sf_samples, rebar=None):
     def loss_fn(params, x, key, tau):
-        return -jnp.mean(bound(kind, model, params, x, key, tau, sf_samples))
+        return -jnp.mean(bound(kind, model, params, x, key, tau, sf_samples, rebar))
 
     grad_fn = jax.value_and_grad(loss_fn)
 
@@ -285,14 +322,14 @@ def _flat(tree):
     return jnp.concatenate([a.reshape(a.shape[0], -1) for a in leaves], axis=1)
 
 
-def make_encoder_gradients(kind, model, sf_samples):
+def make_encoder_gradients(kind, model, sf_samples, rebar=None):
     """``(params, x, keys, tau) -> [R, P]`` encoder-parameter gradients of the minibatch loss,
     one row per key (the estimator's own objective)."""
 
     def grads(params, x, keys, tau):
         def one(key):
-            g = jax.grad(lambda p: -jnp.mean(bound(kind, model, p, x, key, tau, sf_samples)))(
-                params)
+            g = jax.grad(lambda p: -jnp.mean(bound(kind, model, p, x, key, tau, sf_samples,
+                                                   rebar)))(params)
             return g["params"]["encoder"]
 
         return _flat(jax.lax.map(one, keys))
@@ -392,6 +429,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="k of the importance-sampling log p(x) (default 5000)")
     p.add_argument("--grad-reps", type=int, default=None,
                    help="keys for the gradient-variance estimates (default 32)")
+    p.add_argument("--rebar-tune-steps", type=int, default=None,
+                   help="Adam steps of REBAR's temperature/eta tuning (default 200; 20 with "
+                        "--quick)")
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -405,12 +445,12 @@ def _check_args(p, args) -> list[str]:
     quick = args.quick
     defaults = dict(epochs=1 if quick else 3, num_train=2000 if quick else 60000,
                     eval_num_test=50 if quick else 300, eval_num_samples=200 if quick else 5000,
-                    grad_reps=4 if quick else 32)
+                    grad_reps=4 if quick else 32, rebar_tune_steps=20 if quick else 200)
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     for name in ("epochs", "num_train", "num_latents", "batch_size", "eval_num_test",
-                 "eval_num_samples", "seed"):
+                 "eval_num_samples", "rebar_tune_steps", "seed"):
         minimum = 0 if name == "seed" else 1
         if getattr(args, name) < minimum:
             p.error(f"--{name.replace('_', '-')} must be >= {minimum}; got {getattr(args, name)}")
@@ -472,10 +512,25 @@ def main(argv=None) -> dict:
         k_init, k_train, k_eval, k_grad = jax.random.split(
             jax.random.fold_in(key, ESTIMATORS.index(kind)), 4)
         params = model.init(k_init, train[:1])
+        rebar, rebar_info = None, None
+        if kind == "rebar":  # tuned once, at the initial parameters, on one training batch
+            t0 = time.perf_counter()
+            first_batch = vdata.dynamic_binarize(jax.random.fold_in(k_grad, 1),
+                                                 train[: args.batch_size])
+            rebar, var_before, var_after = tune_rebar(
+                model, params, first_batch, jax.random.fold_in(k_grad, 2),
+                args.rebar_tune_steps, 4 if args.quick else 16)
+            rebar_info = {"temperature": rebar.temperature, "eta": rebar.eta,
+                          "tune_steps": args.rebar_tune_steps,
+                          "mean_squared_gradient_norm_default": var_before,
+                          "mean_squared_gradient_norm_tuned": var_after,
+                          "tune_wall_s": time.perf_counter() - t0}
+            print(f"rebar: tuned temperature {rebar.temperature:.3f}, eta {rebar.eta:.3f}; "
+                  f"E||g||^2 {var_before:.4g} -> {var_after:.4g}", flush=True)
         carry = (params, optimizer.init(params), jnp.zeros((), jnp.int32))
         epoch_fn = jax.jit(make_train_epoch(kind, model, optimizer, args.batch_size, rate,
-                                            args.tau_min, args.sf_samples))
-        grads_fn = jax.jit(make_encoder_gradients(kind, model, args.sf_samples))
+                                            args.tau_min, args.sf_samples, rebar))
+        grads_fn = jax.jit(make_encoder_gradients(kind, model, args.sf_samples, rebar))
         test_elbo_fn = jax.jit(make_test_elbo(model, 100))
         log_px_is_fn = jax.jit(make_log_px_is(model, 50, args.eval_num_samples, 100))
         t0 = time.perf_counter()
@@ -519,6 +574,8 @@ def main(argv=None) -> dict:
             "epoch_wall_s_mean": float(np.mean(epoch_s)), "eval_wall_s": eval_s,
             "encoder_gradient": grad_ckpt,
         }
+        if rebar_info is not None:
+            row["rebar"] = rebar_info
         if "elbo_exact" in ev:
             row["test_elbo_exact"] = float(ev["elbo_exact"].mean())
             row["test_nll_exact"] = float(-ev["log_px_exact"].mean())
@@ -538,13 +595,14 @@ def main(argv=None) -> dict:
         keys = jax.random.split(jax.random.fold_in(key, 99), args.grad_reps * 4)
         exact = np.asarray(jax.jit(make_encoder_gradients("enumerate", model, 2))(
             params, grad_batch, keys[:1], jnp.float32(1.0)))[0].astype(np.float64)
-        for kind in ("score_loo",) + RELAXED:
+        for kind in ("score_loo",) + RELAXED + ("rebar",):
             g = jax.jit(make_encoder_gradients(kind, model, args.sf_samples))(
                 params, grad_batch, keys, jnp.float32(args.tau_min))
             comparison[kind] = gradient_stats(np.asarray(g), exact)
         comparison["_setup"] = (f"trained exact-enumeration model (1 x {k}); fixed batch of 100 "
                                 f"test images; {len(keys)} keys; relaxed estimators at "
-                                f"temperature {args.tau_min}")
+                                f"temperature {args.tau_min}; REBAR() at its defaults "
+                                f"(temperature 0.5, eta 1)")
 
     args.out.mkdir(parents=True, exist_ok=True)
     plot_samples(trained, args.out / "samples.png", jax.random.fold_in(key, 7))

@@ -85,6 +85,59 @@ def run_on_host_devices():
     return run
 
 
+_EXPERIMENTS: dict[str, object] = {}
+
+
+def load_experiment(script: str):
+    """The module of ``experiments/<script>``, imported once per process (``experiments/`` on
+    ``sys.path``, as when the script runs: it imports ``_cli``). A script that turns on
+    ``jax_enable_x64`` when imported has the flag restored."""
+    if script not in _EXPERIMENTS:
+        import importlib.util
+
+        folder = str(REPO_ROOT / "experiments")
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+        name = "experiment_" + script.removesuffix(".py")
+        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "experiments" / script)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up there
+        x64 = jax.config.jax_enable_x64
+        try:
+            spec.loader.exec_module(module)
+        finally:
+            jax.config.update("jax_enable_x64", x64)
+        _EXPERIMENTS[script] = module
+    return _EXPERIMENTS[script]
+
+
+@pytest.fixture
+def run_experiment_main(capsys, monkeypatch):
+    """``run(script, argv, cwd) -> (exit status, stdout, stderr)``: ``main(argv)`` of
+    ``experiments/<script>`` in this process, in the folder ``cwd``. For the bad-flag tests:
+    the scripts check their flags before any work, so in-process calls test the same code
+    without a fresh interpreter's imports (seconds each); a few cases per script also run as
+    real subprocesses. ``jax_enable_x64`` and ``XLA_FLAGS`` are restored afterwards."""
+
+    def run(script: str, argv, cwd):
+        module = load_experiment(script)
+        monkeypatch.chdir(cwd)
+        monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+        capsys.readouterr()
+        x64 = jax.config.jax_enable_x64
+        try:
+            module.main([str(a) for a in argv])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        finally:
+            jax.config.update("jax_enable_x64", x64)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
 @pytest.fixture
 def x64():
     with jax.enable_x64(True):

@@ -76,28 +76,35 @@ def test_bench_vae_smoke_and_flop_count(tmp_path):
     ("cavi.py", ["--data", str(REPO_ROOT / "README.md")], "is not the Old Faithful CSV"),
     ("cavi.py", ["--num-components", "300"], "--num-components must be at most the 272 rows"),
 ])
-def test_experiment_scripts_reject_bad_flags_before_any_work(tmp_path, script, args, message):
+def test_experiment_scripts_reject_bad_flags_before_any_work(run_experiment_main, tmp_path,
+                                                            script, args, message):
     """Bad values stop with a one-line usage error (exit 2), before anything is written
-    (before: tracebacks after partial output, or NaN results with exit 0)."""
+    (before: tracebacks after partial output, or NaN results with exit 0). In-process calls of
+    the scripts' ``main``; the fresh-interpreter test below runs one of them for real."""
+    out = tmp_path / "out"
+    code, _, err = run_experiment_main(script, [*args, "--out", out], tmp_path)
+    assert code == 2, err[-2000:]
+    assert message in err and "Traceback" not in err and err.count("\n") == 1, err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_bad_flag_in_a_fresh_interpreter(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT))
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "experiments" / script), *args, "--out", str(out)],
-        env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+        [sys.executable, str(REPO_ROOT / "experiments" / "bench_em.py"), "--sizes", "5",
+         "--out", str(out)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert message in result.stderr and "Traceback" not in result.stderr
-    assert not out.exists()
+    assert "every N >= K = 10" in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("args, message", [
     (["--reps", "1"], "--reps must be >= 2"),
     (["--latent", "0"], "--latent must be >= 1"),
 ])
-def test_bench_estimators_rejects_bad_flags(args, message):
+def test_bench_estimators_rejects_bad_flags(run_experiment_main, tmp_path, args, message):
     """Before: --reps 1 printed a table of NaN variances with exit 0, --reps 0 an IndexError."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT))
-    result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "experiments" / "bench_estimators.py"), *args],
-        env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert message in result.stderr and "Traceback" not in result.stderr
+    code, out, err = run_experiment_main("bench_estimators.py", args, tmp_path)
+    assert code == 2, err[-2000:]
+    assert message in err and "Traceback" not in err and out == ""

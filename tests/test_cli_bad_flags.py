@@ -2,8 +2,9 @@
 experiments/_amortized_common.py, inference_gaps.py): exit status 2, one line on stderr naming
 the flag, and nothing written, neither the output folder nor anything in the working folder.
 
-The checks (experiments/_cli.py) run before any data are loaded or models built, so each
-subprocess costs about the script's import time; all of them are started at once.
+The checks (experiments/_cli.py) run before any data are loaded or models built. Most cases
+call the script's ``main`` in this process (``run_experiment_main``: the same code without a
+fresh interpreter's imports); those in ``FRESH`` run as real subprocesses, all started at once.
 """
 
 from __future__ import annotations
@@ -44,13 +45,19 @@ CASES = {
 }
 
 
+# one case per script in a fresh interpreter (the real command line)
+FRESH = ("vae-empty-workdir", "gmm-out-unwritable", "cavi-out-under-a-file",
+         "gaps-out-under-a-file")
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    """Run every case at once; ``{id: (returncode, stderr, folder, file, files before)}``."""
+    """Run the ``FRESH`` cases at once; ``{id: (returncode, stderr, folder, file)}``."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join(
         filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))}
     running = {}
-    for case, (script, flags, _) in CASES.items():
+    for case in FRESH:
+        script, flags, _ = CASES[case]
         folder = tmp_path_factory.mktemp(case)
         regular = folder / "a_file.txt"
         regular.write_text("not a folder\n")
@@ -65,9 +72,22 @@ def results(tmp_path_factory):
     return out
 
 
+def _in_process(run_experiment_main, tmp_path, case):
+    script, flags, _ = CASES[case]
+    regular = tmp_path / "a_file.txt"
+    regular.write_text("not a folder\n")
+    argv = [f.format(file=regular, tmp=tmp_path) for f in flags]
+    code, _, stderr = run_experiment_main(script, argv, tmp_path)
+    return code, stderr, tmp_path, regular
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_flag_exits_2_with_one_line_naming_it_and_writes_nothing(results, case):
-    returncode, stderr, folder, regular = results[case]
+def test_bad_flag_exits_2_with_one_line_naming_it_and_writes_nothing(request, tmp_path, case):
+    if case in FRESH:
+        returncode, stderr, folder, regular = request.getfixturevalue("results")[case]
+    else:
+        returncode, stderr, folder, regular = _in_process(
+            request.getfixturevalue("run_experiment_main"), tmp_path, case)
     message = CASES[case][2].format(file=regular, tmp=folder)
     lines = stderr.strip().splitlines()
     assert returncode == 2, stderr[-3000:]

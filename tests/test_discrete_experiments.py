@@ -38,7 +38,10 @@ def test_discrete_vae_quick(tmp_path, mnist_dir):
         assert summary[field]
     rows = summary["results"]
     assert set(rows) == {"score_loo", "gumbel_softmax", "gumbel_softmax_catkl",
-                         "straight_through", "enumerate"}
+                         "straight_through", "enumerate", "rebar"}
+    tuned = rows["rebar"]["rebar"]  # tune_rebar's temperature and eta, and E||g||^2 at both
+    assert tuned["temperature"] > 0 and math.isfinite(tuned["eta"])
+    assert 0 < tuned["mean_squared_gradient_norm_tuned"] < math.inf
     for kind, row in rows.items():
         for field in ("test_elbo", "test_nll_is", "epoch_wall_s_mean"):
             assert math.isfinite(row[field]), (kind, field)
@@ -81,10 +84,22 @@ def test_mixture_enumerated_quick(tmp_path, old_faithful_csv):
     ("discrete_vae.py", ["--data-dir", "/nonexistent/mnist"], "--data-dir"),
     ("mixture_enumerated.py", ["--lr", "nan"], "--lr must be a finite number > 0"),
 ])
-def test_discrete_experiments_reject_bad_flags_before_any_work(tmp_path, script, args, message):
+def test_discrete_experiments_reject_bad_flags_before_any_work(run_experiment_main, tmp_path,
+                                                              script, args, message):
+    """In-process calls of the scripts' ``main`` (the flags are checked before any work); the
+    test below runs one case in a fresh interpreter."""
     out = tmp_path / "out"
-    result = _run(script, *args, "--out", str(out), timeout=120)
+    code, _, err = run_experiment_main(script, [*args, "--out", out], tmp_path)
+    assert code == 2, err[-2000:]
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_bad_flag_in_a_fresh_interpreter(tmp_path):
+    out = tmp_path / "out"
+    result = _run("discrete_vae.py", "--estimators", "vimco", "--out", str(out), timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert message in result.stderr and "Traceback" not in result.stderr
+    assert "--estimators takes distinct names" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not out.exists()

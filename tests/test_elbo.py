@@ -309,16 +309,20 @@ def test_saturated_tanh_q_has_finite_values_equal_to_the_forward_log_det():
         "iwae": lambda l, e=pathwise: velbo.iwae_bound(key, log_joint_fn, make_q(l), num_samples=k, estimator=e),
         "renyi": lambda l: velbo.renyi_bound(key, log_joint_fn, make_q(l), alpha=0.5, num_samples=k),
     }
-    for name, f in objectives.items():
-        value = f(loc)
+    for name, f in objectives.items():  # jitted: one compilation instead of op-by-op dispatch
+        value = jax.jit(f)(loc)
         assert value.dtype == jnp.float32
         np.testing.assert_allclose(value, expected[name], atol=1e-4, rtol=0, err_msg=name)
-        assert np.all(np.isfinite(np.asarray(jax.grad(lambda l: jnp.sum(f(l)))(loc)))), name
+        grad = jax.jit(jax.grad(lambda l: jnp.sum(f(l))))(loc)
+        assert np.all(np.isfinite(np.asarray(grad))), name
     # the value does not depend on the estimator (their gradients use the inverse; documented)
-    for est in (velbo.ScoreFunction(), velbo.StickingTheLanding()):
-        np.testing.assert_array_equal(objectives["elbo"](loc, est), objectives["elbo"](loc))
-    for est in (velbo.ScoreFunction(velbo.LeaveOneOut()), velbo.StickingTheLanding(), velbo.DReG()):
-        np.testing.assert_array_equal(objectives["iwae"](loc, est), objectives["iwae"](loc))
+    for name, estimators in (("elbo", (velbo.ScoreFunction(), velbo.StickingTheLanding())),
+                             ("iwae", (velbo.ScoreFunction(velbo.LeaveOneOut()),
+                                       velbo.StickingTheLanding(), velbo.DReG()))):
+        f = objectives[name]
+        values = jax.jit(lambda l: [f(l, est) for est in estimators])(loc)
+        for est, value in zip(estimators, values):
+            np.testing.assert_array_equal(value, jax.jit(f)(loc), err_msg=f"{name} {est}")
 
 
 def _truncated_log_joint(outside):
@@ -346,21 +350,32 @@ def test_zero_weight_particle_keeps_values_and_gradients_finite(x64):
     ref = velbo.iwae_bound(key, fn_inf, q, num_samples=k)
     np.testing.assert_allclose(ref, expected, rtol=1e-12)
 
-    def grad(fn, est):
-        f = lambda l: jnp.sum(velbo.iwae_bound(key, fn, distrax.MultivariateNormalDiag(l, scale),
-                                               num_samples=k, estimator=est))
-        return np.asarray(jax.grad(f)(loc))
+    estimators = (velbo.Pathwise(), velbo.ScoreFunction(), velbo.ScoreFunction(baseline=1.0),
+                  velbo.ScoreFunction(velbo.LeaveOneOut()), velbo.StickingTheLanding(),
+                  velbo.DReG())
 
-    for est in (velbo.Pathwise(), velbo.ScoreFunction(), velbo.ScoreFunction(baseline=1.0),
-                velbo.ScoreFunction(velbo.LeaveOneOut()), velbo.StickingTheLanding(), velbo.DReG()):
-        np.testing.assert_array_equal(velbo.iwae_bound(key, fn_inf, q, num_samples=k, estimator=est), ref)
-        g = grad(fn_inf, est)
-        assert np.all(np.isfinite(g)), est
+    @jax.jit  # every estimator in one program: one compilation instead of op-by-op dispatch
+    def values_and_grads(loc):
+        out = []
+        for est in estimators:
+            def f(l, fn):
+                return jnp.sum(velbo.iwae_bound(key, fn, distrax.MultivariateNormalDiag(l, scale),
+                                                num_samples=k, estimator=est))
+            out.append((velbo.iwae_bound(key, fn_inf, distrax.MultivariateNormalDiag(loc, scale),
+                                         num_samples=k, estimator=est),
+                        jax.grad(f)(loc, fn_inf), jax.grad(f)(loc, fn_tiny)))
+        return out
+
+    for est, (value, g, g_tiny) in zip(estimators, values_and_grads(loc)):
+        np.testing.assert_array_equal(value, ref, err_msg=repr(est))
+        assert np.all(np.isfinite(np.asarray(g))), est
         if not isinstance(getattr(est, "baseline", None), velbo.LeaveOneOut):  # its baseline differs
-            np.testing.assert_allclose(g, grad(fn_tiny, est), rtol=1e-9, atol=1e-12, err_msg=repr(est))
-    for est in (velbo.Pathwise(), velbo.ScoreFunction(), velbo.ScoreFunction(velbo.LeaveOneOut()),
-                velbo.StickingTheLanding()):
-        value = velbo.elbo(key, fn_inf, q, num_samples=k, estimator=est)
+            np.testing.assert_allclose(g, g_tiny, rtol=1e-9, atol=1e-12, err_msg=repr(est))
+    elbo_estimators = (velbo.Pathwise(), velbo.ScoreFunction(),
+                       velbo.ScoreFunction(velbo.LeaveOneOut()), velbo.StickingTheLanding())
+    values = jax.jit(lambda: [velbo.elbo(key, fn_inf, q, num_samples=k, estimator=est)
+                              for est in elbo_estimators])()
+    for est, value in zip(elbo_estimators, values):
         assert np.all(np.asarray(value) == -np.inf), (est, value)
 
 
@@ -422,12 +437,15 @@ def test_float32_model_keeps_float32_under_x64(x64):
     fn = lambda z: lg.log_joint(model, x, z)
     key = jax.random.key(0)
     assert fn(q.sample(seed=key)).dtype == jnp.float32
+    # dtypes by abstract evaluation (jax.eval_shape traces, compiles nothing); the values
+    # themselves are checked elsewhere
     for est in (velbo.Pathwise(), velbo.StickingTheLanding(), velbo.ScoreFunction(), velbo.ScoreFunction(1.0),
                 velbo.ScoreFunction(np.zeros(BATCH)), velbo.ScoreFunction(velbo.LeaveOneOut())):
-        assert velbo.elbo(key, fn, q, num_samples=2, estimator=est).dtype == jnp.float32, est
-        assert velbo.iwae_bound(key, fn, q, num_samples=2, estimator=est).dtype == jnp.float32, est
-    out = velbo.elbo_analytic_kl(key, lambda z: lg.log_likelihood(model, x, z), q, prior,
-                                 estimator=velbo.ScoreFunction())
+        for bound in (velbo.elbo, velbo.iwae_bound):
+            out = jax.eval_shape(lambda: bound(key, fn, q, num_samples=2, estimator=est))
+            assert out.dtype == jnp.float32, (bound.__name__, est)
+    out = jax.eval_shape(lambda: velbo.elbo_analytic_kl(
+        key, lambda z: lg.log_likelihood(model, x, z), q, prior, estimator=velbo.ScoreFunction()))
     assert out.dtype == jnp.float32
 
 

@@ -279,8 +279,8 @@ def make_train_epoch_from_batches(model, optimizer, objective, *, binarize: bool
     from vijax._checks import check_bool  # noqa: PLC0415
 
     check_bool(binarize, "binarize")
-    train_step = vae.make_train_step(model, optimizer, objective, mesh=mesh)
-    do_binarize = bool(binarize)
+    epoch_step = vae._epoch_step(vae.make_train_step(model, optimizer, objective, mesh=mesh),
+                                 bool(binarize))
 
     def train_epoch(state, batches, rng_key, num_examples: int):
         num_batches, batch_size = batches.shape[:2]
@@ -291,9 +291,7 @@ def make_train_epoch_from_batches(model, optimizer, objective, *, binarize: bool
 
         def body(state, inputs):
             batch, keys = inputs
-            if do_binarize:
-                batch = vae.binarize_images(keys[0], batch)
-            return train_step(state, batch, keys[1])
+            return epoch_step(state, batch, keys)
 
         return jax.lax.scan(body, state, (batches, step_keys))
 

@@ -31,9 +31,10 @@ Conventions
   ``DReG`` gradients evaluate log q at a fixed z through the inverse; see their notes.
 * The gradient estimator is chosen by a small frozen dataclass (``Pathwise()``,
   ``ScoreFunction(baseline)``, ``StickingTheLanding()``, ``DReG()``; for a small discrete
-  ``q`` in ``elbo``, ``Enumerate()`` (exact sum over the support); for Bernoulli latents in
-  ``elbo``, ``REBAR(temperature, eta)`` (Tucker et al. 2017, §3: the score function with a
-  Concrete-relaxation control variate, unbiased)). The *value* returned by a sampling
+  ``q`` in ``elbo``, ``Enumerate()`` (exact sum over the support); for Bernoulli or one-hot
+  categorical latents in ``elbo``, ``REBAR(temperature, eta)`` (Tucker et al. 2017, §3: the
+  score function with a Concrete-relaxation control variate, unbiased; ``tune_rebar`` tunes
+  it by minimising ``rebar_gradient_variance``)). The *value* returned by a sampling
   estimator is the same whatever the estimator, bit for bit; only its gradient differs (it is
   built as a surrogate ``stop_gradient(value) + (s - stop_gradient(s))``, and is ``value``
   itself where ``s`` is not finite, e.g. with a -inf log weight).
@@ -42,22 +43,23 @@ Sources: lecture 3 ("Variational lower bound", "ELBO gradients", "Reparametrizat
 CENG796 notes §3.3, §4.2; Burda, Grosse & Salakhutdinov 2016 (IWAE), eq. (8); Li & Turner 2016
 (VR bound), eq. (5); Roeder, Wu & Duvenaud 2017 (sticking the landing), eq. (8); Tucker,
 Lawson, Gu & Maddison 2019 (DReG), eq. (5); Mnih & Rezende 2016 (VIMCO), eq. (9); Tucker, Mnih,
-Maddison, Lawson & Sohl-Dickstein 2017 (REBAR), §3 (the REBAR estimator) and the appendix
-(conditional reparameterization).
+Maddison, Lawson & Sohl-Dickstein 2017 (REBAR), §3 (the REBAR estimator, the tuning of eta and
+lambda) and the appendix (conditional reparameterization, categorical variables); Maddison, Mnih
+& Teh 2017 (Concrete), the Gumbel-max trick.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from vijax import _q
-from vijax._checks import check_int, check_real
+from vijax._checks import check_callable, check_int, check_real
 
 Array = jax.Array
 PyTree = Any
@@ -71,6 +73,8 @@ __all__ = [
     "Enumerate",
     "REBAR",
     "elbo",
+    "rebar_gradient_variance",
+    "tune_rebar",
     "elbo_analytic_kl",
     "iwae_bound",
     "renyi_bound",
@@ -207,43 +211,65 @@ class Enumerate:
 
 @dataclasses.dataclass(frozen=True)
 class REBAR:
-    """REBAR gradient for Bernoulli latents (Tucker, Mnih, Maddison, Lawson & Sohl-Dickstein
-    2017, "REBAR: Low-variance, unbiased gradient estimates for discrete latent variable
-    models", §3, the REBAR estimator, with the conditional reparameterization of their
-    appendix): the score-function gradient with a Concrete-relaxation control variate
-    whose expectation is added back with the reparameterization gradient. Unbiased for the
-    ELBO; only in ``elbo``.
+    """REBAR gradient for Bernoulli and one-hot categorical latents (Tucker, Mnih, Maddison,
+    Lawson & Sohl-Dickstein 2017, "REBAR: Low-variance, unbiased gradient estimates for discrete
+    latent variable models", §3, the REBAR estimator, with the conditional reparameterization
+    of their appendix; categorical variables by the Gumbel-max trick, Maddison, Mnih & Teh
+    2017): the score-function gradient with a Concrete-relaxation control variate whose
+    expectation is added back with the reparameterization gradient. Unbiased for the ELBO;
+    only in ``elbo``. ``tune_rebar`` picks ``temperature`` and ``eta`` by minimising the
+    gradient variance (the paper's §3, tuning eta and lambda online).
 
-    Supported ``q``: ``distrax.Bernoulli(logits=...)`` (or ``probs=``), batch shape ``[batch]``,
-    or ``distrax.Independent(distrax.Bernoulli(...), k)`` (bits ``[*event]``, e.g. ``[batch, d]``
-    with ``k = 1``). With u ~ U(0, 1), v ~ U(0, 1) independent and theta = q's logits:
+    Supported ``q`` (a single distribution, theta = its logits):
 
-    * z = theta + log u - log(1 - u), b = H(z): an exact draw of q, b = 1 iff
-      1 - u < sigmoid(theta) (distrax's own comparison, with w = 1 - u its uniform draw);
-    * z~ ~ p(z | b): z~ = softplus(logit v + softplus(theta)) if b = 1,
-      z~ = -softplus(-logit v + softplus(-theta)) if b = 0;
-    * f(x) = log_joint_fn(x) - log q(x), with log q extended to real x in [0, 1] as the
-      Bernoulli log-mass formula
-      sum_i [x_i log sigmoid(theta_i) + (1 - x_i) log sigmoid(-theta_i)];
-    * gradient w.r.t. theta, per sample, with sigma_lam(z) = sigmoid(z / lam) and total
-      derivatives (the z~ path through theta included):
+    * bits: ``distrax.Bernoulli(logits=...)`` (or ``probs=``), batch shape ``[batch]``, or
+      ``distrax.Independent(distrax.Bernoulli(...), k)`` (bits ``[*event]``, e.g. ``[batch, d]``
+      with ``k = 1``);
+    * one-hot categoricals: ``distrax.OneHotCategorical(logits=...)`` (logits ``[batch, K]``,
+      draws ``[batch, K]``), or ``distrax.Independent(distrax.OneHotCategorical(logits), k)``
+      (logits ``[batch, N, K]`` with ``k = 1``: N categoricals of K classes per example). theta
+      is then the log-softmax of the logits (distrax normalises them), over the class axis.
+      (An index-valued ``distrax.Categorical`` is not accepted: use ``OneHotCategorical``.)
+
+    With u, v ~ U(0, 1) independent, per bit (bits) or per class (categoricals):
+
+    * the hard draw b, an exact draw of q, and the same draw as distrax's own sampler with the
+      same key (so the value is ``ScoreFunction()``'s): for bits z = theta + log u - log(1 - u),
+      b = H(z), i.e. b = 1 iff 1 - u < sigmoid(theta) (distrax's comparison, with w = 1 - u its
+      uniform draw); for categoricals z = theta + G with G the Gumbel noise
+      ``jax.random.gumbel`` draws from the key (-log(-log u)), b = one_hot(argmax_k z_k)
+      (``jax.random.categorical``'s Gumbel-max draw);
+    * z~ ~ p(z | b): for bits z~ = softplus(logit v + softplus(theta)) if b = 1,
+      z~ = -softplus(-logit v + softplus(-theta)) if b = 0; for categoricals, with b the class
+      drawn, z~_b = -log(-log v_b) and z~_i = -log(-log(v_i) exp(-theta_i) - log v_b) for
+      i != b (computed as -logaddexp(log(-log v_i) - theta_i, log(-log v_b))): the maximum of
+      the Gumbels, then the others truncated below it;
+    * the relaxed point sigma_lam(z): sigmoid(z / lam) for bits, softmax(z / lam) over the
+      class axis for categoricals (a point of the simplex);
+    * f(x) = log_joint_fn(x) - log q(x), with log q extended to a relaxed x as q's log-mass
+      formula read for real x: sum_i [x_i log sigmoid(theta_i) + (1 - x_i) log sigmoid(-theta_i)]
+      for bits, sum_{cells} sum_k x_k theta_k for categoricals;
+    * gradient w.r.t. theta, per sample, with total derivatives (the z~ path through theta
+      included), the same for both families:
       [f(b) - eta f(sigma_lam(z~))] grad log q(b)
       + eta grad f(sigma_lam(z)) - eta grad f(sigma_lam(z~)).
 
     Shapes: ``log_joint_fn`` maps one z shaped like a draw of ``q`` (``[batch, d]`` for
-    ``Independent(Bernoulli(logits [batch, d]), 1)``) to ``[batch]``; ``elbo`` returns
-    ``[batch]`` ELBO estimates in nats (the ELBO itself, not its negative).
+    ``Independent(Bernoulli(logits [batch, d]), 1)``, ``[batch, N, K]`` for
+    ``Independent(OneHotCategorical(logits [batch, N, K]), 1)``) to ``[batch]``; ``elbo``
+    returns ``[batch]`` ELBO estimates in nats (the ELBO itself, not its negative).
 
     The value is the ordinary Monte Carlo ELBO of the hard draws b (the same draws, hence the
-    same value, as ``ScoreFunction()`` at the same key). The zero-mean term -grad log q(b)
-    (from f's own dependence on theta) is left out. Parameters of ``log_joint_fn`` (a
-    decoder's) get grad log p(x, b) only: the relaxed terms reach ``log_joint_fn`` through its
-    input x alone (first order in x, as ``StickingTheLanding``: do not take Hessians through
-    it). With ``num_samples = S`` the S single-sample estimates are averaged.
+    same value bit for bit, as ``ScoreFunction()`` at the same key). The zero-mean term
+    -grad log q(b) (from f's own dependence on theta) is left out. Parameters of
+    ``log_joint_fn`` (a decoder's) get grad log p(x, b) only: the relaxed terms reach
+    ``log_joint_fn`` through its input x alone (first order in x, as ``StickingTheLanding``: do
+    not take Hessians through it). With ``num_samples = S`` the S single-sample estimates are
+    averaged. q's log-probabilities must be finite (no class or bit of probability 0).
 
-    ``log_joint_fn`` must accept real-valued z in [0, 1]^d (the relaxed points sigma_lam(z),
-    floating dtype) as well as the hard bits b (q's sample dtype), and be differentiable in z
-    there.
+    ``log_joint_fn`` must accept real-valued relaxed points (in [0, 1]^d for bits, on the
+    simplex for categoricals; floating dtype) as well as the hard draws b (q's sample dtype,
+    ``int`` by default), and be differentiable in z there.
 
     Attributes:
       temperature: lam > 0, a finite Python or NumPy real (the paper's lambda; default 0.5).
@@ -253,8 +279,8 @@ class REBAR:
     Raises:
       TypeError / ValueError naming ``temperature`` or ``eta``: not a real number, or
         ``temperature`` <= 0 or not finite, ``eta`` not finite. (In ``elbo``) TypeError naming
-        ``q`` and ``estimator``: a ``q`` other than a single ``Bernoulli`` or
-        ``Independent(Bernoulli)``.
+        ``q`` and ``estimator``: a ``q`` other than a single ``Bernoulli``,
+        ``OneHotCategorical`` or ``Independent`` of one of them.
     """
 
     temperature: float = 0.5
@@ -486,72 +512,177 @@ def _enumerated_elbo(log_joint_fn, q, shape, num_samples, estimator) -> Array:
     return _weighted_sum(jnp.exp(log_q), log_p - log_q)
 
 
-def _rebar_bernoulli(q: Any, estimator: Any) -> tuple[Any, int]:
-    """The ``distrax.Bernoulli`` inside ``q`` and the number of its axes summed into an event
-    (0 for a plain ``Bernoulli``); TypeError naming ``q`` and ``estimator`` otherwise."""
+class _RebarFamily(NamedTuple):
+    """The parts of REBAR that depend on q's family, Bernoulli bits or one-hot categoricals
+    (``_rebar_sample`` assembles the estimator from them, the same for both). Shapes: ``theta``
+    and the draws are ``[*batch, *cells]`` for bits, ``[*batch, *cells, K]`` for categoricals;
+    a "cell" is one bit or one categorical variable."""
+
+    params: Callable  # inner distribution -> {"logits": theta, ...}, the arrays the draw reads
+    draw: Callable  # (key, params, b dtype) -> (hard, noise, b): b ~ q exactly, z = theta + noise
+    conditional: Callable  # (key, theta, hard) -> z~ ~ p(z | b), differentiable in theta
+    relax: Callable  # (z, lam) -> sigma_lam(z), the relaxed point
+    log_mass: Callable  # (x, theta) -> q's log-mass formula at a real x, ``[*batch, *cells]``
+
+
+def _bernoulli_params(dist: Any) -> dict:
+    return {"logits": dist.logits, "probs": dist.probs}
+
+
+def _bernoulli_draw(key, params, b_dtype):
+    # distrax's own draw: b = 1 iff w < sigmoid(theta), w ~ U[0, 1) (so the value is
+    # ScoreFunction's); u = 1 - w in the paper's notation, z = theta + log u - log(1 - u)
+    probs = params["probs"]
+    w = jax.random.uniform(key, (1,) + probs.shape, probs.dtype)[0]
+    hard = jnp.less(w, probs)
+    noise = jnp.log1p(-w) - jnp.log(jnp.maximum(w, jnp.finfo(probs.dtype).tiny))
+    return hard, noise, hard.astype(b_dtype)
+
+
+def _bernoulli_conditional(key, theta, hard):
+    v = jax.random.uniform(key, theta.shape, theta.dtype)
+    logit_v = jnp.log(jnp.maximum(v, jnp.finfo(theta.dtype).tiny)) - jnp.log1p(-v)
+    return jnp.where(hard, jax.nn.softplus(logit_v + jax.nn.softplus(theta)),
+                     -jax.nn.softplus(jax.nn.softplus(-theta) - logit_v))
+
+
+def _bernoulli_relax(z, lam):
+    return jax.nn.sigmoid(z / lam)
+
+
+def _bernoulli_log_mass(x, theta):
+    # x log sigmoid(theta) + (1 - x) log sigmoid(-theta)
+    return -x * jax.nn.softplus(-theta) - (1 - x) * jax.nn.softplus(theta)
+
+
+def _categorical_params(dist: Any) -> dict:
+    return {"logits": dist.logits}  # distrax normalises them: log-softmax, the log-probabilities
+
+
+def _categorical_draw(key, params, b_dtype):
+    # distrax's own draw (jax.random.categorical): the Gumbel-max trick with the Gumbel noise of
+    # the key, argmax over the class axis of gumbel + theta
+    logits = params["logits"]
+    gumbel = jax.random.gumbel(key, (1,) + logits.shape, logits.dtype)[0]
+    hard = jnp.argmax(gumbel + logits, axis=-1)  # [*batch, *cells], the class index
+    return hard, gumbel, jax.nn.one_hot(hard, logits.shape[-1]).astype(b_dtype)
+
+
+def _categorical_conditional(key, theta, hard):
+    # with e = log(-log v): z~_b = -e_b, z~_i = -log(exp(e_i - theta_i) + exp(e_b)) (i != b)
+    v = jax.random.uniform(key, theta.shape, theta.dtype, minval=jnp.finfo(theta.dtype).tiny,
+                           maxval=1.0)
+    e = jnp.log(-jnp.log(v))
+    e_b = jnp.take_along_axis(e, hard[..., None], axis=-1)
+    is_b = jax.nn.one_hot(hard, theta.shape[-1], dtype=bool)
+    return jnp.where(is_b, -e_b, -jnp.logaddexp(e - theta, e_b))
+
+
+def _categorical_relax(z, lam):
+    return jax.nn.softmax(z / lam, axis=-1)
+
+
+def _categorical_log_mass(x, theta):
+    return jnp.sum(x * theta, axis=-1)  # sum_k x_k log q_k
+
+
+_REBAR_BERNOULLI = _RebarFamily(_bernoulli_params, _bernoulli_draw, _bernoulli_conditional,
+                                _bernoulli_relax, _bernoulli_log_mass)
+_REBAR_CATEGORICAL = _RebarFamily(_categorical_params, _categorical_draw,
+                                  _categorical_conditional, _categorical_relax,
+                                  _categorical_log_mass)
+
+
+def _rebar_family(q: Any, what: str) -> tuple[_RebarFamily, Any]:
+    """REBAR's family for ``q`` and the ``distrax.Bernoulli`` or ``OneHotCategorical`` inside it;
+    TypeError naming ``q`` and ``what`` (e.g. the estimator) for any other ``q``."""
     import distrax  # local, as in _support
 
     factors = _q.factors(q)
     if len(factors) == 1 and factors[0] is q:
-        if isinstance(q, distrax.Bernoulli):
-            return q, 0
-        if isinstance(q, distrax.Independent) and isinstance(q.distribution, distrax.Bernoulli):
-            return q.distribution, len(q.event_shape)
+        inner = q.distribution if isinstance(q, distrax.Independent) else q
+        if isinstance(inner, distrax.Bernoulli):
+            return _REBAR_BERNOULLI, inner
+        if isinstance(inner, distrax.OneHotCategorical):
+            return _REBAR_CATEGORICAL, inner
     raise TypeError(
-        f"`estimator` {estimator!r} needs `q` to be a single distrax.Bernoulli or "
-        f"distrax.Independent(distrax.Bernoulli(...), k); got `q` of type {type(q).__name__}")
+        f"{what} needs `q` to be a single distrax.Bernoulli or distrax.OneHotCategorical, or "
+        "distrax.Independent(...) of one of them (for index-valued categoricals use "
+        f"OneHotCategorical); got `q` of type {type(q).__name__}")
+
+
+def _rebar_sample(key, log_joint_fn, q, q_fixed, shape, family, inner, inner_fixed, lam, eta):
+    """One sample of REBAR (see ``REBAR``): ``(value, surrogate)``, each ``[batch]``.
+
+    ``value`` is f(b) = log p(x, b) - log q(b) at the hard draw b; the gradient of ``surrogate``
+    w.r.t. q's parameters is REBAR's single-sample estimate
+    [f(b) - eta f(sigma_lam(z~))] grad log q(b) + eta grad f(sigma_lam(z)) - eta grad
+    f(sigma_lam(z~)), and its gradient w.r.t. the parameters of ``log_joint_fn`` is
+    grad log p(x, b).
+
+    Everything held fixed in that gradient (the learning signal, the points at which
+    ``log_joint_fn`` and its input gradient are evaluated, b) is computed from ``inner_fixed``
+    (the parameters of ``q_fixed``). With ``q_fixed = None`` (``elbo``) these are q's own
+    parameters under ``stop_gradient``; otherwise ``q_fixed`` is q at the same parameter values
+    built separately (``rebar_gradient_variance``), and nothing is stopped, so the gradient
+    estimate stays differentiable in ``lam`` and ``eta`` (traced scalars there): its derivative
+    in ``lam`` reaches ``log_joint_fn``'s second derivatives in x.
+    """
+    stopped = q_fixed is None
+    stop = jax.lax.stop_gradient if stopped else (lambda a: a)
+    batch_ndim = len(shape)
+    # the dtype of q's own draws (e.g. distrax.Bernoulli(dtype=...)), without drawing
+    b_dtype = jax.eval_shape(lambda: _q.sample(jax.random.key(0), q)).dtype
+    params = family.params(inner)
+    params_fixed = (jax.tree_util.tree_map(jax.lax.stop_gradient, params) if stopped
+                    else family.params(inner_fixed))
+    theta, theta_fixed = params["logits"], params_fixed["logits"]
+
+    def event_sum(a):  # [*batch, ...] -> [batch]
+        return jnp.sum(a, axis=tuple(range(batch_ndim, a.ndim)))
+
+    def relaxed_f(z, z_fixed):
+        """(f(sigma_lam(z)) with its gradient reaching log_joint_fn through x only, the value
+        of f at the fixed point sigma_lam(z_fixed)): log p is replaced by its first-order
+        expansion about the fixed point (equal in value)."""
+        x, x_fixed = family.relax(z, lam), family.relax(z_fixed, lam)
+        log_p, pullback = jax.vjp(
+            lambda x_: _q.call_log_density(log_joint_fn, x_, shape, "log_joint_fn", q), x_fixed)
+        (grad_x,) = pullback(jnp.ones_like(log_p))
+        log_p_path = stop(log_p) + event_sum(stop(grad_x) * (x - x_fixed))
+        f_fixed = log_p - event_sum(family.log_mass(x_fixed, theta_fixed))
+        return log_p_path - event_sum(family.log_mass(x, theta)), f_fixed
+
+    hard, noise, b = family.draw(key, params_fixed, b_dtype)
+    key_v = jax.random.fold_in(key, 1)
+    z, z_fixed = theta + noise, theta_fixed + noise
+    z_tilde = family.conditional(key_v, theta, hard)
+    z_tilde_fixed = family.conditional(key_v, theta_fixed, hard)
+    log_p = _q.call_log_density(log_joint_fn, b, shape, "log_joint_fn", q)
+    log_q = q.log_prob(b)  # differentiable in theta at the fixed b
+    log_q_fixed = stop(log_q) if stopped else q_fixed.log_prob(b)
+    value = log_p - log_q_fixed
+    f_z, _ = relaxed_f(z, z_fixed)
+    f_z_tilde, f_z_tilde_fixed = relaxed_f(z_tilde, z_tilde_fixed)
+    signal = stop(value - eta * f_z_tilde_fixed)
+    # a non-finite signal (a -inf or NaN value, whose example _surrogate then gives no gradient)
+    # is replaced by 0: its zero cotangent times an infinite signal would be NaN
+    signal = jnp.where(jnp.isfinite(signal), signal, 0)
+    path = log_p + eta * (f_z - f_z_tilde)  # log_p: the gradient of log_joint_fn's params
+    return value, path + signal * (log_q - log_q_fixed)
 
 
 def _rebar_elbo(rng_key, log_joint_fn, q, shape, num_samples, estimator) -> Array:
-    """The ELBO of hard Bernoulli draws with REBAR's gradient (see ``REBAR``), ``[batch]``."""
-    bern, event_ndim = _rebar_bernoulli(q, estimator)
+    """The ELBO of hard draws with REBAR's gradient (see ``REBAR``), ``[batch]``."""
+    family, inner = _rebar_family(q, f"`estimator` {estimator!r}")
     lam, eta = float(estimator.temperature), float(estimator.eta)
-    batch_ndim = len(shape)
-    event_axes = tuple(range(batch_ndim, batch_ndim + event_ndim))
-    # the dtype of q's own draws (distrax.Bernoulli(dtype=...)), without drawing
-    b_dtype = jax.eval_shape(lambda: _q.sample(jax.random.key(0), q)).dtype
-
-    def log_q_relaxed(x, logits):
-        # Bernoulli log mass extended to real x: x log sigmoid(l) + (1 - x) log sigmoid(-l)
-        return jnp.sum(-x * jax.nn.softplus(-logits) - (1 - x) * jax.nn.softplus(logits),
-                       axis=event_axes)
-
-    def relaxed_f(z, logits):
-        """f(sigma_lam(z)) whose gradient reaches log_joint_fn through x only."""
-        x = jax.nn.sigmoid(z / lam)
-        log_p, pullback = jax.vjp(
-            lambda x_: _q.call_log_density(log_joint_fn, x_, shape, "log_joint_fn", q),
-            jax.lax.stop_gradient(x))
-        (grad_x,) = pullback(jnp.ones_like(log_p))
-        log_p = jax.lax.stop_gradient(log_p) + _path_term(grad_x, x, batch_ndim)
-        return log_p - log_q_relaxed(x, logits)
 
     def one_sample(key):
-        probs, logits = bern.probs, bern.logits  # [*batch, *event]
-        dtype = probs.dtype
-        tiny = jnp.finfo(dtype).tiny
-        # distrax's own draw: b = 1 iff w < sigmoid(theta), w ~ U[0, 1) (so the value is
-        # ScoreFunction's); u = 1 - w in the paper's notation, z = theta + log u - log(1 - u)
-        w = jax.random.uniform(key, (1,) + probs.shape, dtype)[0]
-        hard = jnp.less(w, jax.lax.stop_gradient(probs))
-        b = hard.astype(b_dtype)
-        z = logits + jnp.log1p(-w) - jnp.log(jnp.maximum(w, tiny))
-        v = jax.random.uniform(jax.random.fold_in(key, 1), probs.shape, dtype)
-        logit_v = jnp.log(jnp.maximum(v, tiny)) - jnp.log1p(-v)
-        z_tilde = jnp.where(hard, jax.nn.softplus(logit_v + jax.nn.softplus(logits)),
-                            -jax.nn.softplus(jax.nn.softplus(-logits) - logit_v))
-        log_p = _q.call_log_density(log_joint_fn, b, shape, "log_joint_fn", q)
-        log_q = q.log_prob(b)  # differentiable in theta at the fixed b
-        value = log_p - log_q
-        f_z, f_z_tilde = relaxed_f(z, logits), relaxed_f(z_tilde, logits)
-        signal = value - eta * f_z_tilde
-        path = log_p + eta * (f_z - f_z_tilde)  # log_p: the gradient of log_joint_fn's params
-        return value, signal, log_q, path
+        return _rebar_sample(key, log_joint_fn, q, None, shape, family, inner, None, lam, eta)
 
     keys = _q.sample_keys(rng_key, num_samples)
-    values, signals, log_qs, paths = jax.vmap(one_sample)(keys)  # each [S, batch]
-    surrogate = jnp.mean(paths, axis=0) + _score_term(signals, log_qs) / num_samples
-    return _surrogate(jnp.mean(values, axis=0), surrogate)
+    values, surrogates = jax.vmap(one_sample)(keys)  # each [S, batch]
+    return _surrogate(jnp.mean(values, axis=0), jnp.mean(surrogates, axis=0))
 
 
 def elbo(
@@ -578,10 +709,10 @@ def elbo(
       estimator: ``Pathwise()`` (default), ``ScoreFunction(baseline)``,
         ``StickingTheLanding()`` (these change the gradient only), or ``Enumerate()`` for a
         small discrete ``q``: the exact expectation, no sampling (``num_samples`` = 1), or
-        ``REBAR(temperature, eta)`` for a Bernoulli ``q`` (``distrax.Bernoulli`` or
-        ``Independent(Bernoulli, k)``): ``ScoreFunction()``'s value, REBAR's gradient
-        (``log_joint_fn`` is then also called at relaxed points in [0, 1]^d, floats; see
-        ``REBAR``).
+        ``REBAR(temperature, eta)`` for a Bernoulli or one-hot categorical ``q``
+        (``distrax.Bernoulli``, ``distrax.OneHotCategorical``, or ``Independent`` of either):
+        ``ScoreFunction()``'s value, REBAR's gradient (``log_joint_fn`` is then also called at
+        relaxed points, floats in [0, 1]^d or on the simplex; see ``REBAR``).
 
     Returns:
       ``[batch]`` ELBO estimates (nats), dtype of ``log_joint_fn``'s output.
@@ -593,7 +724,7 @@ def elbo(
         non-floating (bool, int) ``loc``/``scale``; unsupported ``estimator``; ``q`` with
         non-floating (discrete) samples and an ``estimator`` other than ``ScoreFunction``,
         ``Enumerate`` or ``REBAR``; ``REBAR()`` with a ``q`` that is not a single
-        ``Bernoulli`` or ``Independent(Bernoulli, k)``.
+        ``Bernoulli``, ``OneHotCategorical``, or ``Independent`` of one of them.
       ValueError: ``num_samples < 1``; ``log_joint_fn`` output not of shape ``[batch]`` (q's
         batch shape; the message gives q's event shape too); non-finite concrete parameters
         of ``q``, or a concrete Gaussian scale of ``q`` below ``jnp.finfo(dtype).tiny`` (not
@@ -635,6 +766,184 @@ def elbo(
             signal = values - _constant_baseline(estimator.baseline, shape, values.dtype)[None]
         surrogate = surrogate + _score_term(signal, log_qs) / num_samples
     return _surrogate(jnp.mean(values, axis=0), surrogate)
+
+
+def _rebar_variance(rng_key, log_joint_fn, q_fn, params, q_fixed, shape, family, inner_fixed,
+                    temperature, eta, num_samples) -> Array:
+    """``rebar_gradient_variance`` after its checks (``q_fixed = q_fn(params)``, already built)."""
+
+    def squared_norm(key):
+        def total(p):
+            q = q_fn(p)
+            inner = _rebar_family(q, "REBAR (with `q = q_fn(params)`)")[1]
+            _, surrogate = _rebar_sample(key, log_joint_fn, q, q_fixed, shape, family, inner,
+                                         inner_fixed, temperature, eta)
+            return jnp.sum(surrogate)
+
+        grad = jax.grad(total)(params)
+        return sum(jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(grad))
+
+    return jnp.mean(jax.vmap(squared_norm)(_q.sample_keys(rng_key, num_samples)))
+
+
+def _check_rebar_variance_call(rng_key, log_joint_fn, q_fn, params, num_samples):
+    """The checks of ``rebar_gradient_variance`` and ``tune_rebar``; returns
+    ``(num_samples, q_fn(params), its batch shape, REBAR's family, its inner distribution)``."""
+    num_samples = _q.check_estimator_call(rng_key, log_joint_fn, "log_joint_fn", num_samples)
+    check_callable(q_fn, "`q_fn`")
+    leaves = jax.tree_util.tree_leaves(params)
+    if not leaves or not all(
+            isinstance(g, (float, np.floating, np.ndarray, jax.Array))
+            and jnp.issubdtype(jnp.result_type(g), jnp.floating) for g in leaves):
+        raise TypeError("`params` must be a pytree of floating-point arrays (the parameters of "
+                        f"q = q_fn(params)); got {type(params).__name__}")
+    q_fixed = q_fn(params)
+    shape = _q.check_q(q_fixed, "q_fn(params)")
+    family, inner_fixed = _rebar_family(q_fixed, "REBAR (with `q = q_fn(params)`)")
+    return num_samples, q_fixed, shape, family, inner_fixed
+
+
+def rebar_gradient_variance(
+    rng_key: Array,
+    log_joint_fn: Callable[[Array], Array],
+    q_fn: Callable[[PyTree], Any],
+    params: PyTree,
+    *,
+    temperature: float | Array,
+    eta: float | Array,
+    num_samples: int = 64,
+) -> Array:
+    """E ||g||^2, the mean squared norm of REBAR's single-sample gradient w.r.t. ``params``
+    (Tucker, Mnih, Maddison, Lawson & Sohl-Dickstein 2017, §3: eta and lambda tuned online).
+
+    g is the gradient that ``elbo(key, log_joint_fn, q_fn(params), estimator=REBAR(temperature,
+    eta))`` summed over the batch passes to ``params`` (one sample, see ``REBAR``), averaged
+    over ``num_samples`` independent keys. Since E g (the ELBO's gradient) does not depend on
+    lambda or eta, the gradient of E ||g||^2 w.r.t. them is the gradient of the estimator's
+    total variance sum_j Var(g_j): minimise this function in (log lambda, eta), as
+    ``tune_rebar`` does. ``temperature`` and ``eta`` may be traced JAX scalars and the result is
+    differentiable in both; the derivative in ``temperature`` uses second derivatives of
+    ``log_joint_fn`` in its input x (so ``log_joint_fn`` must be twice differentiable on the
+    relaxed points). Only the gradient w.r.t. ``params`` (q's) is measured: the one that
+    parameters of ``log_joint_fn`` get, grad log p(x, b), does not depend on lambda or eta.
+    Nothing is jitted inside; the function may be called under ``jit``, ``vmap`` and ``grad``.
+
+    Args:
+      rng_key: a JAX PRNG key; sample k uses the k-th key of ``elbo(..., num_samples=S)``
+        (``jax.random.split(rng_key, S)[k]``, or ``rng_key`` itself for S = 1, so that
+        ``num_samples=1`` gives ||g||^2 of ``elbo`` at ``rng_key``).
+      log_joint_fn: ``z -> log p(x, z)``, ``[batch]``, as for ``elbo`` with ``REBAR``.
+      q_fn: ``params -> q``, a Bernoulli or one-hot categorical ``q`` that ``REBAR`` accepts.
+      params: a pytree of floating arrays, the parameters of ``q`` (logits, or an encoder's).
+      temperature: lambda > 0, a real scalar (Python, NumPy or JAX, traced allowed).
+      eta: the control-variate scale, a real scalar (traced allowed).
+      num_samples: the number of single-sample gradients averaged, an int >= 1.
+
+    Returns:
+      A scalar: the Monte Carlo mean of ||g||^2 (in nats^2 per squared unit of ``params``),
+      dtype of the gradient. An example with a non-finite ELBO makes it NaN.
+
+    Raises:
+      TypeError: ``rng_key`` not a single key, ``log_joint_fn`` or ``q_fn`` not callable,
+        ``params`` not a pytree of floating arrays, ``temperature``/``eta`` not real scalars,
+        ``num_samples`` not an int, or ``q_fn(params)`` not a ``q`` that ``REBAR`` accepts.
+      ValueError: ``num_samples < 1``; a concrete ``temperature`` <= 0 or not finite, a
+        concrete ``eta`` not finite; invalid parameters of ``q_fn(params)``.
+    """
+    check_real(temperature, "`temperature`", exclusive_minimum=0.0, array=True)
+    check_real(eta, "`eta`", array=True)
+    num_samples, q_fixed, shape, family, inner_fixed = _check_rebar_variance_call(
+        rng_key, log_joint_fn, q_fn, params, num_samples)
+    return _rebar_variance(rng_key, log_joint_fn, q_fn, params, q_fixed, shape, family,
+                           inner_fixed, temperature, eta, num_samples)
+
+
+def tune_rebar(
+    rng_key: Array,
+    log_joint_fn: Callable[[Array], Array],
+    q_fn: Callable[[PyTree], Any],
+    params: PyTree,
+    estimator: REBAR = REBAR(),
+    *,
+    num_steps: int = 200,
+    learning_rate: float = 0.05,
+    num_samples: int = 16,
+) -> REBAR:
+    """REBAR with lambda and eta tuned to minimise its gradient variance at fixed ``params``
+    (Tucker, Mnih, Maddison, Lawson & Sohl-Dickstein 2017, §3: eta and lambda tuned online).
+
+    The single-sample gradient is linear in eta, g = a + eta c, so at fixed keys its mean
+    squared norm V(lambda, eta) is a quadratic in eta whose minimiser
+    eta*(lambda) = -E[a . c] / E[||c||^2] is read off three evaluations, V at eta = -1, 0, 1
+    (common keys). Each of ``num_steps`` steps draws ``num_samples`` fresh keys (step t uses
+    ``jax.random.split(rng_key, num_steps + 1)[t]``) and takes one Adam step
+    (``optax.adam(learning_rate)``) on log lambda for min_eta V(lambda, eta), starting from
+    ``estimator``'s temperature; the returned eta is eta*(lambda) at the final lambda, read
+    from ``4 * num_samples`` more keys. (The paper descends both by the variance gradient; the
+    minimum in eta is so sharp, a curvature of E||c||^2 that is of the order of the
+    score-function estimator's own E||g||^2, that gradient steps on eta land far from it.)
+
+    The loop is one ``jax.lax.scan``, traced and compiled anew at each call (seconds on a CPU,
+    second derivatives of ``log_joint_fn`` included); the function returns Python floats, so
+    call it outside ``jit`` (e.g. every few hundred training steps, with the current params).
+
+    Args:
+      rng_key: a JAX PRNG key.
+      log_joint_fn, q_fn, params: as for ``rebar_gradient_variance``.
+      estimator: the starting point, a ``REBAR`` (default ``REBAR()``: lambda 0.5; its eta is
+        not used).
+      num_steps: Adam steps on log lambda, an int >= 1.
+      learning_rate: Adam's step size, a finite real > 0 (in units of log lambda).
+      num_samples: single-sample gradients per variance estimate, an int >= 1.
+
+    Returns:
+      ``REBAR(temperature, eta)`` with the tuned values as Python floats.
+
+    Raises:
+      TypeError / ValueError naming the argument: those of ``rebar_gradient_variance``;
+        ``estimator`` not a ``REBAR``; ``num_steps`` not an int >= 1; ``learning_rate`` not a
+        finite real > 0. ValueError if the iterates stop being finite (lower
+        ``learning_rate``).
+    """
+    import optax  # local: only the tuning needs it
+
+    if not isinstance(estimator, REBAR):
+        raise TypeError(f"`estimator` must be a REBAR, got {estimator!r}")
+    num_steps = check_int(num_steps, "`num_steps`", minimum=1)
+    learning_rate = check_real(learning_rate, "`learning_rate`", exclusive_minimum=0.0)
+    num_samples, q_fixed, shape, family, inner_fixed = _check_rebar_variance_call(
+        rng_key, log_joint_fn, q_fn, params, num_samples)
+    dtype = family.params(inner_fixed)["logits"].dtype
+    optimizer = optax.adam(learning_rate)
+
+    def best_eta(log_lam, key, n):
+        """(eta*(lambda), min_eta V): V is quadratic in eta, V(eta) = v0 + 2 eta b + eta^2 c2."""
+        v = jax.vmap(lambda eta: _rebar_variance(
+            key, log_joint_fn, q_fn, params, q_fixed, shape, family, inner_fixed,
+            jnp.exp(log_lam), eta, n))(jnp.array([-1.0, 0.0, 1.0], dtype))
+        b = (v[2] - v[0]) / 4  # E[a . c]
+        c2 = (v[2] + v[0] - 2 * v[1]) / 2  # E||c||^2 >= 0
+        safe = c2 > jnp.finfo(dtype).tiny
+        eta = jnp.where(safe, -b / jnp.where(safe, c2, 1), 0.0)
+        return eta, v[1] + b * eta  # the minimum v0 - b^2 / c2
+
+    def step(carry, key):
+        log_lam, state = carry
+        grad = jax.grad(lambda u: best_eta(u, key, num_samples)[1])(log_lam)
+        updates, state = optimizer.update(grad, state, log_lam)
+        return (optax.apply_updates(log_lam, updates), state), None
+
+    keys = jax.random.split(rng_key, num_steps + 1)
+    u0 = jnp.asarray(math.log(float(estimator.temperature)), dtype)
+    (u, _), _ = jax.lax.scan(step, (u0, optimizer.init(u0)), keys[:-1])
+    eta_final = best_eta(u, keys[-1], 4 * num_samples)[0]
+    log_lam, eta = float(u), float(eta_final)
+    temperature = math.exp(log_lam) if math.isfinite(log_lam) else math.nan
+    if not (math.isfinite(eta) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(
+            f"tune_rebar's iterates are not finite or the temperature underflowed (log lambda "
+            f"{log_lam}, eta {eta}): lower `learning_rate` (got {learning_rate})")
+    return REBAR(temperature=temperature, eta=eta)
 
 
 def elbo_analytic_kl(

@@ -8,7 +8,9 @@ pure dict (``nnx.to_pure_dict(state)``) is, key for key and shape for shape, the
 collection of the :mod:`vijax.nn` module with the same fields, so weights move between the
 two APIs unchanged. The engine :mod:`vijax.vae` trains and evaluates these modules through
 :func:`vijax.vae.from_nnx` / :func:`vijax.vae.to_nnx` (one implementation of every objective,
-train step and evaluation, for both APIs).
+train step and evaluation, for both APIs). That adapter (:class:`vijax.vae.NNXModel` and the
+two functions) is written at the end of this module and exported by :mod:`vijax.vae`, which
+imports this module only when one of the three is first used.
 
 Differences from :mod:`vijax.nn`, all from how NNX works: an NNX layer is built with its
 input size, so :class:`GaussianEncoder` takes ``data_dim`` and the decoders take
@@ -27,13 +29,14 @@ pixels, in nats (the log-likelihood itself, not its negative).
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import dataclasses
+from typing import Any, Callable, NamedTuple, Sequence
 
 import distrax
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import linen, nnx
 
 from vijax import nn as vnn
 from vijax._checks import check_callable, check_int, check_int_sequence, check_real
@@ -48,6 +51,7 @@ __all__ = [
 ]
 
 Activation = Callable[[jax.Array], jax.Array]
+Params = Any  # a parameter pytree {"params": {...}}, as vijax.vae.Params
 
 
 def _check_rngs(rngs) -> None:
@@ -344,3 +348,222 @@ def iwae_mnist_vae(
         decoder=BernoulliDecoder(latent_dim, hidden_sizes[::-1], data_dim, activation,
                                  output_bias_init, rngs=rngs),
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# The engine's NNX adapter: vijax.vae.NNXModel, vijax.vae.from_nnx, vijax.vae.to_nnx
+# ----------------------------------------------------------------------------------------------
+# Public as names of vijax.vae (its __getattr__ imports this module on their first use, so that
+# ``import vijax.vae`` does not import flax.nnx) and documented on its page; not in this
+# module's __all__. They need vijax.vae's parameter check, imported where it is used, so that
+# ``import vijax.nnx`` does not import the engine either.
+
+class _Sizes(NamedTuple):
+    """The sizes the engine reads of a model's ``encoder`` and ``decoder``."""
+
+    latent_dim: int
+    data_dim: int
+
+
+@dataclasses.dataclass(frozen=True)
+class NNXModel:
+    """The functional form of a Flax NNX VAE, for every function of :mod:`vijax.vae` that takes
+    a ``model``: made by :func:`from_nnx`, turned back into an NNX module by :func:`to_nnx`.
+
+    It holds the module's ``nnx.GraphDef`` (its structure and static attributes, no arrays)
+    and presents linen's interface, so that the engine runs one implementation for both APIs:
+    ``apply(params, *args, method=NNXModel.encode)`` merges ``graphdef`` with ``params``
+    (``nnx.merge``) and calls the module's method, a pure function of ``params`` that works
+    under ``jax.jit``, ``jax.grad``, ``jax.vmap`` and ``jax.lax.scan``. It is immutable and
+    hashable (it may be a static argument of ``jax.jit``).
+
+    Attributes:
+      graphdef: the ``nnx.GraphDef`` of the module.
+      latent_dim, data_dim: L and D of the module.
+      bernoulli: whether the decoder is a :class:`vijax.nnx.BernoulliDecoder` (then images
+        are checked to lie in [0, 1], and ``sample_images(..., draw=True)`` draws 0/1 pixels).
+
+    ``encoder`` and ``decoder`` give the sizes the engine reads (``encoder.latent_dim``,
+    ``decoder.data_dim``), as on a :class:`vijax.nn.VAE`. ``init(rng_key, x)`` returns a copy
+    of the parameters the module had when given to :func:`from_nnx` (an NNX module makes its
+    parameters when it is built, from its ``nnx.Rngs``; ``rng_key`` and ``x`` are not used),
+    so ``init_train_state`` starts from the module's own weights.
+    """
+
+    graphdef: Any = dataclasses.field(repr=False)
+    latent_dim: int
+    data_dim: int
+    bernoulli: bool
+    _params_treedef: Any = dataclasses.field(repr=False)
+    _param_shapes: tuple = dataclasses.field(repr=False)
+    _state_treedef: Any = dataclasses.field(repr=False)
+    _initial_params: Any = dataclasses.field(repr=False, compare=False)
+
+    # ``method=`` values for apply, as linen's ``method=VAE.encode``: each takes the merged
+    # module first and calls the method of that name.
+    @staticmethod
+    def encode(module, x):
+        return module.encode(x)
+
+    @staticmethod
+    def decode(module, z):
+        return module.decode(z)
+
+    @staticmethod
+    def log_likelihood(module, z, x):
+        return module.log_likelihood(z, x)
+
+    @staticmethod
+    def decode_mean(module, z):
+        return module.decode_mean(z)
+
+    @property
+    def encoder(self) -> _Sizes:
+        return _Sizes(self.latent_dim, self.data_dim)
+
+    @property
+    def decoder(self) -> _Sizes:
+        return _Sizes(self.latent_dim, self.data_dim)
+
+    def init(self, rng_key, x=None) -> Params:
+        """A copy of the module's parameters ``{"params": {...}}`` (``rng_key``, ``x`` unused).
+
+        Raises:
+          ValueError: the module given to :func:`from_nnx` was abstract (``nnx.eval_shape``:
+            shapes without values); build the state from loaded parameters instead.
+        """
+        del rng_key, x
+        if not all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(self._initial_params)):
+            raise ValueError("the module given to vijax.vae.from_nnx has no parameter values "
+                             "(built by nnx.eval_shape?): pass a built module, or make the "
+                             "TrainState from loaded params")
+        return jax.tree.map(jnp.copy, self._initial_params)
+
+    def _state(self, params, name: str = "params"):
+        """``params`` as the module's ``nnx.State``; ValueError when its keys or shapes are not
+        the module's (checked from the static structure, so also under ``jit``)."""
+        from vijax import vae  # noqa: PLC0415 (see the comment above NNXModel)
+
+        vae._check_params(params, name)
+        if jax.tree.structure(params) != self._params_treedef:
+            expected, got = ({jax.tree_util.keystr(path) for path, _
+                              in jax.tree_util.tree_leaves_with_path(tree)}
+                             for tree in (self._initial_params, params))
+            raise ValueError(f"{name} must have the keys of the module's parameters: missing "
+                             f"{sorted(expected - got)}, unexpected {sorted(got - expected)}")
+        leaves = jax.tree.leaves(params)
+        shapes = tuple(tuple(np.shape(leaf)) for leaf in leaves)
+        if shapes != self._param_shapes:
+            raise ValueError(f"{name} must have the module's parameter shapes "
+                             f"{self._param_shapes}, got {shapes}")
+        return jax.tree.unflatten(self._state_treedef, leaves)
+
+    def apply(self, params: Params, *args, method=None, **kwargs):
+        """``method(nnx.merge(graphdef, params), *args, **kwargs)``; ``method`` is a function
+        taking the module first (``NNXModel.encode``, ...), a method name (``"encode"``), or
+        ``None`` for ``__call__``.
+
+        Raises:
+          TypeError: ``params`` a :class:`vijax.vae.TrainState` or not a mapping; ``method``
+            neither None, a string nor callable.
+          ValueError: ``params`` without the module's keys or shapes.
+        """
+        module = nnx.merge(self.graphdef, self._state(params))
+        if method is None:
+            return module(*args, **kwargs)
+        if isinstance(method, str):
+            return getattr(module, method)(*args, **kwargs)
+        check_callable(method, "method")
+        return method(module, *args, **kwargs)
+
+
+_NNX_METHODS = ("encode", "decode", "log_likelihood", "decode_mean")
+
+
+def from_nnx(model) -> tuple[NNXModel, Params]:
+    """Split a Flax NNX VAE into the engine's ``(model, params)``.
+
+    ``graphdef, state = nnx.split(model)``; ``params = {"params": nnx.to_pure_dict(state)}``,
+    the layout of a linen module's ``model.init`` output (for :mod:`vijax.nnx` modules, the
+    same keys and shapes as the :mod:`vijax.nn` module with the same fields, so linen weights
+    load into the NNX model with :func:`to_nnx` and back). The returned :class:`NNXModel` goes
+    wherever :mod:`vijax.vae` takes a ``model`` (``objective_value``, ``init_train_state``,
+    ``make_train_step``, ``make_train_epoch``, ``log_likelihood_is``, ``evaluate_bounds``,
+    ...), with ``params`` (or ``state.params``) as its parameters. Use::
+
+        model, params = vae.from_nnx(vijax.nnx.iwae_mnist_vae(rngs=nnx.Rngs(0)))
+        state = vae.init_train_state(key, model, optimizer, 784)   # the module's weights
+        ...                                                         # train as with linen
+        trained = vae.to_nnx(model, state.params)                   # an NNX module again
+
+    Args:
+      model: a ``flax.nnx.Module`` with the methods of :class:`vijax.nnx.VAE` (``encode``,
+        ``decode``, ``log_likelihood``, ``decode_mean``) and int attributes ``latent_dim``
+        and ``data_dim``, normally a :class:`vijax.nnx.VAE`; its state must be parameters
+        only (``nnx.Param``: no batch statistics or stored RNG state, which the functional
+        train step would not update).
+
+    Returns:
+      ``(NNXModel, params)``: ``params`` is ``{"params": {...}}`` with float arrays of the
+      layers' shapes; they share the module's arrays (``init`` / ``init_train_state`` copy
+      them).
+
+    Raises:
+      TypeError: ``model`` is not an ``nnx.Module`` (e.g. a linen :class:`vijax.nn.VAE`,
+        which the engine takes as it is), lacks one of the four methods, or has a
+        ``latent_dim`` / ``data_dim`` that is not an int.
+      ValueError: ``model`` has state other than ``nnx.Param``.
+    """
+    if not isinstance(model, nnx.Module):
+        hint = (" (a flax.linen module: pass it to vijax.vae's functions as it is)"
+                if isinstance(model, linen.Module) else "")
+        raise TypeError(f"model must be a flax.nnx.Module (e.g. vijax.nnx.iwae_mnist_vae("
+                        f"rngs=nnx.Rngs(0))), got {type(model).__name__}{hint}")
+    missing = [name for name in _NNX_METHODS if not callable(getattr(model, name, None))]
+    if missing:
+        raise TypeError(f"model must have the methods {', '.join(_NNX_METHODS)} (as "
+                        f"vijax.nnx.VAE), {type(model).__name__} lacks {', '.join(missing)}")
+    latent_dim = check_int(getattr(model, "latent_dim", None), "model.latent_dim", minimum=1)
+    data_dim = check_int(getattr(model, "data_dim", None), "model.data_dim", minimum=1)
+    others = nnx.state(model, nnx.Not(nnx.Param))
+    if jax.tree.leaves(others):
+        kinds = sorted({type(v).__name__ for v in jax.tree.leaves(
+            others, is_leaf=lambda v: isinstance(v, nnx.Variable))})
+        raise ValueError(f"model must hold only nnx.Param state (the train step updates "
+                         f"parameters only), got {', '.join(kinds)}")
+    graphdef, state = nnx.split(model)
+    params = {"params": nnx.to_pure_dict(state)}
+    leaves = jax.tree.leaves(params)
+    state_leaves, state_treedef = jax.tree.flatten(state)
+    if len(leaves) != len(state_leaves) or any(a is not b for a, b in zip(leaves, state_leaves)):
+        raise RuntimeError("the pure dict of the module's state does not list its arrays in "
+                           "the state's order; vijax.vae.from_nnx needs updating for this "
+                           "Flax version")
+    return NNXModel(
+        graphdef=graphdef, latent_dim=latent_dim, data_dim=data_dim,
+        bernoulli=isinstance(getattr(model, "decoder", None), BernoulliDecoder),
+        _params_treedef=jax.tree.structure(params),
+        _param_shapes=tuple(tuple(np.shape(leaf)) for leaf in leaves),
+        _state_treedef=state_treedef, _initial_params=params), params
+
+
+def to_nnx(model: NNXModel, params: Params):
+    """The NNX module of ``model`` (:func:`from_nnx`) with parameters ``params``:
+    ``nnx.merge(model.graphdef, params)``, e.g. the trained ``state.params``, or the
+    ``model.init`` output of a linen :mod:`vijax.nn` VAE with the same fields.
+
+    The module's arrays are those of ``params`` (no copy): do not donate ``params`` to a
+    jitted step afterwards (``jax.tree.map(jnp.copy, params)`` first if you must).
+
+    Returns:
+      a new NNX module (a :class:`vijax.nnx.VAE` for one), ``module.encode(x)`` etc.
+
+    Raises:
+      TypeError: ``model`` is not an :class:`NNXModel` (e.g. the NNX module itself);
+        ``params`` is a :class:`vijax.vae.TrainState` (pass ``state.params``) or not a mapping.
+      ValueError: ``params`` does not have the module's keys or shapes.
+    """
+    if not isinstance(model, NNXModel):
+        raise TypeError(f"model must be a vijax.vae.NNXModel (the first output of "
+                        f"vijax.vae.from_nnx), got {type(model).__name__}")
+    return nnx.merge(model.graphdef, model._state(params))
