@@ -39,7 +39,8 @@ def test_discrete_vae_quick(tmp_path, mnist_dir):
     rows = summary["results"]
     assert set(rows) == {"score_loo", "gumbel_softmax", "gumbel_softmax_catkl",
                          "straight_through", "enumerate", "rebar"}
-    tuned = rows["rebar"]["rebar"]  # tune_rebar's temperature and eta, and E||g||^2 at both
+    (tuned,) = rows["rebar"]["rebar"]["tunings"]  # before training: tune_rebar's temperature
+    assert tuned["after_epoch"] == 0  # and eta, and E||g||^2 at (0.5, 1) and at them
     assert tuned["temperature"] > 0 and math.isfinite(tuned["eta"])
     assert 0 < tuned["mean_squared_gradient_norm_tuned"] < math.inf
     for kind, row in rows.items():

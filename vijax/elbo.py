@@ -334,7 +334,7 @@ def _score_term(signal: Array, log_q: Array) -> Array:
 
 
 # The estimators each bound accepts (vijax.vae's objectives check against the same tuples).
-ELBO_ESTIMATORS = (Pathwise, ScoreFunction, StickingTheLanding, Enumerate)
+ELBO_ESTIMATORS = (Pathwise, ScoreFunction, StickingTheLanding, Enumerate, REBAR)
 ELBO_ANALYTIC_KL_ESTIMATORS = (Pathwise, ScoreFunction)
 IWAE_ESTIMATORS = (Pathwise, ScoreFunction, StickingTheLanding, DReG)
 
@@ -732,7 +732,7 @@ def elbo(
         broadcastable to ``[batch]``.
     """
     num_samples = _q.check_estimator_call(rng_key, log_joint_fn, "log_joint_fn", num_samples)
-    _q.check_estimator(estimator, ELBO_ESTIMATORS + (REBAR,), "elbo")
+    _q.check_estimator(estimator, ELBO_ESTIMATORS, "elbo")
     shape = _q.check_q(q)
     if isinstance(estimator, Enumerate):
         return _enumerated_elbo(log_joint_fn, q, shape, num_samples, estimator)

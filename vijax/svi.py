@@ -93,8 +93,9 @@ class ELBO:
     """Monte Carlo ELBO E_q[log p(x, z) - log q(z)] (:func:`vijax.elbo.elbo`), in nats.
 
     ``value`` returns the ELBO itself (not its negative), per element of q's batch shape.
-    ``estimator``: ``Pathwise()`` (default), ``ScoreFunction(baseline)`` or
-    ``StickingTheLanding()``.
+    ``estimator``: ``Pathwise()`` (default), ``ScoreFunction(baseline)``,
+    ``StickingTheLanding()``, ``Enumerate()`` or, for a Bernoulli or one-hot categorical q,
+    ``REBAR(temperature, eta)``.
 
     Raises:
       TypeError / ValueError: ``num_samples`` not an int >= 1; ``estimator`` not one of
