@@ -96,8 +96,8 @@ def load_experiment(script: str):
         import importlib.util
 
         folder = str(REPO_ROOT / "experiments")
-        if folder not in sys.path:
-            sys.path.insert(0, folder)
+        if folder not in sys.path:  # last: its svi.py, vae.py, ... shadow nothing installed
+            sys.path.append(folder)
         name = "experiment_" + script.removesuffix(".py")
         spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "experiments" / script)
         module = importlib.util.module_from_spec(spec)

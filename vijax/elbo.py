@@ -820,8 +820,8 @@ def rebar_gradient_variance(
     eta))`` summed over the batch passes to ``params`` (one sample, see ``REBAR``), averaged
     over ``num_samples`` independent keys. Since E g (the ELBO's gradient) does not depend on
     lambda or eta, the gradient of E ||g||^2 w.r.t. them is the gradient of the estimator's
-    total variance sum_j Var(g_j): minimise this function in (log lambda, eta), as
-    ``tune_rebar`` does. ``temperature`` and ``eta`` may be traced JAX scalars and the result is
+    total variance sum_j Var(g_j): ``tune_rebar`` minimises it (in log lambda by Adam, in eta
+    in closed form, g being linear in eta). ``temperature`` and ``eta`` may be traced JAX scalars and the result is
     differentiable in both; the derivative in ``temperature`` uses second derivatives of
     ``log_joint_fn`` in its input x (so ``log_joint_fn`` must be twice differentiable on the
     relaxed points). Only the gradient w.r.t. ``params`` (q's) is measured: the one that
