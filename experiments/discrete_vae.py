@@ -31,8 +31,10 @@ Estimators (every bound is computed by :mod:`vijax.elbo`):
   2017): the score function with the Concrete relaxation as control variate, unbiased; its
   temperature and eta are tuned by ``vijax.elbo.tune_rebar`` (minimising the encoder
   gradient's variance at the current parameters on one training batch) before training and,
-  with ``--rebar-retune-every N``, every N epochs (the paper adapts them at every step). Three
-  decoder passes per example and step.
+  with ``--rebar-retune-every N``, every N epochs, or, with ``--rebar-online-lr LR``, adapted
+  at every step as in the paper (Adam on log temperature and eta along the gradient of that
+  step's squared encoder-gradient norm). Three decoder passes per example and step (online:
+  the variance gradient's second-order pass on top).
 
 Every model is evaluated the same way, as the *discrete* model: the test ELBO with hard
 categorical samples (exact for ``enumerate``), log p(x) by importance sampling with the
@@ -210,11 +212,9 @@ def bound(kind: str, model, params, x, key, tau, sf_samples: int,
     raise ValueError(kind)
 
 
-def tune_rebar(model, params, x, key, num_steps: int, num_samples: int):
-    """``(REBAR, variance before, variance after)``: temperature and eta tuned by
-    ``vijax.elbo.tune_rebar`` at ``params`` on the minibatch ``x`` (the total variance of the
-    encoder gradient, sum_j Var(g_j), is E||g||^2 less ||E g||^2, which does not depend on
-    them; both E||g||^2 are measured on 64 common keys)."""
+def _rebar_problem(model, params, x):
+    """``(log_joint_fn, q_fn)`` of ``vijax.elbo.rebar_gradient_variance`` on the minibatch
+    ``x``: the decoder's log p(x, z) at ``params``, and ``params -> q(z | x)``."""
     n, k = model.apply(params, x[:1], method=CategoricalVAE.encode).shape[-2:]
     log_lik = _log_likelihood_fn(model, params, x, n, k)
 
@@ -224,6 +224,15 @@ def tune_rebar(model, params, x, key, num_steps: int, num_samples: int):
     def q_fn(p):
         return _discrete_q_and_prior(model.apply(p, x, method=CategoricalVAE.encode))[0]
 
+    return log_joint, q_fn
+
+
+def tune_rebar(model, params, x, key, num_steps: int, num_samples: int):
+    """``(REBAR, variance before, variance after)``: temperature and eta tuned by
+    ``vijax.elbo.tune_rebar`` at ``params`` on the minibatch ``x`` (the total variance of the
+    encoder gradient, sum_j Var(g_j), is E||g||^2 less ||E g||^2, which does not depend on
+    them; both E||g||^2 are measured on 64 common keys)."""
+    log_joint, q_fn = _rebar_problem(model, params, x)
     k_tune, k_measure = jax.random.split(key)
     tuned = velbo.tune_rebar(k_tune, log_joint, q_fn, params, num_steps=num_steps,
                              num_samples=num_samples)
@@ -241,22 +250,58 @@ def temperature(step, rate: float, tau_min: float):
     return jnp.maximum(tau_min, jnp.exp(-rate * step.astype(jnp.float32)))
 
 
-def make_train_epoch(kind, model, optimizer, batch_size, rate, tau_min, sf_samples, rebar=None):
-    def loss_fn(params, x, key, tau):
-        return -jnp.mean(bound(kind, model, params, x, key, tau, sf_samples, rebar))
+def rebar_online_estimator(hyper) -> velbo.REBAR:
+    """REBAR at the carried ``hyper = [log temperature, eta]`` (JAX scalars, traced inside the
+    train step)."""
+    return velbo.REBAR(temperature=jnp.exp(hyper[0]), eta=hyper[1])
+
+
+def make_train_epoch(kind, model, optimizer, batch_size, rate, tau_min, sf_samples, rebar=None,
+                     rebar_optimizer=None):
+    """``(carry, images, key) -> (carry, losses [steps])``, one epoch of ``lax.scan``; carry
+    ``(params, opt_state, step)``. With ``rebar_optimizer`` (kind ``rebar`` only), REBAR's
+    temperature and eta are adapted online, as Tucker et al. (2017, §3): the carry also holds
+    ``hyper = [log temperature, eta]`` and ``rebar_optimizer``'s state, and each step, after
+    the model update with REBAR at the current ``hyper``, moves ``hyper`` along the gradient of
+    the squared norm of that same step's encoder gradient (``rebar_gradient_variance`` at the
+    step's key, one sample): an unbiased estimate of the gradient of the estimator's variance,
+    since E g does not depend on them. ``hyper`` is read before it is updated, so each step's
+    gradient stays unbiased."""
+    if rebar_optimizer is not None and kind != "rebar":
+        raise ValueError("online adaptation is for kind 'rebar'")
+
+    def loss_fn(params, x, key, tau, estimator):
+        return -jnp.mean(bound(kind, model, params, x, key, tau, sf_samples, estimator))
 
     grad_fn = jax.value_and_grad(loss_fn)
+
+    def squared_norm(hyper, params, x, key):  # ||g||^2 of the encoder gradient (batch sum)
+        log_joint, q_fn = _rebar_problem(model, params, x)
+        estimator = rebar_online_estimator(hyper)
+        return velbo.rebar_gradient_variance(key, log_joint, q_fn, params,
+                                             temperature=estimator.temperature,
+                                             eta=estimator.eta, num_samples=1)
 
     def train_epoch(carry, images, key):
         indices, step_keys = vae.epoch_plan(key, images.shape[0], batch_size)
 
         def body(carry, inputs):
-            params, opt_state, step = carry
+            params, opt_state, step = carry[:3]
             idx, keys = inputs
             x = vdata.dynamic_binarize(keys[0], jnp.take(images, idx, axis=0))
-            loss, grads = grad_fn(params, x, keys[1], temperature(step, rate, tau_min))
+            tau = temperature(step, rate, tau_min)
+            if rebar_optimizer is None:
+                loss, grads = grad_fn(params, x, keys[1], tau, rebar)
+                extra = ()
+            else:
+                hyper, hyper_state = carry[3:]
+                loss, grads = grad_fn(params, x, keys[1], tau, rebar_online_estimator(hyper))
+                hyper_grad = jax.grad(squared_norm)(hyper, params, x, keys[1])
+                hyper_updates, hyper_state = rebar_optimizer.update(hyper_grad, hyper_state,
+                                                                    hyper)
+                extra = (optax.apply_updates(hyper, hyper_updates), hyper_state)
             updates, opt_state = optimizer.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state, step + 1), loss
+            return (optax.apply_updates(params, updates), opt_state, step + 1) + extra, loss
 
         return jax.lax.scan(body, carry, (indices, step_keys))
 
@@ -436,6 +481,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--rebar-retune-every", type=int, default=0,
                    help="re-tune REBAR's temperature/eta every N epochs at the current "
                         "parameters (default 0: only before training)")
+    p.add_argument("--rebar-online-lr", type=float, default=0.0,
+                   help="adapt REBAR's log temperature and eta at every step by Adam with this "
+                        "learning rate on the gradient of the step's squared encoder-gradient "
+                        "norm (Tucker et al. 2017, sec. 3), starting from the values tuned "
+                        "before training (default 0: off)")
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -468,6 +518,10 @@ def _check_args(p, args) -> list[str]:
         value = getattr(args, name)
         if not (math.isfinite(value) and value > 0):
             p.error(f"--{name.replace('_', '-')} must be a finite number > 0; got {value}")
+    if not (math.isfinite(args.rebar_online_lr) and args.rebar_online_lr >= 0):
+        p.error(f"--rebar-online-lr must be a finite number >= 0; got {args.rebar_online_lr}")
+    if args.rebar_online_lr > 0 and args.rebar_retune_every:
+        p.error("--rebar-online-lr and --rebar-retune-every are alternatives; give one")
     if args.tau_min >= 1:
         p.error(f"--tau-min must be < 1 (the schedule starts at 1); got {args.tau_min}")
     if not 1 <= args.num_train <= 60000 or args.num_train < args.batch_size:
@@ -537,13 +591,21 @@ def main(argv=None) -> dict:
                   f"{var_after:.4g}", flush=True)
             return tuned
 
+        online = kind == "rebar" and args.rebar_online_lr > 0
+        rebar_optimizer = optax.adam(args.rebar_online_lr) if online else None
         if kind == "rebar":  # tuned at the initial parameters, then every --rebar-retune-every
+            # epochs or (--rebar-online-lr) at every step
             rebar_info = {"tune_steps": args.rebar_tune_steps,
                           "retune_every": args.rebar_retune_every, "tunings": []}
             rebar = retune(params, 0)
         carry = (params, optimizer.init(params), jnp.zeros((), jnp.int32))
+        if online:
+            hyper = jnp.array([math.log(rebar.temperature), rebar.eta], jnp.float32)
+            carry = carry + (hyper, rebar_optimizer.init(hyper))
+            rebar_info["online"] = {"learning_rate": args.rebar_online_lr, "per_epoch": []}
         epoch_fn = jax.jit(make_train_epoch(kind, model, optimizer, args.batch_size, rate,
-                                            args.tau_min, args.sf_samples, rebar))
+                                            args.tau_min, args.sf_samples, rebar,
+                                            rebar_optimizer))
         grads_fn = jax.jit(make_encoder_gradients(kind, model, args.sf_samples, rebar))
         test_elbo_fn = jax.jit(make_test_elbo(model, 100))
         log_px_is_fn = jax.jit(make_log_px_is(model, 50, args.eval_num_samples, 100))
@@ -567,11 +629,21 @@ def main(argv=None) -> dict:
             if not np.all(np.isfinite(losses)):
                 raise FloatingPointError(f"{kind}: non-finite loss in epoch {epoch}")
             step_obj.extend((-losses).tolist())
+            if online:  # the estimator the next step will use; the gradient checkpoints too
+                log_lam, eta = (float(v) for v in carry[3])
+                rebar = velbo.REBAR(temperature=math.exp(log_lam), eta=eta)
+                rebar_info["online"]["per_epoch"].append(
+                    {"epoch": epoch, "temperature": rebar.temperature, "eta": rebar.eta})
+                print(f"rebar: after epoch {epoch}: temperature {rebar.temperature:.3f}, eta "
+                      f"{rebar.eta:.3f}", flush=True)
             ev = jax.tree.map(np.asarray, test_elbo_fn(carry[0], elbo_test,
                                                        jax.random.fold_in(k_eval, epoch)))
             test_curve.append(float(ev["elbo"].mean()))
             if epoch in (1, args.epochs):
                 tau = temperature(carry[2], rate, args.tau_min)
+                if online:  # at the adapted temperature and eta
+                    grads_fn = jax.jit(make_encoder_gradients(kind, model, args.sf_samples,
+                                                              rebar))
                 g = np.asarray(grads_fn(carry[0], grad_batch, grad_keys, tau))
                 grad_ckpt[f"epoch_{epoch}"] = {**gradient_stats(g), "temperature": float(tau)}
             print(f"{kind}: epoch {epoch}/{args.epochs} {epoch_s[-1]:.1f} s, train objective "

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vijax import _elbo
 from vijax import elbo as velbo
 
 Z_TOL = 4.0
@@ -160,23 +161,58 @@ def test_score_part_and_model_gradient():
     np.testing.assert_allclose(float(s_score), float(jnp.sum(log_joint_fn(b))), rtol=1e-6)
 
 
-@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan"), float("inf")])
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan"), float("inf"),
+                                         jnp.array(-1.0), np.array(0.0)])
 def test_bad_temperature(temperature):
     with pytest.raises(ValueError, match="temperature"):
         velbo.REBAR(temperature=temperature)
 
 
-@pytest.mark.parametrize("eta", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("eta", [float("nan"), float("inf"), -float("inf"), jnp.array(np.nan)])
 def test_bad_eta(eta):
     with pytest.raises(ValueError, match="eta"):
         velbo.REBAR(eta=eta)
 
 
 @pytest.mark.parametrize("field", ["temperature", "eta"])
-@pytest.mark.parametrize("bad", ["0.5", True, None, jnp.array(0.5)])
-def test_non_real_fields(field, bad):
-    with pytest.raises(TypeError, match=field):
+@pytest.mark.parametrize("bad, error", [("0.5", TypeError), (True, TypeError), (None, TypeError),
+                                        (jnp.array(0.5 + 1j), TypeError),
+                                        (jnp.ones(2), ValueError)])
+def test_non_real_fields(field, bad, error):
+    with pytest.raises(error, match=field):
         velbo.REBAR(**{field: bad})
+
+
+def test_array_fields_are_stored_as_floats_and_traced_fields_are_used():
+    """A concrete 0-d array becomes a Python float (the estimator stays hashable, as a static
+    option must be); a traced temperature and eta (built inside ``jit`` and ``vmap``, as an
+    online scheme does) give the value and gradient of the same numbers given as floats."""
+    est = velbo.REBAR(temperature=jnp.array(0.7), eta=np.array(0.3, np.float32))
+    assert type(est.temperature) is float and type(est.eta) is float
+    assert est == velbo.REBAR(0.699999988079071, 0.30000001192092896)
+    hash(est)
+
+    def total(lam, eta, logits):
+        q = make_cat_q(logits)
+        return jnp.sum(velbo.elbo(jax.random.key(3), cat_log_joint_fn, q,
+                                  estimator=velbo.REBAR(temperature=lam, eta=eta)))
+
+    traced = jax.jit(jax.value_and_grad(total, argnums=2))
+    for lam, eta in [(0.7, 0.3), (2.0, -0.5)]:
+        value, grad = traced(lam, eta, CAT_LOGITS)
+        ref_value, ref_grad = jax.jit(jax.value_and_grad(lambda x: total(lam, eta, x)))(
+            CAT_LOGITS)
+        np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(grad), np.asarray(ref_grad), rtol=1e-5,
+                                   atol=1e-6)
+        assert not np.allclose(np.asarray(grad), 0)
+    lams = jnp.array([0.7, 2.0])
+    grads = jax.vmap(jax.grad(total, argnums=2), in_axes=(0, None, None))(lams, 0.3, CAT_LOGITS)
+    for lam, grad in zip([0.7, 2.0], grads):
+        np.testing.assert_allclose(np.asarray(grad),
+                                   np.asarray(jax.grad(lambda x: total(lam, 0.3, x))(CAT_LOGITS)),
+                                   rtol=1e-5, atol=1e-6)
+    assert traced._cache_size() == 1  # new values of lambda and eta: no recompilation
 
 
 def test_non_bernoulli_q_is_refused():
@@ -259,8 +295,8 @@ def test_categorical_draw_and_conditional_law():
     theta = distrax.OneHotCategorical(logits=CAT_LOGITS).logits  # [batch, N, K], normalised
 
     def one(key):
-        hard, noise, b = velbo._categorical_draw(key, {"logits": theta}, jnp.int32)
-        z_tilde = velbo._categorical_conditional(jax.random.fold_in(key, 1), theta, hard)
+        hard, noise, b = _elbo._categorical_draw(key, {"logits": theta}, jnp.int32)
+        z_tilde = _elbo._categorical_conditional(jax.random.fold_in(key, 1), theta, hard)
         return (hard, b, jax.nn.softmax((theta + noise) / lam, axis=-1),
                 jnp.argmax(z_tilde, axis=-1), jax.nn.softmax(z_tilde / lam, axis=-1))
 
@@ -364,6 +400,53 @@ def test_gradient_variance_derivatives_match_finite_differences():
     assert abs(float(d_t)) > 1e-3 and abs(float(d_e)) > 1e-3
 
 
+@jax.jit
+def cat_sq_norms(temperature, eta):
+    """Per-key ||g||^2 of REBAR(temperature, eta) on the categorical problem, on 1000 fixed
+    fresh keys (common random numbers for paired comparisons of two settings)."""
+    def one(k):
+        return velbo.rebar_gradient_variance(k, cat_log_joint_fn, make_cat_q, CAT_LOGITS,
+                                             temperature=temperature, eta=eta, num_samples=1)
+    return jax.vmap(one)(jax.random.split(jax.random.key(6), 1000))
+
+
+def assert_lower_variance(start, tuned):
+    before = np.asarray(cat_sq_norms(start.temperature, start.eta), np.float64)
+    after = np.asarray(cat_sq_norms(tuned.temperature, tuned.eta), np.float64)
+    diff = before - after  # paired: common random numbers
+    print(f"{start} -> {tuned}: E||g||^2 {before.mean():.4f} -> {after.mean():.4f}")
+    assert diff.mean() > Z_TOL * diff.std(ddof=1) / np.sqrt(len(diff))
+
+
+def test_online_adaptation_in_a_jitted_scan_lowers_the_variance():
+    """The paper's online tuning (Tucker et al. 2017, §3), written with the public pieces: each
+    step draws one key and moves [log lambda, eta] by Adam along the gradient of that key's
+    single-sample ||g||^2 (``rebar_gradient_variance(..., num_samples=1)`` with a traced
+    temperature and eta). From (2.0, 0.3), 300 steps must lower E||g||^2 on fresh keys."""
+    import optax
+
+    start = velbo.REBAR(temperature=2.0, eta=0.3)
+    optimizer = optax.adam(0.02)
+
+    def step(carry, key):
+        hyper, state = carry
+        grad = jax.grad(lambda h: velbo.rebar_gradient_variance(
+            key, cat_log_joint_fn, make_cat_q, CAT_LOGITS, temperature=jnp.exp(h[0]),
+            eta=h[1], num_samples=1))(hyper)
+        updates, state = optimizer.update(grad, state, hyper)
+        return (optax.apply_updates(hyper, updates), state), None
+
+    @jax.jit
+    def adapt(hyper, keys):
+        return jax.lax.scan(step, (hyper, optimizer.init(hyper)), keys)[0][0]
+
+    hyper = adapt(jnp.array([np.log(start.temperature), start.eta], jnp.float32),
+                  jax.random.split(jax.random.key(12), 300))
+    tuned = velbo.REBAR(temperature=jnp.exp(hyper[0]), eta=hyper[1])  # concrete: floats
+    assert (tuned.temperature, tuned.eta) != (start.temperature, start.eta)
+    assert_lower_variance(start, tuned)
+
+
 def test_tune_rebar_lowers_the_variance():
     start = velbo.REBAR(temperature=2.0, eta=0.3)
     tuned = velbo.tune_rebar(jax.random.key(5), cat_log_joint_fn, make_cat_q, CAT_LOGITS, start,
@@ -371,19 +454,7 @@ def test_tune_rebar_lowers_the_variance():
     assert isinstance(tuned, velbo.REBAR)
     assert isinstance(tuned.temperature, float) and isinstance(tuned.eta, float)
     assert np.isfinite(tuned.temperature) and tuned.temperature > 0 and np.isfinite(tuned.eta)
-
-    @jax.jit
-    def sq_norms(t, e):  # per-key ||g||^2 on the same fresh keys for both settings
-        def one(k):
-            return velbo.rebar_gradient_variance(k, cat_log_joint_fn, make_cat_q, CAT_LOGITS,
-                                                 temperature=t, eta=e, num_samples=1)
-        return jax.vmap(one)(jax.random.split(jax.random.key(6), 1000))
-
-    before = np.asarray(sq_norms(start.temperature, start.eta), np.float64)
-    after = np.asarray(sq_norms(tuned.temperature, tuned.eta), np.float64)
-    diff = before - after  # paired: common random numbers
-    print(f"tuned {tuned}: E||g||^2 {before.mean():.4f} -> {after.mean():.4f}")
-    assert diff.mean() > Z_TOL * diff.std(ddof=1) / np.sqrt(len(diff))
+    assert_lower_variance(start, tuned)
 
 
 def test_tuned_eta_minimises_the_variance_at_the_tuned_temperature(cat_grads):
@@ -427,6 +498,12 @@ def test_tuned_eta_minimises_the_variance_at_the_tuned_temperature(cat_grads):
 def test_tune_rebar_bad_arguments(kwargs, error, name):
     with pytest.raises(error, match=name):
         velbo.tune_rebar(jax.random.key(0), cat_log_joint_fn, make_cat_q, CAT_LOGITS, **kwargs)
+
+
+def test_tune_rebar_refuses_a_traced_estimator():
+    with pytest.raises(TypeError, match="estimator"):
+        jax.jit(lambda t: velbo.tune_rebar(jax.random.key(0), cat_log_joint_fn, make_cat_q,
+                                           CAT_LOGITS, velbo.REBAR(temperature=t)).eta)(0.5)
 
 
 @pytest.mark.parametrize("kwargs, error, name", [
